@@ -1,12 +1,14 @@
 """refreekv-vllm: ReFreeKV threshold-free KV-cache pruning as a vLLM plugin."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
     name="refreekv-vllm",
     version="0.1.0",
     description="Threshold-free KV-cache pruning (ReFreeKV) for vLLM's paged KV cache",
-    long_description=open("README.md").read(),
+    long_description=Path("README.md").read_text(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
