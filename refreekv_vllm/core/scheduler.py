@@ -1,0 +1,210 @@
+"""RefreeKV schedulers: release the gap blocks that the worker's cut reports name.
+
+Use ``--scheduler-cls refreekv_vllm.core.scheduler.make_scheduler``; the factory picks the sync or
+async variant the way vLLM's ``SchedulerConfig.get_scheduler_cls`` would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from vllm.config import VllmConfig
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.engine import EngineCoreOutputs
+from vllm.v1.kv_cache_interface import KVCacheConfig
+from vllm.v1.outputs import ModelRunnerOutput
+from vllm.v1.request import Request, RequestStatus
+
+from refreekv_vllm.config import ConfigError, RefreeKVConfig, request_settings
+from refreekv_vllm.core.block_freeing import release_gap_blocks
+from refreekv_vllm.core.cut_state import CutState, CutStats, SkipReason
+from refreekv_vllm.core.kv_cache_spec import layer_index_of_group
+from refreekv_vllm.core.prefix_hits import capped_hit_tokens, trim_hit
+from refreekv_vllm.core.support import check_supported
+from refreekv_vllm.outputs import CutReport, get_cut_reports
+from refreekv_vllm.policy.budget import freeable_block_range
+
+
+class RefreeKVSchedulerMixin:
+    """Scheduler-side ReFreeKV; mixed in before vLLM's ``Scheduler`` or ``AsyncScheduler``."""
+
+    # Provided by vLLM's Scheduler.
+    requests: dict[str, Request]
+    kv_cache_manager: Any
+
+    def __init__(
+        self, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, *args: Any, **kwargs: Any
+    ) -> None:
+        check_supported(vllm_config, kv_cache_config)
+        self._refreekv_config = RefreeKVConfig.from_additional_config(
+            vllm_config.additional_config)
+        super().__init__(vllm_config, kv_cache_config, *args, **kwargs)  # type: ignore[call-arg]
+        first_spec = kv_cache_config.kv_cache_groups[0].kv_cache_spec
+        self._refreekv_block_size: int = first_spec.block_size
+        # model layer index -> KV cache group id
+        self._refreekv_group_of_layer: dict[int, int] = {
+            layer: group_id
+            for group_id, layer in enumerate(layer_index_of_group(kv_cache_config))
+        }
+        self._refreekv_state = CutState(self._refreekv_block_size, first_spec.page_size_bytes)
+        self._cap_cache_blocks()
+        self._cap_prefix_hits()
+
+    def refreekv_stats(self) -> CutStats:
+        return self._refreekv_state.stats()
+
+    def update_from_output(
+        self, scheduler_output: SchedulerOutput, model_runner_output: ModelRunnerOutput
+    ) -> dict[int, EngineCoreOutputs]:
+        # The worker stops reading a request's gap blocks from the step after the one that
+        # reported its cuts; under async scheduling that step may already be scheduled, but the
+        # released blocks can be handed out again by the next schedule() at the earliest.
+        # Release before super(): the request's state is still the one it was scheduled with,
+        # and the cache cap is in place before super() appends the sampled token (the async
+        # scheduler calls cache_blocks right there). A request finishing in this step is then
+        # freed by super(); freeing its null_block entries again is harmless (ref_cnt of the
+        # null_block is not maintained and it is never queued).
+        reports = get_cut_reports(model_runner_output)
+        if reports:
+            self._apply_cut_reports(reports)
+        return super().update_from_output(  # type: ignore[misc]
+            scheduler_output, model_runner_output)
+
+    def add_request(self, request: Request) -> None:
+        is_new = request.request_id not in self.requests  # else a streaming-input update
+        super().add_request(request)  # type: ignore[misc]
+        if is_new and self._refreekv_opts_out(request):
+            self._refreekv_state.mark_no_prune(request.request_id, SkipReason.OPTED_OUT)
+
+    def _preempt_request(self, request: Request, timestamp: float) -> None:
+        super()._preempt_request(request, timestamp)  # type: ignore[misc]
+        self._refreekv_state.on_preempted(request.request_id)
+
+    def _free_request(
+        self, request: Request, delay_free_blocks: bool = False
+    ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        result = super()._free_request(  # type: ignore[misc]
+            request, delay_free_blocks=delay_free_blocks)
+        self._refreekv_state.on_finished(request.request_id)
+        return result
+
+    def _refreekv_opts_out(self, request: Request) -> bool:
+        """Whether the request is not to be pruned; the same rule as the worker's."""
+        return self._refreekv_window(request) is None
+
+    def _refreekv_window(self, request: Request) -> int | None:
+        """The request's observation window, or None if it is not to be pruned."""
+        params = request.sampling_params
+        try:
+            settings = request_settings(
+                self._refreekv_config, params.extra_args if params is not None else None)
+        except ConfigError:
+            return None  # the worker leaves such requests unpruned too
+        return settings.window if settings.enabled and settings.threshold > 0 else None
+
+    def _apply_cut_reports(self, reports: Mapping[str, CutReport]) -> None:
+        state = self._refreekv_state
+        for report in reports.values():
+            req_id = report.req_id
+            request = self.requests.get(req_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                # Freed wholesale (finished, aborted, preempted) since it was scheduled.
+                state.record_skip(SkipReason.NOT_RUNNING)
+                continue
+            if len(report.cuts) != len(self._refreekv_group_of_layer):
+                raise ValueError(
+                    f"cut report for {req_id} has {len(report.cuts)} layers, the KV cache has "
+                    f"{len(self._refreekv_group_of_layer)} groups")
+            if report.prunes:
+                # From the next step on the worker attends without the gaps: KV written from
+                # then on must never be published, whatever this scheduler releases.
+                bs = self._refreekv_block_size
+                state.cap_cache(req_id, report.num_prompt_tokens // bs * bs)
+            reason = state.no_prune_reason(req_id)
+            if reason is None and state.was_reported(req_id):
+                reason = SkipReason.ALREADY_REPORTED
+            if reason is not None:
+                state.record_skip(reason)
+                continue
+            self._release_gaps(report)
+
+    def _release_gaps(self, report: CutReport) -> None:
+        block_pool = self.kv_cache_manager.block_pool
+        released: list[list[int]] = []
+        for layer, cut in enumerate(report.cuts):
+            block_range = freeable_block_range(
+                cut, report.num_sink_tokens, self._refreekv_block_size)
+            released.append(
+                release_gap_blocks(
+                    self.kv_cache_manager,
+                    report.req_id,
+                    self._refreekv_group_of_layer[layer],
+                    block_range,
+                )
+                if block_range
+                else []
+            )
+        num_freed = sum(
+            block_pool.blocks[block_id].ref_cnt == 0 for ids in released for block_id in ids)
+        self._refreekv_state.record_report(report, released, num_freed)
+
+    def _cap_cache_blocks(self) -> None:
+        """Never publish blocks written after a request was pruned.
+
+        ``KVCacheCoordinator.cache_blocks`` is the single funnel of prefix-cache publication
+        (``allocate_slots``, the async scheduler, connectors). A capped request publishes at
+        most its full prompt blocks, whose KV was computed over the whole prompt.
+        """
+        coordinator = self.kv_cache_manager.coordinator
+        cache_blocks = coordinator.cache_blocks
+        state = self._refreekv_state
+
+        def capped_cache_blocks(request: Request, num_computed_tokens: int) -> None:
+            cap = state.cache_cap(request.request_id)
+            if cap is not None and num_computed_tokens > cap:
+                num_computed_tokens = cap
+            cache_blocks(request, num_computed_tokens)
+
+        coordinator.cache_blocks = capped_cache_blocks
+
+
+    def _cap_prefix_hits(self) -> None:
+        """Shorten prefix-cache hits of requests that will be pruned so that their observation
+        window is computed (``core/prefix_hits.py``); other requests keep vLLM's hits."""
+        manager = self.kv_cache_manager
+        get_computed_blocks = manager.get_computed_blocks
+        block_size = self._refreekv_block_size
+
+        def capped_get_computed_blocks(request: Request):  # noqa: ANN202
+            blocks, num_tokens, boundary = get_computed_blocks(request)
+            window = self._refreekv_window(request)
+            if (num_tokens == 0 or window is None
+                    or self._refreekv_state.no_prune_reason(request.request_id) is not None):
+                return blocks, num_tokens, boundary
+            capped = capped_hit_tokens(num_tokens, request.num_prompt_tokens, window, block_size)
+            if capped == num_tokens:
+                return blocks, num_tokens, boundary
+            return trim_hit(blocks, capped, block_size), capped, min(boundary, capped)
+
+        manager.get_computed_blocks = capped_get_computed_blocks
+
+
+class RefreeKVScheduler(RefreeKVSchedulerMixin, Scheduler):
+    pass
+
+
+class RefreeKVAsyncScheduler(RefreeKVSchedulerMixin, AsyncScheduler):
+    pass
+
+
+def make_scheduler(*args: Any, **kwargs: Any) -> Scheduler:
+    """``--scheduler-cls`` target. vLLM resolves the qualname and calls the result with the
+    scheduler's constructor arguments (``EngineCore.__init__``), so a factory works where a
+    class is expected."""
+    vllm_config: VllmConfig = kwargs["vllm_config"] if "vllm_config" in kwargs else args[0]
+    if vllm_config.scheduler_config.async_scheduling:
+        return RefreeKVAsyncScheduler(*args, **kwargs)
+    return RefreeKVScheduler(*args, **kwargs)

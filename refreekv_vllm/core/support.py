@@ -1,0 +1,97 @@
+"""Refuse, at startup, configurations that per-layer gap freeing cannot handle (VLLM.md §11-12).
+
+Called by the scheduler (engine core) and by the worker; each check names the option to change.
+"""
+
+from __future__ import annotations
+
+from vllm.config import VllmConfig
+from vllm.v1.kv_cache_interface import KVCacheConfig
+
+from refreekv_vllm.core.kv_cache_spec import LayerFullAttentionSpec
+
+
+def check_supported(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | None = None) -> None:
+    """Raise ``ValueError`` listing every unsupported setting.
+
+    Args:
+        vllm_config: The engine configuration.
+        kv_cache_config: The KV cache layout, once known (engine core); ``None`` checks the
+            configuration only (worker, before the layout exists).
+    """
+    problems = _config_problems(vllm_config)
+    if kv_cache_config is not None:
+        problems += _kv_cache_problems(kv_cache_config)
+    if problems:
+        raise ValueError(
+            "refreekv-vllm cannot run with this configuration:\n"
+            + "\n".join(f"  - {p}" for p in problems))
+
+
+def _config_problems(vllm_config: VllmConfig) -> list[str]:
+    problems: list[str] = []
+    parallel = vllm_config.parallel_config
+    if vllm_config.speculative_config is not None:
+        problems.append(
+            "speculative decoding (--speculative-config): drafters compute their own "
+            "positions and slots from the block tables; remove the option")
+    if parallel.tensor_parallel_size > 1:
+        problems.append("--tensor-parallel-size > 1: cuts are not all-reduced yet; use 1")
+    if parallel.pipeline_parallel_size > 1:
+        problems.append("--pipeline-parallel-size > 1: use 1")
+    if parallel.decode_context_parallel_size > 1:
+        problems.append("--decode-context-parallel-size > 1: use 1")
+    if parallel.prefill_context_parallel_size > 1:
+        problems.append("--prefill-context-parallel-size > 1: use 1")
+    if parallel.enable_dbo:
+        problems.append("--enable-dbo (dual-batch overlap): remove the option")
+    if vllm_config.kv_transfer_config is not None:
+        problems.append(
+            "KV connectors (--kv-transfer-config): connectors read and write blocks that "
+            "ReFreeKV releases; remove the option")
+    if vllm_config.cache_config.cache_dtype != "auto":
+        problems.append(
+            f"--kv-cache-dtype {vllm_config.cache_config.cache_dtype}: quantized KV caches "
+            "are not supported; use --kv-cache-dtype auto")
+    if vllm_config.scheduler_config.disable_hybrid_kv_cache_manager:
+        problems.append(
+            "--disable-hybrid-kv-cache-manager: one KV cache group per layer needs the hybrid "
+            "KV cache manager; remove the option")
+    model_config = vllm_config.model_config
+    if model_config is not None:
+        if model_config.use_mla:
+            problems.append(
+                f"MLA attention (model {model_config.model}): only standard multi-head / "
+                "grouped-query attention is supported")
+        if not model_config.disable_cascade_attn:
+            problems.append(
+                "cascade attention (--no-disable-cascade-attn): it reads null_block entries in "
+                "the middle of block tables as a shared prefix; use --disable-cascade-attn")
+    return problems
+
+
+def _kv_cache_problems(kv_cache_config: KVCacheConfig) -> list[str]:
+    problems: list[str] = []
+    block_sizes: set[int] = set()
+    for group_id, group in enumerate(kv_cache_config.kv_cache_groups):
+        spec = group.kv_cache_spec
+        where = f"KV cache group {group_id} ({', '.join(group.layer_names)})"
+        if not isinstance(spec, LayerFullAttentionSpec):
+            problems.append(
+                f"{where} has a {type(spec).__name__}: only dense full-attention models are "
+                "supported (no sliding-window, hybrid or MLA models), with the refreekv "
+                "worker (--worker-cls) giving every layer its own group")
+            continue
+        if spec.sliding_window is not None:
+            problems.append(f"{where} uses a sliding window ({spec.sliding_window})")
+        if spec.attention_chunk_size is not None:
+            problems.append(
+                f"{where} uses chunked local attention ({spec.attention_chunk_size})")
+        if spec.non_causal:
+            problems.append(f"{where} attends non-causally")
+        if len(group.layer_names) != 1:
+            problems.append(f"{where} holds {len(group.layer_names)} layers instead of one")
+        block_sizes.add(spec.block_size)
+    if len(block_sizes) > 1:
+        problems.append(f"KV cache groups have different block sizes {sorted(block_sizes)}")
+    return problems

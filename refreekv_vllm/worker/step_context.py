@@ -1,0 +1,92 @@
+"""What one model step needs to know about pruning, shared by the model runner (which builds
+it before the forward pass) and the attention layers (which read it and record cuts).
+
+There is one runner per worker process, so a module-level "current step" is enough, exactly as
+vLLM's own forward context is.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from refreekv_vllm.config import RefreeKVConfig
+
+
+@dataclass
+class WindowCapture:
+    """Queries of a request's last ``window`` prompt tokens that run in this step."""
+    req_id: str
+    num_prompt_tokens: int
+    window: int
+    token_indices: list[int]
+    """Indices into this step's flattened tokens."""
+    window_slots: list[int]
+    """Row of the window each token fills (0 = oldest)."""
+
+
+@dataclass
+class ScoringRow:
+    """A request whose last prompt chunk runs in this step: it is scored after attention."""
+    req_id: str
+    batch_row: int
+    num_prompt_tokens: int
+    window: int
+    threshold: float
+
+
+@dataclass
+class StepContext:
+    config: RefreeKVConfig
+    kernel: str
+    """Scoring backend resolved for this device: "torch" on CPU, "cuda" or "triton" on GPUs."""
+    captures: list[WindowCapture] = field(default_factory=list)
+    scoring: list[ScoringRow] = field(default_factory=list)
+    gaps: dict[int, list[tuple[int, int, int]]] = field(default_factory=dict)
+    """Model layer -> ``(batch_row, first_block, end_block)`` of blocks attention must skip."""
+    cuts: dict[str, dict[int, int]] = field(default_factory=dict)
+    """Filled during the forward pass: request -> model layer -> cut."""
+
+    @property
+    def active(self) -> bool:
+        return bool(self.captures or self.scoring or self.gaps)
+
+
+class WindowStore:
+    """Window queries per request and layer, kept until the request's last prompt chunk ran
+    (chunked prefill can split the window over several steps)."""
+
+    def __init__(self) -> None:
+        self._queries: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def put(self, capture: WindowCapture, layer: int, rows: torch.Tensor) -> None:
+        per_layer = self._queries.setdefault(capture.req_id, {})
+        if layer not in per_layer:
+            per_layer[layer] = (rows.new_zeros((capture.window, *rows.shape[1:])),
+                                torch.zeros(capture.window, dtype=torch.bool))
+        buffer, filled = per_layer[layer]
+        buffer[capture.window_slots] = rows
+        filled[capture.window_slots] = True
+
+    def get(self, req_id: str, layer: int) -> torch.Tensor | None:
+        """The whole window, or None if some of its tokens never ran (e.g. a prefix-cache hit
+        covered them): such a request is not scored."""
+        entry = self._queries.get(req_id, {}).get(layer)
+        if entry is None or not bool(entry[1].all()):
+            return None
+        return entry[0]
+
+    def drop(self, req_id: str) -> None:
+        self._queries.pop(req_id, None)
+
+
+_current: StepContext | None = None
+window_store = WindowStore()
+
+
+def set_step_context(context: StepContext | None) -> None:
+    global _current
+    _current = context
+
+
+def get_step_context() -> StepContext | None:
+    return _current

@@ -1,0 +1,481 @@
+"""The RefreeKV schedulers, stepped by hand: vLLM's real Scheduler/AsyncScheduler, KVCacheManager
+and BlockPool, per-layer KV cache groups; the worker is replaced by hand-built ModelRunnerOutputs
+carrying cut reports."""
+
+import pickle
+from collections import deque
+from collections.abc import Callable, Sequence
+
+import pytest
+from vllm.config import KVTransferConfig, ModelConfig, SpeculativeConfig, VllmConfig
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.kv_cache_interface import (
+    FullAttentionSpec,
+    KVCacheConfig,
+    KVCacheGroupSpec,
+    SlidingWindowSpec,
+)
+from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
+from vllm.v1.request import Request, RequestStatus
+from vllm.v1.structured_output import StructuredOutputManager
+
+from refreekv_vllm.core.scheduler import (
+    RefreeKVAsyncScheduler,
+    RefreeKVScheduler,
+    make_scheduler,
+)
+from refreekv_vllm.outputs import CutReport, attach_cut_reports, get_cut_reports
+from tests.core.utils import (
+    BLOCK_SIZE,
+    NUM_LAYERS,
+    NUM_SINK_TOKENS,
+    layer_name,
+    layer_spec,
+    make_request,
+    make_vllm_config,
+    per_layer_kv_cache_config,
+)
+
+NUM_BLOCKS = 200
+SAMPLED_TOKEN = 7
+PROMPT = list(range(1000, 1040))  # 40 tokens, 10 blocks per layer
+# Layers 0-1 frozen; layer 2 frees blocks 1-4 ([4, 20)); layer 3 frees blocks 1-7 ([4, 32)).
+CUTS = (4, 4, 21, 33)
+NUM_GAP_BLOCKS = 4 + 7
+
+
+def engine_core_kwargs(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> dict:
+    """The keyword arguments EngineCore.__init__ passes to the scheduler class."""
+    vllm_config.cache_config.num_gpu_blocks = kv_cache_config.num_blocks
+    return dict(
+        vllm_config=vllm_config, kv_cache_config=kv_cache_config,
+        structured_output_manager=StructuredOutputManager(vllm_config),
+        include_finished_set=False, log_stats=True, block_size=BLOCK_SIZE,
+        hash_block_size=BLOCK_SIZE)
+
+
+@pytest.fixture
+def new_scheduler(tiny_llama_dir) -> Callable[..., RefreeKVScheduler]:
+    def new(*, async_scheduling: bool = False, enable_prefix_caching: bool = True,
+            num_blocks: int = NUM_BLOCKS) -> RefreeKVScheduler:
+        vllm_config = make_vllm_config(tiny_llama_dir, enable_prefix_caching=enable_prefix_caching)
+        vllm_config.scheduler_config.async_scheduling = async_scheduling
+        kv_cache_config = per_layer_kv_cache_config(vllm_config, num_blocks)
+        return make_scheduler(**engine_core_kwargs(vllm_config, kv_cache_config))
+
+    return new
+
+
+def report(request: Request, cuts: Sequence[int] = CUTS) -> CutReport:
+    return CutReport(request.request_id, request.num_prompt_tokens, NUM_SINK_TOKENS, tuple(cuts))
+
+
+def schedule(scheduler: RefreeKVScheduler) -> tuple[SchedulerOutput, ModelRunnerOutput]:
+    """schedule() plus what the worker would return for it (one token per finished prefill)."""
+    scheduler_output = scheduler.schedule()
+    req_ids = list(scheduler_output.num_scheduled_tokens)
+    sampled = [[] if scheduler.requests[r].is_prefill_chunk else [SAMPLED_TOKEN] for r in req_ids]
+    output = ModelRunnerOutput(
+        req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
+        sampled_token_ids=sampled)
+    return scheduler_output, output
+
+
+def update(scheduler: RefreeKVScheduler, step: tuple[SchedulerOutput, ModelRunnerOutput],
+           reports: Sequence[CutReport] = ()) -> None:
+    scheduler_output, output = step
+    attach_cut_reports(output, {r.req_id: r for r in reports})
+    scheduler.update_from_output(scheduler_output, output)
+
+
+def run_step(scheduler: RefreeKVScheduler, reports: Sequence[CutReport] = ()) -> None:
+    update(scheduler, schedule(scheduler), reports)
+
+
+def run_until_done(scheduler: RefreeKVScheduler) -> None:
+    for _ in range(100):
+        if not scheduler.has_requests():
+            return
+        run_step(scheduler)
+    raise AssertionError("requests did not finish")
+
+
+def num_free(scheduler: RefreeKVScheduler) -> int:
+    return scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
+
+
+def assert_pool_idle(scheduler: RefreeKVScheduler) -> None:
+    pool = scheduler.kv_cache_manager.block_pool
+    assert pool.get_num_free_blocks() == pool.num_gpu_blocks - 1
+    assert all(b.ref_cnt == 0 for b in pool.blocks if not b.is_null)
+    assert scheduler._refreekv_state.num_tracked_requests() == 0
+
+
+def row(scheduler: RefreeKVScheduler, request: Request, group_id: int) -> list:
+    managers = scheduler.kv_cache_manager.coordinator.single_type_managers
+    return managers[group_id].req_to_blocks.get(request.request_id, [])
+
+
+# The worker -> scheduler payload.
+
+
+def test_cut_reports_survive_the_multiprocessing_executor():
+    output = ModelRunnerOutput(req_ids=["a"], req_id_to_index={"a": 0})
+    reports = {"a": CutReport("a", 40, NUM_SINK_TOKENS, CUTS)}
+    attach_cut_reports(output, reports)
+    assert get_cut_reports(pickle.loads(pickle.dumps(output))) == reports
+    assert get_cut_reports(ModelRunnerOutput(req_ids=[], req_id_to_index={})) == {}
+
+
+def test_attaching_to_the_shared_empty_output_is_refused():
+    with pytest.raises(ValueError, match="EMPTY_MODEL_RUNNER_OUTPUT"):
+        attach_cut_reports(EMPTY_MODEL_RUNNER_OUTPUT, {"a": CutReport("a", 40, 4, CUTS)})
+    assert get_cut_reports(EMPTY_MODEL_RUNNER_OUTPUT) == {}
+
+
+@pytest.mark.parametrize(("num_prompt_tokens", "cuts", "ok"), [
+    (40, (4, 39), True),
+    (40, (3, 20), False),  # inside the sinks
+    (40, (4, 40), False),  # drops the last prompt token
+    (3, (4, 4), True),  # too short to prune: every layer reports num_sink_tokens
+    (40, (), False),
+])
+def test_cut_report_validation(num_prompt_tokens, cuts, ok):
+    if ok:
+        CutReport("a", num_prompt_tokens, NUM_SINK_TOKENS, cuts)
+    else:
+        with pytest.raises(ValueError, match="CutReport"):
+            CutReport("a", num_prompt_tokens, NUM_SINK_TOKENS, cuts)
+
+
+# Construction.
+
+
+def test_factory_works_where_vllm_expects_a_class(tiny_llama_dir):
+    for async_scheduling, expected in [(False, RefreeKVScheduler), (True, RefreeKVAsyncScheduler)]:
+        vllm_config = make_vllm_config(tiny_llama_dir)
+        vllm_config.scheduler_config.async_scheduling = async_scheduling
+        vllm_config.scheduler_config.scheduler_cls = "refreekv_vllm.core.scheduler.make_scheduler"
+
+        scheduler_cls = vllm_config.scheduler_config.get_scheduler_cls()  # as EngineCore does
+        scheduler = scheduler_cls(**engine_core_kwargs(
+            vllm_config, per_layer_kv_cache_config(vllm_config, NUM_BLOCKS)))
+
+        assert type(scheduler) is expected
+        assert isinstance(scheduler, AsyncScheduler) == async_scheduling
+
+
+def _speculative(c: VllmConfig) -> None:
+    c.speculative_config = SpeculativeConfig(
+        method="ngram", num_speculative_tokens=2, prompt_lookup_max=2, prompt_lookup_min=1,
+        target_model_config=c.model_config, target_parallel_config=c.parallel_config)
+
+
+def _kv_connector(c: VllmConfig) -> None:
+    c.kv_transfer_config = KVTransferConfig(kv_connector="ExampleConnector", kv_role="kv_both")
+
+
+@pytest.mark.parametrize(("mutate", "match"), [
+    (_speculative, "--speculative-config"),
+    (lambda c: setattr(c.parallel_config, "tensor_parallel_size", 2), "--tensor-parallel-size"),
+    (lambda c: setattr(c.parallel_config, "pipeline_parallel_size", 2),
+     "--pipeline-parallel-size"),
+    (lambda c: setattr(c.parallel_config, "decode_context_parallel_size", 2),
+     "--decode-context-parallel-size"),
+    (_kv_connector, "--kv-transfer-config"),
+    (lambda c: setattr(c.cache_config, "cache_dtype", "fp8"), "--kv-cache-dtype"),
+    (lambda c: setattr(c.scheduler_config, "disable_hybrid_kv_cache_manager", True),
+     "--disable-hybrid-kv-cache-manager"),
+    (lambda c: setattr(c.model_config, "disable_cascade_attn", False), "--disable-cascade-attn"),
+], ids=["spec-decode", "tp", "pp", "dcp", "kv-connector", "fp8", "no-hma", "cascade"])
+def test_unsupported_configs_are_refused(tiny_llama_dir, mutate, match):
+    vllm_config = make_vllm_config(tiny_llama_dir)
+    kv_cache_config = per_layer_kv_cache_config(vllm_config, NUM_BLOCKS)
+    mutate(vllm_config)
+    with pytest.raises(ValueError, match=match):
+        make_scheduler(**engine_core_kwargs(vllm_config, kv_cache_config))
+
+
+def test_mla_is_refused(tiny_llama_dir, monkeypatch):
+    vllm_config = make_vllm_config(tiny_llama_dir)
+    kv_cache_config = per_layer_kv_cache_config(vllm_config, NUM_BLOCKS)
+    monkeypatch.setattr(ModelConfig, "use_mla", property(lambda self: True))
+    with pytest.raises(ValueError, match="MLA"):
+        make_scheduler(**engine_core_kwargs(vllm_config, kv_cache_config))
+
+
+def _group(spec) -> KVCacheGroupSpec:
+    return KVCacheGroupSpec([layer_name(0)], spec)
+
+
+@pytest.mark.parametrize(("groups", "match"), [
+    ([KVCacheGroupSpec([layer_name(i) for i in range(NUM_LAYERS)], FullAttentionSpec(
+        block_size=BLOCK_SIZE, num_kv_heads=2, head_size=8, dtype=layer_spec(0).dtype))],
+     "has a FullAttentionSpec"),
+    ([_group(SlidingWindowSpec(block_size=BLOCK_SIZE, num_kv_heads=2, head_size=8,
+                               dtype=layer_spec(0).dtype, sliding_window=8))],
+     "has a SlidingWindowSpec"),
+    ([_group(layer_spec(0, sliding_window=8))], "sliding window"),
+], ids=["one-shared-group", "sliding-window-model", "sliding-window-spec"])
+def test_unsupported_kv_cache_layouts_are_refused(tiny_llama_dir, groups, match):
+    vllm_config = make_vllm_config(tiny_llama_dir)
+    kv_cache_config = KVCacheConfig(num_blocks=NUM_BLOCKS, kv_cache_tensors=[],
+                                    kv_cache_groups=groups)
+    with pytest.raises(ValueError, match=match):
+        make_scheduler(**engine_core_kwargs(vllm_config, kv_cache_config))
+
+
+# Releasing gap blocks.
+
+
+@pytest.mark.parametrize("enable_prefix_caching", [True, False])
+def test_report_releases_gap_blocks_and_finishing_balances_the_pool(
+        new_scheduler, enable_prefix_caching):
+    scheduler = new_scheduler(enable_prefix_caching=enable_prefix_caching)
+    request = make_request(PROMPT, max_tokens=6)
+    scheduler.add_request(request)
+    step = schedule(scheduler)
+    assert num_free(scheduler) == NUM_BLOCKS - 1 - NUM_LAYERS * 10
+    gap_rows = {g: [row(scheduler, request, g)[i] for i in gap]
+                for g, gap in [(2, range(1, 5)), (3, range(1, 8))]}
+
+    update(scheduler, step, [report(request)])
+
+    assert num_free(scheduler) == NUM_BLOCKS - 1 - NUM_LAYERS * 10 + NUM_GAP_BLOCKS
+    for group_id, blocks in gap_rows.items():
+        assert all(b.ref_cnt == 0 for b in blocks)
+        assert [b.is_null for b in row(scheduler, request, group_id)] == [
+            0 < i <= len(blocks) for i in range(10)]
+    stats = scheduler.refreekv_stats()
+    page_size = scheduler.kv_cache_config.kv_cache_groups[0].kv_cache_spec.page_size_bytes
+    assert (stats.requests_pruned, stats.blocks_released, stats.blocks_freed) == (
+        1, NUM_GAP_BLOCKS, NUM_GAP_BLOCKS)
+    assert stats.tokens_pruned == (21 - 4) + (33 - 4)
+    assert stats.bytes_freed == NUM_GAP_BLOCKS * page_size
+    assert stats.recent_block_budgets == pytest.approx(((40 + 40 + 24 + 12) / 160,))
+
+    run_until_done(scheduler)
+    assert request.status == RequestStatus.FINISHED_LENGTH_CAPPED
+    assert_pool_idle(scheduler)
+
+
+def test_request_finishing_in_its_reporting_step(new_scheduler):
+    scheduler = new_scheduler()
+    request = make_request(PROMPT, max_tokens=1)
+    scheduler.add_request(request)
+
+    run_step(scheduler, [report(request)])
+
+    assert request.is_finished()
+    assert scheduler.refreekv_stats().blocks_released == NUM_GAP_BLOCKS
+    assert_pool_idle(scheduler)
+
+
+def test_prefix_hits_on_released_blocks(new_scheduler):
+    scheduler = new_scheduler()
+    first = make_request(PROMPT)
+    second = make_request(PROMPT, extra_args={"refreekv_enabled": False})
+    scheduler.add_request(first)
+    run_step(scheduler, [report(first)])
+
+    scheduler.add_request(second)
+    scheduler_output, _ = schedule(scheduler)
+
+    # 36 of 40 prompt tokens hit in every group, released gap blocks included (an opted-out
+    # request keeps vLLM's full hit).
+    assert scheduler_output.num_scheduled_tokens[second.request_id] == 4
+    assert not any(b.is_null for g in range(NUM_LAYERS) for b in row(scheduler, second, g))
+
+
+def test_prefix_hits_stop_before_the_observation_window(new_scheduler):
+    scheduler = new_scheduler()
+    first = make_request(PROMPT)
+    second = make_request(PROMPT, extra_args={"refreekv_window": 10})
+    scheduler.add_request(first)
+    run_step(scheduler, [report(first)])
+
+    scheduler.add_request(second)
+    scheduler_output, _ = schedule(scheduler)
+
+    # The window is prompt positions [30, 40): the hit ends at the block boundary 28.
+    assert scheduler_output.num_scheduled_tokens[second.request_id] == 40 - 28
+
+
+def test_reports_for_gone_or_reported_requests_are_skipped(new_scheduler):
+    scheduler = new_scheduler()
+    aborted, pruned = make_request(PROMPT), make_request(PROMPT[::-1])
+    scheduler.add_request(aborted)
+    scheduler.add_request(pruned)
+    step = schedule(scheduler)
+    scheduler.finish_requests(aborted.request_id, RequestStatus.FINISHED_ABORTED)
+    update(scheduler, step, [report(aborted), report(pruned)])
+    free_after_first_report = num_free(scheduler)
+
+    run_step(scheduler, [report(pruned)])  # a second report for the same life
+
+    stats = scheduler.refreekv_stats()
+    assert stats.requests_pruned == 1
+    assert stats.requests_skipped == {"not_running": 1, "already_reported": 1}
+    assert num_free(scheduler) == free_after_first_report - NUM_LAYERS  # one decode block each
+    run_until_done(scheduler)
+    assert_pool_idle(scheduler)
+
+
+def test_report_without_a_whole_gap_block(new_scheduler):
+    scheduler = new_scheduler()
+    request = make_request(PROMPT)
+    scheduler.add_request(request)
+    step = schedule(scheduler)
+    free_before = num_free(scheduler)
+
+    update(scheduler, step, [report(request, cuts=(4, 4, 7, 4))])  # gap [4, 7) < one block
+
+    assert num_free(scheduler) == free_before
+    assert scheduler.refreekv_stats().requests_skipped == {"no_gap": 1}
+    assert scheduler.refreekv_stats().recent_block_budgets == (1.0,)
+
+
+def test_report_with_the_wrong_number_of_layers(new_scheduler):
+    scheduler = new_scheduler()
+    request = make_request(PROMPT)
+    scheduler.add_request(request)
+    step = schedule(scheduler)
+    with pytest.raises(ValueError, match="has 3 layers"):
+        update(scheduler, step, [report(request, cuts=CUTS[:3])])
+
+
+@pytest.mark.parametrize("extra_args", [
+    {"refreekv_enabled": False}, {"refreekv_threshold": 0.0}, {"refreekv_enabled": "maybe"},
+], ids=["disabled", "threshold-0", "invalid"])
+def test_opted_out_requests_are_not_pruned(new_scheduler, extra_args):
+    scheduler = new_scheduler()
+    request = make_request(PROMPT, extra_args=extra_args)
+    scheduler.add_request(request)
+    step = schedule(scheduler)
+    free_before = num_free(scheduler)
+
+    update(scheduler, step, [report(request)])
+
+    assert num_free(scheduler) == free_before
+    assert scheduler.refreekv_stats().requests_skipped == {"opted_out": 1}
+    run_until_done(scheduler)
+    assert_pool_idle(scheduler)
+
+
+def test_server_wide_disable_opts_every_request_out(tiny_llama_dir):
+    vllm_config = make_vllm_config(tiny_llama_dir)
+    vllm_config.additional_config = {"refreekv": {"enabled": False}}
+    scheduler = make_scheduler(**engine_core_kwargs(
+        vllm_config, per_layer_kv_cache_config(vllm_config, NUM_BLOCKS)))
+    request = make_request(PROMPT)
+    scheduler.add_request(request)
+    run_step(scheduler, [report(request)])
+    assert scheduler.refreekv_stats().requests_skipped == {"opted_out": 1}
+
+
+# Preemption.
+
+
+def test_preempted_pruned_request_is_not_pruned_again(new_scheduler):
+    scheduler = new_scheduler()
+    request = make_request(PROMPT, max_tokens=8)
+    scheduler.add_request(request)
+    run_step(scheduler, [report(request)])
+    run_step(scheduler)
+
+    # Preempts every running request through Scheduler._preempt_request.
+    assert scheduler.reset_prefix_cache(reset_running_requests=True)
+    assert request.status == RequestStatus.PREEMPTED
+    assert num_free(scheduler) == NUM_BLOCKS - 1
+
+    step = schedule(scheduler)  # resumed: prompt and outputs recomputed with full KV
+    assert all(not b.is_null for g in range(NUM_LAYERS) for b in row(scheduler, request, g))
+    free_before = num_free(scheduler)
+    update(scheduler, step, [report(request)])
+
+    assert num_free(scheduler) == free_before
+    stats = scheduler.refreekv_stats()
+    assert (stats.requests_pruned, stats.requests_skipped) == (1, {"preempted": 1})
+    run_until_done(scheduler)
+    assert_pool_idle(scheduler)
+
+
+def test_pruned_request_preempted_for_lack_of_blocks(new_scheduler):
+    # Room for both prompts (76 blocks over 4 layers) but not for both first decode blocks.
+    scheduler = new_scheduler(num_blocks=81)
+    other, pruned = make_request(PROMPT[4:], max_tokens=8), make_request(PROMPT, max_tokens=8)
+    scheduler.add_request(other)
+    scheduler.add_request(pruned)
+    one_block_gap = (4, 4, 4, 8)
+    run_step(scheduler, [report(pruned, one_block_gap)])
+    assert scheduler.refreekv_stats().blocks_released == 1
+
+    run_step(scheduler)  # `other` takes the last free blocks, `pruned` (newest) is preempted
+
+    assert pruned.status == RequestStatus.PREEMPTED and pruned.num_preemptions == 1
+    for _ in range(100):
+        if not scheduler.has_requests():
+            break
+        was_waiting = pruned.status == RequestStatus.PREEMPTED
+        step = schedule(scheduler)
+        if was_waiting and pruned.status == RequestStatus.RUNNING:  # resumed in this step
+            assert not any(b.is_null for g in range(NUM_LAYERS) for b in row(scheduler, pruned, g))
+            update(scheduler, step, [report(pruned, one_block_gap)])
+        else:
+            update(scheduler, step)
+    stats = scheduler.refreekv_stats()
+    assert (stats.requests_pruned, stats.requests_skipped) == (1, {"preempted": 1})
+    assert_pool_idle(scheduler)
+
+
+# Prefix-cache publication.
+
+PROMPT_22 = list(range(2000, 2022))  # 5 full prompt blocks; block 5 is completed by decode
+CUTS_22 = (4, 4, 12, 16)
+
+
+def hashed_indices(scheduler: RefreeKVScheduler, request: Request, group_id: int) -> list[int]:
+    return [i for i, b in enumerate(row(scheduler, request, group_id))
+            if not b.is_null and b.block_hash is not None]
+
+
+@pytest.mark.parametrize("prunes", [True, False], ids=["pruned", "kept-all"])
+def test_decode_blocks_of_a_pruned_request_are_never_published(new_scheduler, prunes):
+    scheduler = new_scheduler()
+    request = make_request(PROMPT_22, max_tokens=13)  # blocks 5-7 get full of decode tokens
+    scheduler.add_request(request)
+    run_step(scheduler, [report(request, CUTS_22 if prunes else (4,) * NUM_LAYERS)])
+    for _ in range(11):
+        run_step(scheduler)
+    assert request.num_computed_tokens == 33 and not request.is_finished()
+
+    for group_id in range(NUM_LAYERS):
+        if prunes:
+            kept = [i for i in range(5) if not row(scheduler, request, group_id)[i].is_null]
+            assert hashed_indices(scheduler, request, group_id) == kept
+        else:
+            assert hashed_indices(scheduler, request, group_id) == list(range(8))
+
+
+def test_async_scheduler_never_publishes_decode_blocks_of_a_pruned_request(new_scheduler):
+    scheduler = new_scheduler(async_scheduling=True)
+    request = make_request(PROMPT_22, max_tokens=13)
+    scheduler.add_request(request)
+
+    # EngineCore.step_with_batch_queue order: schedule(t+1) runs before update_from_output(t).
+    in_flight = deque([schedule(scheduler)])
+    reports = [report(request, CUTS_22)]
+    while in_flight:
+        if scheduler.get_num_unfinished_requests():
+            in_flight.append(schedule(scheduler))
+        update(scheduler, in_flight.popleft(), reports)
+        reports = []
+        for group_id in range(NUM_LAYERS):
+            assert all(i < 5 for i in hashed_indices(scheduler, request, group_id))
+        if request.num_computed_tokens == 33:
+            assert hashed_indices(scheduler, request, NUM_LAYERS - 1) == [0, 4]
+
+    assert request.is_finished()
+    assert scheduler.refreekv_stats().requests_pruned == 1
+    assert_pool_idle(scheduler)

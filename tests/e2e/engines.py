@@ -1,0 +1,68 @@
+"""In-process vLLM engines on the CPU backend, for tests that inspect the scheduler's block pool.
+
+With ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` the engine core and the worker run inside the test
+process, so the test can read the real ``BlockPool`` after every request.
+"""
+
+import contextlib
+import gc
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+WORKER_CLS = "refreekv_vllm.worker.worker.RefreeKVWorker"
+SCHEDULER_CLS = "refreekv_vllm.core.scheduler.make_scheduler"
+ENGINE_DEFAULTS: dict[str, Any] = {
+    "dtype": "bfloat16",
+    "block_size": 32,
+    "max_model_len": 4096,
+    "max_num_batched_tokens": 1024,  # long prompts run as several chunks
+    "kv_cache_memory_bytes": 1 << 30,
+    "enforce_eager": True,
+    "enable_prefix_caching": True,
+    "seed": 0,
+}
+
+
+@contextlib.contextmanager
+def in_process_engine(model: Path, refreekv: dict | None, **overrides: Any) -> Iterator[Any]:
+    """A ``vllm.LLM`` with ReFreeKV (``refreekv`` is its additional-config section) or plain
+    vLLM (``refreekv=None``)."""
+    from vllm import LLM
+
+    kwargs = {**ENGINE_DEFAULTS, **overrides, "model": str(model)}
+    if refreekv is not None:
+        kwargs.update(worker_cls=WORKER_CLS, scheduler_cls=SCHEDULER_CLS,
+                      additional_config={"refreekv": refreekv})
+    saved = {k: os.environ.get(k) for k in ("VLLM_ENABLE_V1_MULTIPROCESSING",
+                                            "VLLM_USE_V2_MODEL_RUNNER")}
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    try:
+        llm = LLM(**kwargs)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    try:
+        yield llm
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+
+
+def scheduler_of(llm: Any) -> Any:
+    return llm.llm_engine.engine_core.engine_core.scheduler
+
+
+def free_blocks(llm: Any) -> int:
+    return scheduler_of(llm).kv_cache_manager.block_pool.get_num_free_blocks()
+
+
+def dump(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2))

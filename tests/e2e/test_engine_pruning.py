@@ -1,0 +1,67 @@
+"""ReFreeKV inside the real vLLM engine (CPU backend): exactness at T=0, real pruning at T>0,
+and the block pool's accounting."""
+
+import pytest
+
+from tests.e2e.engines import free_blocks, in_process_engine, scheduler_of
+from tests.e2e.prompts import mixed_prompts, passkey_prompt
+
+pytestmark = pytest.mark.e2e
+
+MAX_TOKENS = 16
+
+
+def greedy(max_tokens: int = MAX_TOKENS, **xargs):
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
+                          extra_args=xargs or None)
+
+
+def token_ids(outputs) -> list[list[int]]:
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+# Each batch is generated in the same order by both engines, so their prefix caches hold the
+# same prompts at every step (plain vLLM's greedy output depends on batch and cache hits).
+BATCHES = {"threshold_zero": mixed_prompts(12, seed=0), "opted_out": mixed_prompts(12, seed=1)}
+
+
+@pytest.fixture(scope="module")
+def plain_outputs(smollm2_dir) -> dict[str, list[list[int]]]:
+    with in_process_engine(smollm2_dir, refreekv=None) as llm:
+        return {name: token_ids(llm.generate(batch, greedy())) for name, batch in BATCHES.items()}
+
+
+@pytest.fixture(scope="module")
+def refreekv_llm(smollm2_dir):
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("REFREEKV_DEBUG_ACCOUNTING", "1")  # assert pool invariants on every release
+        with in_process_engine(smollm2_dir, refreekv={}) as llm:
+            yield llm
+
+
+def test_threshold_zero_is_token_identical_to_plain_vllm(refreekv_llm, plain_outputs):
+    start = free_blocks(refreekv_llm)
+    outputs = refreekv_llm.generate(BATCHES["threshold_zero"], greedy(refreekv_threshold=0.0))
+    assert token_ids(outputs) == plain_outputs["threshold_zero"]
+    assert scheduler_of(refreekv_llm).refreekv_stats()["blocks_released"] == 0
+    assert free_blocks(refreekv_llm) == start
+
+
+def test_opted_out_requests_match_plain_vllm(refreekv_llm, plain_outputs):
+    outputs = refreekv_llm.generate(BATCHES["opted_out"], greedy(refreekv_enabled=False))
+    assert token_ids(outputs) == plain_outputs["opted_out"]
+    assert scheduler_of(refreekv_llm).refreekv_stats()["blocks_released"] == 0
+
+
+def test_pruning_releases_blocks_and_pool_balances(refreekv_llm):
+    scheduler = scheduler_of(refreekv_llm)
+    start = free_blocks(refreekv_llm)
+    before = scheduler.refreekv_stats()
+    prompt = passkey_prompt(90, 0.5, 48213)
+    refreekv_llm.generate([prompt], greedy(max_tokens=4))
+    after = scheduler.refreekv_stats()
+    assert after["requests_pruned"] == before["requests_pruned"] + 1
+    assert after["blocks_released"] > before["blocks_released"]
+    assert free_blocks(refreekv_llm) == start
