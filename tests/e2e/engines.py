@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-WORKER_CLS = "refreekv_vllm.worker.worker.RefreeKVWorker"
-SCHEDULER_CLS = "refreekv_vllm.core.scheduler.make_scheduler"
+from refreekv_vllm.offline import refreekv_llm_kwargs
+
 ENGINE_DEFAULTS: dict[str, Any] = {
     "dtype": "bfloat16",
     "block_size": 32,
@@ -27,18 +27,19 @@ ENGINE_DEFAULTS: dict[str, Any] = {
 
 
 @contextlib.contextmanager
-def in_process_engine(model: Path, refreekv: dict | None, **overrides: Any) -> Iterator[Any]:
+def in_process_engine(model: Path, refreekv: dict | None, in_process: bool = True,
+                      **overrides: Any) -> Iterator[Any]:
     """A ``vllm.LLM`` with ReFreeKV (``refreekv`` is its additional-config section) or plain
-    vLLM (``refreekv=None``)."""
+    vLLM (``refreekv=None``). Only one in-process engine can live in a process (vLLM's
+    distributed state is global): others need ``in_process=False``."""
     from vllm import LLM
 
     kwargs = {**ENGINE_DEFAULTS, **overrides, "model": str(model)}
     if refreekv is not None:
-        kwargs.update(worker_cls=WORKER_CLS, scheduler_cls=SCHEDULER_CLS,
-                      additional_config={"refreekv": refreekv})
+        kwargs.update(refreekv_llm_kwargs(refreekv))
     saved = {k: os.environ.get(k) for k in ("VLLM_ENABLE_V1_MULTIPROCESSING",
                                             "VLLM_USE_V2_MODEL_RUNNER")}
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
     try:
         llm = LLM(**kwargs)
@@ -51,7 +52,7 @@ def in_process_engine(model: Path, refreekv: dict | None, **overrides: Any) -> I
     try:
         yield llm
     finally:
-        llm.llm_engine.engine_core.shutdown()
+        llm.llm_engine.engine_core.shutdown()  # a child engine core exits with it
         del llm
         gc.collect()
 

@@ -3,8 +3,8 @@ and the block pool's accounting."""
 
 import pytest
 
+from refreekv_vllm.workloads import mixed_prompts, passkey_prompt
 from tests.e2e.engines import free_blocks, in_process_engine, scheduler_of
-from tests.e2e.prompts import mixed_prompts, passkey_prompt
 
 pytestmark = pytest.mark.e2e
 
@@ -29,12 +29,12 @@ BATCHES = {"threshold_zero": mixed_prompts(12, seed=0), "opted_out": mixed_promp
 
 @pytest.fixture(scope="module")
 def plain_outputs(smollm2_dir) -> dict[str, list[list[int]]]:
-    with in_process_engine(smollm2_dir, refreekv=None) as llm:
+    with in_process_engine(smollm2_dir, refreekv=None, in_process=False) as llm:
         return {name: token_ids(llm.generate(batch, greedy())) for name, batch in BATCHES.items()}
 
 
 @pytest.fixture(scope="module")
-def refreekv_llm(smollm2_dir):
+def refreekv_llm(smollm2_dir, plain_outputs):  # plain vLLM first: the two never overlap
     with pytest.MonkeyPatch.context() as env:
         env.setenv("REFREEKV_DEBUG_ACCOUNTING", "1")  # assert pool invariants on every release
         with in_process_engine(smollm2_dir, refreekv={}) as llm:
@@ -45,14 +45,14 @@ def test_threshold_zero_is_token_identical_to_plain_vllm(refreekv_llm, plain_out
     start = free_blocks(refreekv_llm)
     outputs = refreekv_llm.generate(BATCHES["threshold_zero"], greedy(refreekv_threshold=0.0))
     assert token_ids(outputs) == plain_outputs["threshold_zero"]
-    assert scheduler_of(refreekv_llm).refreekv_stats()["blocks_released"] == 0
+    assert scheduler_of(refreekv_llm).refreekv_stats().blocks_released == 0
     assert free_blocks(refreekv_llm) == start
 
 
 def test_opted_out_requests_match_plain_vllm(refreekv_llm, plain_outputs):
     outputs = refreekv_llm.generate(BATCHES["opted_out"], greedy(refreekv_enabled=False))
     assert token_ids(outputs) == plain_outputs["opted_out"]
-    assert scheduler_of(refreekv_llm).refreekv_stats()["blocks_released"] == 0
+    assert scheduler_of(refreekv_llm).refreekv_stats().blocks_released == 0
 
 
 def test_pruning_releases_blocks_and_pool_balances(refreekv_llm):
@@ -62,6 +62,6 @@ def test_pruning_releases_blocks_and_pool_balances(refreekv_llm):
     prompt = passkey_prompt(90, 0.5, 48213)
     refreekv_llm.generate([prompt], greedy(max_tokens=4))
     after = scheduler.refreekv_stats()
-    assert after["requests_pruned"] == before["requests_pruned"] + 1
-    assert after["blocks_released"] > before["blocks_released"]
+    assert after.requests_pruned == before.requests_pruned + 1
+    assert after.blocks_released > before.blocks_released
     assert free_blocks(refreekv_llm) == start

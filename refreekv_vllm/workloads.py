@@ -1,4 +1,4 @@
-"""Deterministic long prompts: a passkey hidden in filler text (the classic passkey task)."""
+"""Deterministic prompts for tests and benchmarks: a passkey hidden in filler text."""
 
 import random
 

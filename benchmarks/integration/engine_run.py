@@ -1,0 +1,153 @@
+"""One engine, one workload, one JSON file: the child process of ``bench_integration.py``.
+
+Each engine runs in its own process so that plain vLLM and ReFreeKV never share a device or a
+compile cache state, and the engine core runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``)
+so the block pool can be read directly.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+LLAMA3_8B_CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+    "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256,
+    "max_position_embeddings": 16384, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 128000,
+    "eos_token_id": 128001, "hidden_act": "silu",
+}
+
+
+def scheduler_of(llm):
+    return llm.llm_engine.engine_core.engine_core.scheduler
+
+
+def free_blocks(llm) -> int:
+    return scheduler_of(llm).kv_cache_manager.block_pool.get_num_free_blocks()
+
+
+def build_llm(args, model: str, **extra):
+    from vllm import LLM
+
+    from refreekv_vllm.offline import refreekv_llm_kwargs
+
+    kwargs = dict(model=model, dtype="bfloat16", block_size=args.block_size, seed=0,
+                  enable_prefix_caching=True)
+    kwargs.update(extra)
+    if args.engine == "refreekv":
+        kwargs.update(refreekv_llm_kwargs(json.loads(args.refreekv)))
+    return LLM(**kwargs)
+
+
+def run_exactness(args) -> dict:
+    """Greedy outputs of a mixed batch (plain or ReFreeKV at T=0), then ReFreeKV's default T."""
+    from vllm import SamplingParams
+
+    from refreekv_vllm.workloads import mixed_prompts
+
+    llm = build_llm(args, args.model, max_model_len=4096,
+                    max_num_batched_tokens=args.max_num_batched_tokens,
+                    **({"gpu_memory_utilization": 0.3} if args.device == "cuda"
+                       else {"kv_cache_memory_bytes": 1 << 30, "enforce_eager": True}))
+    start_free = free_blocks(llm)
+    prompts = mixed_prompts(args.num_prompts, seed=0)
+    greedy = dict(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    xargs = {"refreekv_threshold": 0.0} if args.engine == "refreekv" else None
+    outputs = llm.generate(prompts, SamplingParams(**greedy, extra_args=xargs))
+    result = {"t0_token_ids": [list(o.outputs[0].token_ids) for o in outputs]}
+    if args.engine == "refreekv":
+        from refreekv_vllm.workloads import passkey_prompt
+
+        long_prompts = [passkey_prompt(args.filler, depth, 10000 + 997 * i)
+                        for i, depth in enumerate((0.1, 0.3, 0.5, 0.7, 0.9))]
+        llm.generate(long_prompts, SamplingParams(**greedy))
+        result["reports"] = [
+            {"num_prompt_tokens": r.num_prompt_tokens, "cuts": list(r.cuts)}
+            for r in scheduler_of(llm).refreekv_recent_reports()]
+        stats = scheduler_of(llm).refreekv_stats()
+        result["stats"] = dataclasses.asdict(stats)
+    result["leaked_blocks"] = start_free - free_blocks(llm)
+    return result
+
+
+def run_reference(args) -> dict:
+    """Greedy outputs and per-layer cuts of long prompts, one at a time, in float32."""
+    from vllm import SamplingParams
+
+    from refreekv_vllm.workloads import passkey_prompt
+
+    llm = build_llm(args, args.model, dtype="float32", max_model_len=4096,
+                    kv_cache_memory_bytes=1 << 30, enforce_eager=True)
+    start_free = free_blocks(llm)
+    tokenizer = llm.get_tokenizer()
+    results = []
+    for i in range(args.num_prompts):
+        prompt = passkey_prompt(args.filler, (i + 0.5) / args.num_prompts, 20000 + 7919 * i)
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        output = llm.generate([{"prompt_token_ids": prompt_ids}], SamplingParams(
+            temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True), use_tqdm=False)
+        report = scheduler_of(llm).refreekv_recent_reports()[-1]
+        results.append({"prompt_ids": prompt_ids, "token_ids": list(output[0].outputs[0].token_ids),
+                        "cuts": list(report.cuts)})
+    return {"requests": results, "leaked_blocks": start_free - free_blocks(llm)}
+
+
+def run_overhead(args) -> dict:
+    """Batch time to first token and decode throughput on a Llama-3-8B shape (dummy weights)."""
+    from vllm import SamplingParams, TokensPrompt
+
+    model_dir = Path(args.scratch) / "llama3-8b-shape"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / "config.json").write_text(json.dumps(LLAMA3_8B_CONFIG))
+    llm = build_llm(args, str(model_dir), load_format="dummy", skip_tokenizer_init=True,
+                    max_model_len=args.prompt_len + args.max_tokens + 16,
+                    gpu_memory_utilization=0.85)
+    rng = random.Random(0)
+
+    def batch(n: int, length: int) -> list:
+        return [TokensPrompt(prompt_token_ids=[rng.randrange(1000, 120000)
+                                               for _ in range(length)]) for _ in range(n)]
+
+    xargs = {"refreekv_threshold": 0.0} if args.engine == "refreekv" else None
+    llm.generate(batch(8, 512), SamplingParams(max_tokens=8, extra_args=xargs))  # warm-up
+    timings = {}
+    for name, max_tokens in (("prefill_s", 1), ("full_s", 1 + args.max_tokens)):
+        prompts = batch(args.num_prompts, args.prompt_len)  # fresh ids: no prefix-cache hits
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, extra_args=xargs)
+        start = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)
+        timings[name] = time.perf_counter() - start
+    decode_s = timings["full_s"] - timings["prefill_s"]
+    return {**timings, "decode_tok_per_s": args.num_prompts * args.max_tokens / decode_s}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("workload", choices=["exactness", "reference", "overhead"])
+    parser.add_argument("--engine", choices=["plain", "refreekv"], required=True)
+    parser.add_argument("--device", choices=["cpu", "cuda"], required=True)
+    parser.add_argument("--model", default="")
+    parser.add_argument("--refreekv", default="{}")
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--num-prompts", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    parser.add_argument("--filler", type=int, default=90)
+    parser.add_argument("--prompt-len", type=int, default=8000)
+    parser.add_argument("--scratch", default="/tmp/refreekv-bench")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    run = {"exactness": run_exactness, "reference": run_reference,
+           "overhead": run_overhead}[args.workload]
+    Path(args.out).write_text(json.dumps(run(args)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,370 @@
+"""GPU benchmark and correctness sweep of the ReFreeKV scoring kernels (Triton and CUDA).
+
+Llama-3-8B layer (32 query heads, 8 KV heads, head size 128, bf16, block size 16, FLASH_ATTN
+NHD cache), batches at n in {1K, 8K, 32K, 128K}, windows w in {1, 32}. Per config it records
+Triton and CUDA median times, the bandwidth they reach as a fraction of a measured
+device-to-device copy, and their time as a fraction of the same requests' prefill attention of
+that layer (vLLM's FlashAttention on the paged cache; torch SDPA when vLLM is missing). Then a
+correctness sweep of both kernels against the float64 reference on fresh random layouts.
+
+Run from the repository root (vLLM on PYTHONPATH for the FlashAttention baseline)::
+
+    python benchmarks/kernels/bench_last_row_scores.py --out benchmarks/results
+
+Writes ``kernels_gpu.json`` and ``kernels_gpu.md`` to ``--out``.
+
+Bytes counted for ``bw_fraction`` (what the kernels move in DRAM): keys once per pass over K
+(one pass for w = 1, two for w > 1; V is never read), the fp32 scratch row per query head and
+position (logits or r, written once), and the per-chunk statistics. ``k_once_bw_fraction`` uses
+only one read of K: the speed of "reading the layer's keys once", whatever the pass count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from refreekv_vllm.ops import compute_cuts  # noqa: E402
+from refreekv_vllm.ops.launch_utils import cdiv, default_chunk_size  # noqa: E402
+from tests.ops.paged_cases import compare, make_case  # noqa: E402
+
+HQ, HKV, D, BS = 32, 8, 128, 16
+DTYPE = torch.bfloat16
+# n -> number of requests (64K tokens at 1K, 256K tokens otherwise).
+BATCHES = {1024: 64, 8192: 32, 32768: 8, 131072: 2}
+WINDOWS = (1, 32)
+T0 = time.time()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.time() - T0:6.1f}s] {msg}", flush=True)
+
+
+class Timer:
+    """Median / p20 / p80 of CUDA-event times (ms), L2 flushed before every run."""
+
+    def __init__(self, iters: int, warmup: int) -> None:
+        self.iters, self.warmup = iters, warmup
+        self.flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+
+    def __call__(self, fn, iters: int | None = None) -> dict[str, float]:
+        iters = iters or self.iters
+        for _ in range(self.warmup):
+            fn()
+        times = []
+        for _ in range(iters):
+            self.flush.zero_()
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        q = torch.tensor(times).quantile(torch.tensor([0.5, 0.2, 0.8])).tolist()
+        return {"ms": q[0], "p20_ms": q[1], "p80_ms": q[2], "iters": iters}
+
+
+def copy_bandwidth(timer: Timer) -> float:
+    """Bytes read + written per second of a 1 GiB device-to-device copy."""
+    src = torch.empty(1 << 30, dtype=torch.int8, device="cuda")
+    dst = torch.empty_like(src)
+    t = timer(lambda: dst.copy_(src))["ms"]
+    return 2 * (1 << 30) / (t * 1e-3)
+
+
+def build_layer(n: int, r: int, gen: torch.Generator) -> dict:
+    """Random paged layer: FA NHD cache with shuffled blocks, queries for the last 32 rows."""
+    blocks = cdiv(n, BS)
+    nb = r * blocks + 1
+    mem = torch.empty(nb, BS, HKV, 2 * D, dtype=DTYPE, device="cuda").normal_(generator=gen)
+    kv = mem.permute(0, 2, 1, 3)  # logical (nb, H, bs, 2D), as vLLM binds it
+    ids = torch.randperm(nb - 1, device="cuda", generator=gen) + 1
+    block_tables = ids[: r * blocks].view(r, blocks).to(torch.int32)
+    return {
+        "kv": kv,
+        "key_cache": kv.transpose(1, 2)[..., :D],
+        "value_cache": kv.transpose(1, 2)[..., D:],
+        "block_tables": block_tables,
+        "prompt_lens": torch.full((r,), n, dtype=torch.int32, device="cuda"),
+        "query_all": torch.empty(r * n, HQ, D, dtype=DTYPE, device="cuda").normal_(generator=gen),
+    }
+
+
+def prefill_fn(layer: dict, n: int, r: int):
+    """One layer's causal prefill attention of the same requests; returns (fn, impl)."""
+    q = layer["query_all"]
+    cu = torch.arange(0, (r + 1) * n, n, dtype=torch.int32, device="cuda")
+    out = torch.empty_like(q)
+    try:
+        from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
+        from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+        version = get_flash_attn_version() or 3
+
+        def fa():
+            flash_attn_varlen_func(
+                q=q, k=layer["key_cache"], v=layer["value_cache"], out=out,
+                cu_seqlens_q=cu, max_seqlen_q=n, seqused_k=layer["prompt_lens"],
+                max_seqlen_k=n, softmax_scale=D**-0.5, causal=True,
+                block_table=layer["block_tables"], fa_version=version,
+            )  # fmt: skip
+
+        fa()
+        return fa, f"vllm_flash_attn (FA{version}, paged)"
+    except Exception as exc:  # noqa: BLE001 - any failure means: use the fallback
+        note = f"vllm flash attention unavailable ({type(exc).__name__}: {exc}); torch SDPA"
+    qs = q.view(r, n, HQ, D).transpose(1, 2)
+    ks = torch.empty(r, HKV, n, D, dtype=DTYPE, device="cuda").normal_()
+    vs = torch.empty_like(ks).normal_()
+
+    def sdpa():
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            torch.nn.functional.scaled_dot_product_attention(
+                qs, ks, vs, is_causal=True, enable_gqa=True
+            )
+
+    sdpa()
+    return sdpa, note
+
+
+def bytes_moved(n: int, r: int, w: int, chunk: int) -> tuple[int, int]:
+    """(bytes the kernels move, bytes of one read of K)."""
+    k_once = r * n * HKV * D * DTYPE.itemsize
+    passes = 1 if w == 1 else 2
+    chunks = cdiv(n, chunk)
+    scratch = r * HQ * n * 4  # logits (w = 1) or r (w > 1), written once
+    # Per-row chunk max and sum (written, read back once), plus one per-head chunk sum.
+    stats = 2 * (2 * r * chunks * HQ * w * 4) + 2 * (r * chunks * HQ * 4)
+    return k_once * passes + scratch + stats, k_once
+
+
+def bench_config(timer, layer, n, r, w, copy_bw, prefill_ms, backends, gen) -> dict:
+    query = torch.empty(r, w, HQ, D, dtype=DTYPE, device="cuda").normal_(generator=gen)
+    args = dict(
+        query=query, key_cache=layer["key_cache"], block_tables=layer["block_tables"],
+        prompt_lens=layer["prompt_lens"],
+        window_lens=torch.full((r,), w, dtype=torch.int32, device="cuda"),
+        thresholds=torch.full((r,), 0.01, device="cuda"), num_sink_tokens=4, agg="max",
+        max_prompt_len=n,
+    )  # fmt: skip
+    chunk = default_chunk_size(r, HKV, n, torch.device("cuda"))
+    moved, k_once = bytes_moved(n, r, w, chunk)
+    rec = {"n": n, "w": w, "num_reqs": r, "tokens": n * r, "chunk": chunk, "bytes_moved": moved,
+           "k_bytes": k_once, "prefill_ms": prefill_ms}  # fmt: skip
+    workspace = torch.empty(64 << 20, dtype=torch.float32, device="cuda")  # 256 MiB, reused
+    out = torch.empty(r, dtype=torch.int32, device="cuda")
+    for backend in backends:
+        try:
+            def fn(backend=backend):
+                compute_cuts(**args, backend=backend, workspace=workspace, out=out)
+
+            t = timer(fn)
+            rec[f"{backend}_ms"] = t["ms"]
+            rec[f"{backend}_p20_ms"] = t["p20_ms"]
+            rec[f"{backend}_p80_ms"] = t["p80_ms"]
+            rec[f"{backend}_bw_fraction"] = moved / (t["ms"] * 1e-3) / copy_bw
+            rec[f"{backend}_k_once_bw_fraction"] = k_once / (t["ms"] * 1e-3) / copy_bw
+            if prefill_ms:
+                rec[f"{backend}_prefill_fraction"] = t["ms"] / prefill_ms
+        except Exception as exc:  # noqa: BLE001 - record and go on
+            rec[f"{backend}_error"] = f"{type(exc).__name__}: {exc}"
+            log(f"  {backend} failed: {rec[f'{backend}_error']}")
+    # Headline keys: Triton (the serving kernel).
+    rec["triton_ms"] = rec.get("triton_ms")
+    rec["cuda_ms"] = rec.get("cuda_ms")
+    rec["bw_fraction"] = rec.get("triton_bw_fraction")
+    rec["prefill_fraction"] = rec.get("triton_prefill_fraction")
+    return rec
+
+
+SWEEP = [
+    # (lens, group, head_size, dtype, w_max, agg, layout, chunk)
+    ([8191, 3000, 5, 1, 777], 4, 128, torch.bfloat16, 1, "max", "NHD", None),
+    ([4096, 1500, 300, 5], 4, 128, torch.bfloat16, 32, "max", "NHD", None),
+    ([2000, 513, 64, 2], 8, 128, torch.float16, 8, "mean", "HND", 256),
+    ([3001, 1024, 17], 1, 64, torch.bfloat16, 32, "mean", "NHD", 512),
+    ([6000, 4500], 2, 64, torch.float16, 1, "mean", "HND", 1024),
+    ([16384], 4, 128, torch.bfloat16, 64, "max", "NHD", None),
+    ([700, 90, 33, 6], 4, 64, torch.bfloat16, 16, "max", "HND", 64),
+]
+
+
+def correctness_sweep(backends: list[str], seeds: int) -> dict:
+    res = {"configs": 0, "requests": 0, "cut_mismatches": 0, "cut_tie_mismatches": 0,
+           "cut_errors": [], "failures": []}  # fmt: skip
+    for b in backends:
+        res[f"{b}_max_rel_err"] = 0.0
+    for idx, (lens, group, d, dtype, w_max, agg, layout, chunk) in enumerate(SWEEP):
+        for seed in range(seeds):
+            hkv = min(8, 32 // group)
+            r = len(lens)
+            thresholds = [(0.001, 0.01, 0.05, 0.0, 0.3)[(i + seed) % 5] for i in range(r)]
+            windows = [max(1, w_max >> (i % 3)) for i in range(r)]
+            case = make_case(
+                lens=lens, num_q_heads=group * hkv, num_kv_heads=hkv, head_size=d, dtype=dtype,
+                w_max=w_max, windows=windows, thresholds=thresholds, layout=layout, agg=agg,
+                device="cuda", seed=1000 * idx + seed,
+            )  # fmt: skip
+            res["configs"] += 1
+            res["requests"] += r
+            for backend in backends:
+                try:
+                    curve = torch.zeros(r, max(lens), device="cuda")
+                    cuts = compute_cuts(**case.kwargs(), backend=backend, curve_out=curve,
+                                        max_prompt_len=max(lens), chunk_size=chunk)  # fmt: skip
+                    cmp = compare(case, cuts, curve)
+                    key = f"{backend}_max_rel_err"
+                    res[key] = max(res[key], cmp.max_rel_err)
+                    res["cut_tie_mismatches"] += len(cmp.tie_mismatches)
+                    res["cut_mismatches"] += len(cmp.tie_mismatches) + len(cmp.errors)
+                    res["cut_errors"] += [f"{backend} sweep {idx}: {e}" for e in cmp.errors]
+                except Exception as exc:  # noqa: BLE001
+                    res["failures"].append(f"{backend} sweep {idx}: {type(exc).__name__}: {exc}")
+                    log(f"  sweep {idx} {backend} failed: {exc}")
+        log(f"sweep config {idx} done")
+    return res
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for mod in ("triton", "vllm"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001
+            out[mod] = None
+    try:
+        out["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True,
+                                       capture_output=True, check=False).stdout.strip() or None
+    except OSError:
+        out["commit"] = None
+    return out
+
+
+def write_markdown(path: Path, data: dict) -> None:
+    lines = [
+        f"# Scoring kernels on {data['device']}",
+        "",
+        f"Copy bandwidth {data['copy_bandwidth_gbps']:.0f} GB/s (read + write). Layer: "
+        f"{HQ} q heads, {HKV} KV heads, d={D}, bf16, block size {BS}. Prefill baseline: "
+        f"{data['prefill_impl']}.",
+        "",
+        "| n | w | reqs | Triton ms | CUDA ms | Triton BW frac | CUDA BW frac "
+        "| Triton K-once frac | prefill ms | Triton/prefill | CUDA/prefill |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def f(v, fmt):
+        return format(v, fmt) if isinstance(v, (int, float)) and v is not None else "-"
+
+    for r in data["results"]:
+        lines.append(
+            f"| {r['n']} | {r['w']} | {r['num_reqs']} | {f(r.get('triton_ms'), '.3f')} "
+            f"| {f(r.get('cuda_ms'), '.3f')} | {f(r.get('triton_bw_fraction'), '.2f')} "
+            f"| {f(r.get('cuda_bw_fraction'), '.2f')} "
+            f"| {f(r.get('triton_k_once_bw_fraction'), '.2f')} "
+            f"| {f(r.get('prefill_ms'), '.2f')} | {f(r.get('triton_prefill_fraction'), '.4f')} "
+            f"| {f(r.get('cuda_prefill_fraction'), '.4f')} |"
+        )
+    lines += [
+        "",
+        f"Correctness ({data['correctness']['requests']} requests, fresh random paged layouts): "
+        f"triton_max_rel_err {f(data['triton_max_rel_err'], '.2e')}, "
+        f"cuda_max_rel_err {f(data['cuda_max_rel_err'], '.2e')}, "
+        f"cut_mismatches {data['cut_mismatches']} "
+        f"(threshold ties: {data['correctness']['cut_tie_mismatches']}).",
+    ]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--backends", default="triton,cuda")
+    ap.add_argument("--sizes", default=",".join(map(str, BATCHES)), help="prompt lengths")
+    ap.add_argument("--sweep-seeds", type=int, default=2)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("this benchmark needs a CUDA GPU")
+    backends = [b for b in args.backends.split(",") if b]
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data: dict = {
+        "device": torch.cuda.get_device_name(),
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "versions": versions(),
+        "layer": {"num_q_heads": HQ, "num_kv_heads": HKV, "head_size": D, "dtype": "bfloat16",
+                  "block_size": BS, "layout": "FLASH_ATTN NHD"},  # fmt: skip
+        "bytes_counted": "K reads x passes (1 for w=1, 2 for w>1) + fp32 scratch row per "
+        "q head and position + per-chunk stats; k_once_* counts one read of K only",
+        "results": [],
+    }
+    timer = Timer(args.iters, args.warmup)
+    if "cuda" in backends:
+        log("building/loading the CUDA extension (first build takes a few minutes)")
+        try:
+            from refreekv_vllm.ops._custom_ops import load_extension
+
+            load_extension()
+        except Exception as exc:  # noqa: BLE001
+            data["cuda_error"] = f"{type(exc).__name__}: {exc}"
+            log(f"CUDA extension unavailable: {exc}")
+            backends.remove("cuda")
+    copy_bw = copy_bandwidth(timer)
+    data["copy_bandwidth_gbps"] = copy_bw / 1e9
+    log(f"copy bandwidth {data['copy_bandwidth_gbps']:.0f} GB/s")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    data["prefill_impl"] = None
+    for n in (int(s) for s in args.sizes.split(",")):
+        r = BATCHES.get(n, max(1, (256 << 10) // n))
+        try:
+            layer = build_layer(n, r, gen)
+            fn, impl = prefill_fn(layer, n, r)
+            data["prefill_impl"] = data["prefill_impl"] or impl
+            prefill_ms = timer(fn, iters=max(5, min(args.iters, 20)))["ms"]
+            log(f"n={n} x {r}: prefill {prefill_ms:.2f} ms ({impl})")
+        except Exception as exc:  # noqa: BLE001
+            log(f"n={n}: setup failed: {exc}")
+            data["results"].append({"n": n, "num_reqs": r, "error": traceback.format_exc()})
+            continue
+        for w in WINDOWS:
+            rec = bench_config(timer, layer, n, r, w, copy_bw, prefill_ms, backends, gen)
+            data["results"].append(rec)
+            log(f"n={n} w={w}: " + ", ".join(
+                f"{b} {rec.get(f'{b}_ms') or float('nan'):.3f} ms "
+                f"(bw {rec.get(f'{b}_bw_fraction') or float('nan'):.2f}, "
+                f"prefill {rec.get(f'{b}_prefill_fraction') or float('nan'):.4f})"
+                for b in backends))  # fmt: skip
+        del layer
+        torch.cuda.empty_cache()
+    log("correctness sweep")
+    sweep = correctness_sweep(backends, args.sweep_seeds)
+    data["correctness"] = sweep
+    data["triton_max_rel_err"] = sweep.get("triton_max_rel_err")
+    data["cuda_max_rel_err"] = sweep.get("cuda_max_rel_err")
+    data["cut_mismatches"] = sweep["cut_mismatches"]
+    (out_dir / "kernels_gpu.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+    write_markdown(out_dir / "kernels_gpu.md", data)
+    log(f"wrote {out_dir / 'kernels_gpu.json'} and kernels_gpu.md")
+    if sweep["cut_errors"] or sweep["failures"]:
+        log(f"CORRECTNESS PROBLEMS: {sweep['cut_errors'][:5]} {sweep['failures'][:5]}")
+
+
+if __name__ == "__main__":
+    main()

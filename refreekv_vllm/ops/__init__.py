@@ -1,0 +1,179 @@
+"""ReFreeKV scoring ops: one contract, three backends (``triton``, ``cuda``, ``torch``).
+
+:func:`compute_cuts` scores many requests of one layer against the keys in vLLM's paged cache and
+returns one cut per request. The ``torch`` backend gathers each request's keys and runs
+``policy/reference.py`` in fp32 (CPU, or a debugging oracle); it syncs with the host. The
+``triton`` and ``cuda`` backends never sync and can run under CUDA graphs when ``workspace`` and
+``out`` are supplied.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from refreekv_vllm.policy.reference import AGGREGATIONS, layer_cut
+
+BACKENDS = ("triton", "cuda", "torch")
+
+
+def key_view_from_flash_kv_cache(
+    kv_cache: torch.Tensor, head_size: int | None = None
+) -> torch.Tensor:
+    """K view ``[num_blocks, block_size, num_kv_heads, head_size]`` of a FLASH_ATTN-style cache.
+
+    Args:
+        kv_cache: vLLM's per-layer tensor of logical shape
+            ``[num_blocks, num_kv_heads, block_size, 2 * head_size]`` (K and V packed in the
+            last dim, K first), with whatever strides its layout gives it (``NHD``: memory
+            ``(nb, bs, H, 2D)``; ``HND``: contiguous). FLASH_ATTN, TRITON_ATTN and FLASHINFER
+            (non-fp4) share this shape.
+
+    Returns:
+        A strided view (no copy) of the keys.
+    """
+    if kv_cache.dim() != 4:
+        raise ValueError(f"expected a 4-D kv cache, got shape {tuple(kv_cache.shape)}")
+    if head_size is None:
+        head_size = kv_cache.shape[-1] // 2
+    if kv_cache.shape[-1] != 2 * head_size:
+        raise ValueError(f"last dim {kv_cache.shape[-1]} is not 2 * head_size ({head_size})")
+    return kv_cache.transpose(1, 2)[..., :head_size]
+
+
+def gather_request_keys(
+    key_cache: torch.Tensor, block_table_row: torch.Tensor, num_tokens: int
+) -> torch.Tensor:
+    """Dense keys of one request.
+
+    Args:
+        key_cache: ``[num_blocks, block_size, num_kv_heads, head_size]`` view, any strides.
+        block_table_row: ``[>= ceil(num_tokens / block_size)]`` integer block ids.
+
+    Returns:
+        ``[num_kv_heads, num_tokens, head_size]`` copy, dtype of ``key_cache``.
+    """
+    _, bs, hkv, d = key_cache.shape
+    num_blocks = -(-num_tokens // bs)
+    ids = block_table_row[:num_blocks].to(device=key_cache.device, dtype=torch.long)
+    return key_cache[ids].reshape(num_blocks * bs, hkv, d)[:num_tokens].transpose(0, 1)
+
+
+def torch_compute_cuts(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    prompt_lens: torch.Tensor,
+    window_lens: torch.Tensor,
+    thresholds: torch.Tensor,
+    *,
+    num_sink_tokens: int = 4,
+    scale: float | None = None,
+    agg: str = "max",
+    curve_out: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``compute_cuts`` by gathering keys and running the reference per request (host sync)."""
+    r, w_max = query.shape[:2]
+    if out is None:
+        out = torch.empty(r, dtype=torch.int32, device=query.device)
+    lens = prompt_lens.tolist()
+    wins = window_lens.tolist()
+    thrs = thresholds.tolist()
+    cuts = []
+    for i in range(r):
+        w = max(1, min(int(wins[i]), w_max))
+        keys = gather_request_keys(key_cache, block_tables[i], int(lens[i]))
+        cut, ratio = layer_cut(
+            query[i, w_max - w :].to(compute_dtype),
+            keys.to(compute_dtype),
+            num_sink_tokens=num_sink_tokens,
+            threshold=float(thrs[i]),
+            scale=scale,
+            agg=agg,
+        )
+        cuts.append(cut)
+        if curve_out is not None and ratio.numel():
+            curve_out[i, : ratio.numel()] = ratio.to(curve_out.dtype)
+    out.copy_(torch.tensor(cuts, dtype=torch.int32))
+    return out
+
+
+def compute_cuts(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    prompt_lens: torch.Tensor,
+    window_lens: torch.Tensor,
+    thresholds: torch.Tensor,
+    *,
+    num_sink_tokens: int = 4,
+    scale: float | None = None,
+    agg: str = "max",
+    backend: str = "triton",
+    curve_out: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    max_prompt_len: int | None = None,
+    workspace: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """ReFreeKV cut of every request of one layer, keys read from the paged cache.
+
+    Args:
+        query: ``[R, W_MAX, num_q_heads, head_size]`` bf16/fp16/fp32 post-RoPE queries of each
+            request's last prompt positions, right-aligned (request r uses its last
+            ``window_lens[r]`` rows, clamped to ``[1, min(W_MAX, n)]``).
+        key_cache: ``[num_blocks, block_size, num_kv_heads, head_size]`` view with any strides
+            (:func:`key_view_from_flash_kv_cache`, or
+            ``refreekv_vllm.ops.cpu_keys.key_view_from_cpu_attn_kv_cache`` on CPU).
+        block_tables: ``[R, max_blocks]`` int32.
+        prompt_lens: ``[R]`` int32 prompt lengths n.
+        window_lens: ``[R]`` int32 window sizes w.
+        thresholds: ``[R]`` fp32 thresholds T (T <= 0 prunes nothing).
+        num_sink_tokens: m, always kept and excluded from the norms.
+        scale: softmax scale, default ``head_size ** -0.5``.
+        agg: ``"max"`` or ``"mean"`` over window rows.
+        backend: ``"triton"``, ``"cuda"`` (JIT-built ``torch.ops._refreekv_C``) or ``"torch"``.
+        curve_out: optional ``[R, L]`` fp32, ``L >= max n - m``; receives ``ratio(j)``.
+        out: optional ``[R]`` int32 result buffer.
+        max_prompt_len: host bound on ``prompt_lens`` for grid/scratch sizing (GPU backends);
+            default ``max_blocks * block_size``.
+        workspace: optional flat fp32 scratch (GPU backends); see each backend's
+            ``workspace_numel``.
+        chunk_size: keys per program of the GPU backends (power of two); default from
+            ``launch_utils.default_chunk_size``.
+
+    Returns:
+        ``[R]`` int32 cuts: keep ``[0, m)`` and ``[cut, n)``; ``cut == m`` keeps everything.
+    """
+    if agg not in AGGREGATIONS:
+        raise ValueError(f"agg must be one of {AGGREGATIONS}, got {agg!r}")
+    if backend == "torch":
+        return torch_compute_cuts(
+            query, key_cache, block_tables, prompt_lens, window_lens, thresholds,
+            num_sink_tokens=num_sink_tokens, scale=scale, agg=agg, curve_out=curve_out, out=out,
+        )  # fmt: skip
+    if backend == "triton":
+        from refreekv_vllm.ops.triton_last_row_scores import triton_compute_cuts
+
+        fn = triton_compute_cuts
+    elif backend == "cuda":
+        from refreekv_vllm.ops._custom_ops import cuda_compute_cuts
+
+        fn = cuda_compute_cuts
+    else:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return fn(
+        query, key_cache, block_tables, prompt_lens, window_lens, thresholds,
+        num_sink_tokens=num_sink_tokens, scale=scale, agg=agg, max_prompt_len=max_prompt_len,
+        curve_out=curve_out, out=out, workspace=workspace, chunk_size=chunk_size,
+    )  # fmt: skip
+
+
+__all__ = [
+    "BACKENDS",
+    "compute_cuts",
+    "gather_request_keys",
+    "key_view_from_flash_kv_cache",
+    "torch_compute_cuts",
+]

@@ -1,0 +1,40 @@
+"""Shape-only launch heuristics shared by the Triton and CUDA backends (no kernel imports)."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (x - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def default_chunk_size(
+    num_reqs: int, num_kv_heads: int, max_prompt_len: int, device: torch.device
+) -> int:
+    """Keys per program: the largest of 1024/512/256 that still gives >= 4 programs per SM.
+
+    Larger chunks mean fewer per-chunk statistics for the cut search to scan; smaller ones
+    keep the GPU busy when few requests are scored.
+    """
+    sms = _num_sms(device.index or 0) if device.type == "cuda" else 8
+    for chunk in (1024, 512):
+        if num_reqs * num_kv_heads * cdiv(max_prompt_len, chunk) >= 4 * sms:
+            return chunk
+    return 256
+
+
+def check_chunk_size(chunk: int) -> None:
+    if chunk < 16 or chunk & (chunk - 1):
+        raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk}")

@@ -1,0 +1,721 @@
+"""Triton kernels: ReFreeKV cuts of many requests of one layer, keys read from vLLM's paged cache.
+
+Contract: :func:`refreekv_vllm.policy.reference.layer_cut` applied to every request (see
+``refreekv_vllm.ops.compute_cuts``). Pipeline, all on device, no host sync:
+
+1. ``_stats_kernel``, grid ``(R, Hkv, num_chunks)``: one program per key chunk of one KV head
+   handles every query head of the GQA group and every window row, so each key is read once per
+   pass. It writes the chunk's running max and sum of ``exp2`` per row (log2 domain).
+   With a window of one row (the paper's rule) it also stores the row's logits and the chunk's
+   sum of squared ``exp2`` over non-sink keys, so no second pass over the keys is needed.
+2. Window of w > 1 rows only: ``_combine_kernel`` folds chunk stats into one log-sum-exp per row;
+   ``_window_probs_kernel`` re-reads the keys, turns logits into probabilities, aggregates them
+   over the rows of each head (max or mean), squares them and stores
+   ``r[h, pos]`` plus per-chunk sums.
+3. ``_cut_kernel``, grid ``(R,)``: head-averaged tail norms at chunk boundaries (backward scan)
+   find the crossing chunk, then the exact cut inside it; optionally the whole ratio curve.
+
+Scratch comes from one flat fp32 ``workspace`` (size: :func:`workspace_numel`); pass one in to
+avoid allocating per call (required under CUDA graphs).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from refreekv_vllm.ops.launch_utils import check_chunk_size, default_chunk_size
+from refreekv_vllm.ops.triton_utils import HAS_TRITON, tl, triton
+
+if not HAS_TRITON:
+    raise ImportError(
+        "refreekv_vllm.ops.triton_last_row_scores needs Triton; use backend='torch' (CPU) "
+        "or backend='cuda'"
+    )
+
+LOG2E = 1.4426950408889634
+# Finite stand-in for -inf in running maxima: exp2(NEG_BIG - NEG_BIG) = 1, never NaN.
+NEG_BIG = tl.constexpr(-1.0e30)
+
+
+@triton.jit
+def _load_query_tile(
+    query_ptr,  # [R, W_MAX, Hq, D]
+    req,
+    kv_head,
+    m_tile,
+    w_eff,
+    w_max,
+    stride_qr,
+    stride_qw,
+    stride_qh,
+    stride_qd,
+    offs_d,
+    d_mask,
+    GROUP: tl.constexpr,
+    W_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """Rows ``slot * W_PAD + i``: query head ``kv_head * GROUP + slot``, window row ``i``."""
+    rows = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    slot = rows // W_PAD
+    win = rows % W_PAD
+    row_valid = (slot < GROUP) & (win < w_eff)
+    head = kv_head * GROUP + slot
+    q_row = w_max - w_eff + win  # rows are right-aligned in the query tensor
+    ptrs = (
+        query_ptr
+        + req * stride_qr
+        + q_row.to(tl.int64)[:, None] * stride_qw
+        + head.to(tl.int64)[:, None] * stride_qh
+        + offs_d[None, :] * stride_qd
+    )
+    q = tl.load(ptrs, mask=row_valid[:, None] & d_mask[None, :], other=0.0)
+    return q, row_valid, head, win
+
+
+@triton.jit
+def _load_key_tile(
+    key_cache_ptr,  # [num_blocks, block_size, Hkv, D], any strides
+    block_table_row_ptr,  # [max_blocks] int32
+    kv_head,
+    pos,
+    pos_mask,
+    offs_d,
+    d_mask,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_kd,
+    BLOCK_SIZE: tl.constexpr,
+):
+    blk = tl.load(block_table_row_ptr + pos // BLOCK_SIZE, mask=pos_mask, other=0).to(tl.int64)
+    off = blk * stride_kb + (pos % BLOCK_SIZE).to(tl.int64) * stride_ks + kv_head * stride_kh
+    ptrs = key_cache_ptr + off[:, None] + offs_d[None, :] * stride_kd
+    return tl.load(ptrs, mask=pos_mask[:, None] & d_mask[None, :], other=0.0)
+
+
+@triton.jit
+def _logits(q, k, qk_scale, DOT_FP32: tl.constexpr):
+    """``[BLOCK_M, BLOCK_N]`` fp32 logits in the log2 domain (scale * LOG2E folded in)."""
+    if DOT_FP32:
+        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    return s * qk_scale
+
+
+@triton.jit
+def _stats_kernel(
+    query_ptr,  # [R, W_MAX, Hq, D]
+    key_cache_ptr,  # [num_blocks, block_size, Hkv, D]
+    block_tables_ptr,  # [R, max_blocks] int32
+    prompt_lens_ptr,  # [R] int32
+    window_lens_ptr,  # [R] int32
+    max_ptr,  # [R, ROWS, NUM_CHUNKS] fp32, ROWS = Hq * W_PAD
+    sum_ptr,  # [R, ROWS, NUM_CHUNKS] fp32
+    sum2_ptr,  # [R, Hq, NUM_CHUNKS] fp32 (LAST_ROW only)
+    logits_ptr,  # [R, Hq, N_SCRATCH] fp32 (LAST_ROW only)
+    qk_scale,
+    num_sink_tokens,
+    w_max,
+    num_rows,
+    num_chunks,
+    n_scratch,
+    stride_qr,
+    stride_qw,
+    stride_qh,
+    stride_qd,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_kd,
+    stride_bt,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    GROUP: tl.constexpr,
+    W_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    NUM_M_TILES: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CHUNK: tl.constexpr,
+    LAST_ROW: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    tl.static_assert(CHUNK % BLOCK_N == 0)
+    req = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1).to(tl.int64)
+    chunk = tl.program_id(2)
+    n = tl.load(prompt_lens_ptr + req)
+    chunk_start = chunk * CHUNK
+    if chunk_start < n:
+        w_eff = tl.maximum(tl.minimum(tl.minimum(tl.load(window_lens_ptr + req), w_max), n), 1)
+        chunk_end = tl.minimum(chunk_start + CHUNK, n)
+        offs_d = tl.arange(0, D_PAD).to(tl.int64)
+        d_mask = offs_d < HEAD_DIM
+        bt_row = block_tables_ptr + req * stride_bt
+        for m_tile in tl.static_range(NUM_M_TILES):
+            q, row_valid, head, win = _load_query_tile(
+                query_ptr, req, kv_head, m_tile, w_eff, w_max,
+                stride_qr, stride_qw, stride_qh, stride_qd, offs_d, d_mask,
+                GROUP, W_PAD, BLOCK_M,
+            )  # fmt: skip
+            last_pos = n - w_eff + win  # causal limit of each window row
+            m_i = tl.full([BLOCK_M], NEG_BIG, tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            l2_i = tl.zeros([BLOCK_M], tl.float32)
+            for start in range(chunk_start, chunk_end, BLOCK_N):
+                pos = start + tl.arange(0, BLOCK_N)
+                pos_mask = pos < chunk_end
+                k = _load_key_tile(
+                    key_cache_ptr, bt_row, kv_head, pos, pos_mask, offs_d, d_mask,
+                    stride_kb, stride_ks, stride_kh, stride_kd, BLOCK_SIZE,
+                )  # fmt: skip
+                s = _logits(q, k, qk_scale, DOT_FP32)
+                valid = row_valid[:, None] & pos_mask[None, :] & (pos[None, :] <= last_pos[:, None])
+                s = tl.where(valid, s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                if LAST_ROW:
+                    p2 = tl.where(pos[None, :] >= num_sink_tokens, p * p, 0.0)
+                    l2_i = l2_i * (alpha * alpha) + tl.sum(p2, axis=1)
+                    lg_row = logits_ptr + (req * num_rows + head)[:, None] * n_scratch
+                    tl.store(lg_row + pos[None, :], s, mask=row_valid[:, None] & pos_mask[None, :])
+                m_i = m_new
+            stat_off = (req * num_rows + head * W_PAD + win) * num_chunks + chunk
+            tl.store(max_ptr + stat_off, m_i, mask=row_valid)
+            tl.store(sum_ptr + stat_off, l_i, mask=row_valid)
+            if LAST_ROW:
+                tl.store(sum2_ptr + stat_off, l2_i, mask=row_valid)
+
+
+@triton.jit
+def _combine_kernel(
+    prompt_lens_ptr,  # [R] int32
+    max_ptr,  # [R, ROWS, NUM_CHUNKS] fp32
+    sum_ptr,  # [R, ROWS, NUM_CHUNKS] fp32
+    lse_ptr,  # [R, ROWS] fp32, log2 domain
+    num_rows,
+    num_chunks,
+    CHUNK: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    C_TILE: tl.constexpr,
+):
+    req = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < num_rows
+    n = tl.load(prompt_lens_ptr + req)
+    nc = tl.cdiv(n, CHUNK)
+    base = (req * num_rows + rows)[:, None] * num_chunks
+    m_run = tl.full([BLOCK_R], NEG_BIG, tl.float32)
+    l_run = tl.zeros([BLOCK_R], tl.float32)
+    for c0 in range(0, nc, C_TILE):
+        cs = c0 + tl.arange(0, C_TILE)
+        mask = row_mask[:, None] & (cs < nc)[None, :]
+        m_c = tl.load(max_ptr + base + cs[None, :], mask=mask, other=NEG_BIG)
+        l_c = tl.load(sum_ptr + base + cs[None, :], mask=mask, other=0.0)
+        m_new = tl.maximum(m_run, tl.max(m_c, axis=1))
+        l_run = l_run * tl.exp2(m_run - m_new) + tl.sum(l_c * tl.exp2(m_c - m_new[:, None]), axis=1)
+        m_run = m_new
+    # Rows that no request uses have l_run == 0; their lse is never read.
+    lse = m_run + tl.log2(tl.maximum(l_run, 1e-30))
+    tl.store(lse_ptr + req * num_rows + rows, lse, mask=row_mask)
+
+
+@triton.jit
+def _window_probs_kernel(
+    query_ptr,  # [R, W_MAX, Hq, D]
+    key_cache_ptr,  # [num_blocks, block_size, Hkv, D]
+    block_tables_ptr,  # [R, max_blocks] int32
+    prompt_lens_ptr,  # [R] int32
+    window_lens_ptr,  # [R] int32
+    lse_ptr,  # [R, ROWS] fp32
+    r_ptr,  # [R, Hq, N_SCRATCH] fp32: squared aggregated probability, 0 at sinks
+    chunk_sum_ptr,  # [R, Hq, NUM_CHUNKS] fp32
+    qk_scale,
+    num_sink_tokens,
+    w_max,
+    num_q_heads,
+    num_chunks,
+    n_scratch,
+    stride_qr,
+    stride_qw,
+    stride_qh,
+    stride_qd,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_kd,
+    stride_bt,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    GROUP: tl.constexpr,
+    W_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    NUM_M_TILES: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CHUNK: tl.constexpr,
+    AGG_MAX: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    tl.static_assert(BLOCK_M % W_PAD == 0)
+    HEADS_PER_TILE: tl.constexpr = BLOCK_M // W_PAD
+    req = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1).to(tl.int64)
+    chunk = tl.program_id(2)
+    n = tl.load(prompt_lens_ptr + req)
+    chunk_start = chunk * CHUNK
+    if chunk_start < n:
+        w_eff = tl.maximum(tl.minimum(tl.minimum(tl.load(window_lens_ptr + req), w_max), n), 1)
+        inv_w = 1.0 / w_eff.to(tl.float32)
+        chunk_end = tl.minimum(chunk_start + CHUNK, n)
+        offs_d = tl.arange(0, D_PAD).to(tl.int64)
+        d_mask = offs_d < HEAD_DIM
+        bt_row = block_tables_ptr + req * stride_bt
+        for m_tile in tl.static_range(NUM_M_TILES):
+            q, row_valid, head, win = _load_query_tile(
+                query_ptr, req, kv_head, m_tile, w_eff, w_max,
+                stride_qr, stride_qw, stride_qh, stride_qd, offs_d, d_mask,
+                GROUP, W_PAD, BLOCK_M,
+            )  # fmt: skip
+            last_pos = n - w_eff + win
+            lse = tl.load(lse_ptr + req * num_q_heads * W_PAD + head * W_PAD + win,
+                          mask=row_valid, other=0.0)  # fmt: skip
+            slot = m_tile * HEADS_PER_TILE + tl.arange(0, HEADS_PER_TILE)
+            slot_valid = slot < GROUP
+            out_head = kv_head * GROUP + slot
+            r_row = r_ptr + (req * num_q_heads + out_head)[:, None] * n_scratch
+            csum = tl.zeros([HEADS_PER_TILE], tl.float32)
+            for start in range(chunk_start, chunk_end, BLOCK_N):
+                pos = start + tl.arange(0, BLOCK_N)
+                pos_mask = pos < chunk_end
+                k = _load_key_tile(
+                    key_cache_ptr, bt_row, kv_head, pos, pos_mask, offs_d, d_mask,
+                    stride_kb, stride_ks, stride_kh, stride_kd, BLOCK_SIZE,
+                )  # fmt: skip
+                s = _logits(q, k, qk_scale, DOT_FP32)
+                valid = row_valid[:, None] & pos_mask[None, :] & (pos[None, :] <= last_pos[:, None])
+                p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
+                p3 = tl.reshape(p, (HEADS_PER_TILE, W_PAD, BLOCK_N))
+                if AGG_MAX:  # noqa: SIM108 - constexpr branch, compiled out
+                    agg = tl.max(p3, axis=1)
+                else:
+                    agg = tl.sum(p3, axis=1) * inv_w
+                r = tl.where(pos[None, :] >= num_sink_tokens, agg * agg, 0.0)
+                tl.store(r_row + pos[None, :], r, mask=slot_valid[:, None] & pos_mask[None, :])
+                csum += tl.sum(r, axis=1)
+            tl.store(chunk_sum_ptr + (req * num_q_heads + out_head) * num_chunks + chunk, csum,
+                     mask=slot_valid)  # fmt: skip
+
+
+@triton.jit
+def _chunk_sums(
+    req, cs, c_mask, heads, h_mask, lse, max_ptr, sum2_ptr, chunk_sum_ptr,
+    num_q_heads, num_chunks, LAST_ROW: tl.constexpr,
+):  # fmt: skip
+    """``[HQ_PAD, C_TILE]`` sums of r over chunks ``cs`` (0 where masked)."""
+    mask = h_mask[:, None] & c_mask[None, :]
+    off = (req * num_q_heads + heads)[:, None] * num_chunks + cs[None, :]
+    if LAST_ROW:
+        m_c = tl.load(max_ptr + off, mask=mask, other=0.0)
+        l2_c = tl.load(sum2_ptr + off, mask=mask, other=0.0)
+        return tl.where(mask, tl.exp2(2.0 * (m_c - lse[:, None])) * l2_c, 0.0)
+    else:
+        # max(., 0) is a no-op on these sums, but keeps tl.sum(tl.load(..)) out of the loops:
+        # Triton 3.6's thread-locality pass asserts on that pattern in some specialisations.
+        return tl.maximum(tl.load(chunk_sum_ptr + off, mask=mask, other=0.0), 0.0)
+
+
+@triton.jit
+def _squared_probs(
+    req, pos, p_mask, heads, h_mask, lse, vals_ptr, num_sink_tokens, num_q_heads, n_scratch,
+    LAST_ROW: tl.constexpr,
+):  # fmt: skip
+    """``[HQ_PAD, FINE_N]`` r at positions ``pos`` (0 at sinks and where masked)."""
+    mask = h_mask[:, None] & p_mask[None, :]
+    v = tl.load(vals_ptr + (req * num_q_heads + heads)[:, None] * n_scratch + pos[None, :],
+                mask=mask, other=0.0)  # fmt: skip
+    if LAST_ROW:
+        keep = mask & (pos[None, :] >= num_sink_tokens)
+        return tl.where(keep, tl.exp2(2.0 * (v - lse[:, None])), 0.0)
+    else:
+        return tl.where(mask, v, 0.0)
+
+
+@triton.jit
+def _cut_kernel(
+    prompt_lens_ptr,  # [R] int32
+    thresholds_ptr,  # [R] fp32
+    max_ptr,  # [R, Hq, NUM_CHUNKS] fp32 (LAST_ROW)
+    sum_ptr,  # [R, Hq, NUM_CHUNKS] fp32 (LAST_ROW)
+    sum2_ptr,  # [R, Hq, NUM_CHUNKS] fp32 (LAST_ROW)
+    chunk_sum_ptr,  # [R, Hq, NUM_CHUNKS] fp32 (window)
+    vals_ptr,  # [R, Hq, N_SCRATCH] fp32: logits (LAST_ROW) or r (window)
+    cut_ptr,  # [R] int32
+    curve_ptr,  # [R, curve_stride] fp32 (WRITE_CURVE)
+    num_sink_tokens,
+    num_q_heads,
+    num_chunks,
+    n_scratch,
+    curve_stride,
+    HQ_PAD: tl.constexpr,
+    CHUNK: tl.constexpr,
+    C_TILE: tl.constexpr,
+    FINE_N: tl.constexpr,
+    LAST_ROW: tl.constexpr,
+    WRITE_CURVE: tl.constexpr,
+):
+    req = tl.program_id(0).to(tl.int64)
+    n = tl.load(prompt_lens_ptr + req)
+    thr = tl.load(thresholds_ptr + req)
+    heads = tl.arange(0, HQ_PAD)
+    h_mask = heads < num_q_heads
+    inv_hq = 1.0 / num_q_heads
+    cut = num_sink_tokens + 0 * n
+    if n > num_sink_tokens:
+        nc = tl.cdiv(n, CHUNK)
+        lse = tl.zeros([HQ_PAD], tl.float32)
+        if LAST_ROW:
+            m_run = tl.full([HQ_PAD], NEG_BIG, tl.float32)
+            l_run = tl.zeros([HQ_PAD], tl.float32)
+            for c0 in range(0, nc, C_TILE):
+                cs = c0 + tl.arange(0, C_TILE)
+                mask = h_mask[:, None] & (cs < nc)[None, :]
+                off = (req * num_q_heads + heads)[:, None] * num_chunks + cs[None, :]
+                m_c = tl.load(max_ptr + off, mask=mask, other=NEG_BIG)
+                l_c = tl.load(sum_ptr + off, mask=mask, other=0.0)
+                m_new = tl.maximum(m_run, tl.max(m_c, axis=1))
+                l_run = l_run * tl.exp2(m_run - m_new) + tl.sum(
+                    l_c * tl.exp2(m_c - m_new[:, None]), axis=1
+                )
+                m_run = m_new
+            lse = m_run + tl.log2(tl.maximum(l_run, 1e-30))
+
+        # Baseline B = K(0): sinks hold r = 0, so the tail from position 0 equals the tail from m.
+        total = tl.zeros([HQ_PAD], tl.float32)
+        for c0 in range(0, nc, C_TILE):
+            cs = c0 + tl.arange(0, C_TILE)
+            total += tl.sum(
+                _chunk_sums(req, cs, cs < nc, heads, h_mask, lse, max_ptr, sum2_ptr,
+                            chunk_sum_ptr, num_q_heads, num_chunks, LAST_ROW),
+                axis=1,
+            )  # fmt: skip
+        base = tl.sum(tl.sqrt(total)) * inv_hq
+        limit = thr * base
+
+        # Coarse: last chunk whose first position still satisfies ratio <= T (backward scan).
+        acc = tl.zeros([HQ_PAD], tl.float32)
+        best_chunk = 0 * nc
+        num_tiles = tl.cdiv(nc, C_TILE)
+        for it in range(0, num_tiles):
+            cs = (num_tiles - 1 - it) * C_TILE + tl.arange(0, C_TILE)
+            c_mask = cs < nc
+            sums = _chunk_sums(req, cs, c_mask, heads, h_mask, lse, max_ptr, sum2_ptr,
+                               chunk_sum_ptr, num_q_heads, num_chunks, LAST_ROW)  # fmt: skip
+            tail = acc[:, None] + tl.cumsum(sums, axis=1, reverse=True)
+            kept = tl.sum(tl.sqrt(tail), axis=0) * inv_hq
+            ok = (base - kept <= limit) & c_mask
+            best_chunk = tl.maximum(best_chunk, tl.max(tl.where(ok, cs, 0)))
+            acc += tl.sum(sums, axis=1)
+
+        # Mass after the crossing chunk.
+        acc = tl.zeros([HQ_PAD], tl.float32)
+        for c0 in range(0, nc, C_TILE):
+            cs = c0 + tl.arange(0, C_TILE)
+            c_mask = (cs < nc) & (cs > best_chunk)
+            acc += tl.sum(
+                _chunk_sums(req, cs, c_mask, heads, h_mask, lse, max_ptr, sum2_ptr,
+                            chunk_sum_ptr, num_q_heads, num_chunks, LAST_ROW),
+                axis=1,
+            )  # fmt: skip
+
+        # Fine: exact position inside the crossing chunk (backward scan).
+        chunk_lo = best_chunk * CHUNK
+        lo = tl.maximum(chunk_lo, num_sink_tokens)
+        hi = tl.minimum(chunk_lo + CHUNK, n)
+        best = lo
+        num_sub = tl.cdiv(hi - chunk_lo, FINE_N)
+        for it in range(0, num_sub):
+            pos = chunk_lo + (num_sub - 1 - it) * FINE_N + tl.arange(0, FINE_N)
+            p_mask = (pos >= lo) & (pos < hi)
+            r = _squared_probs(req, pos, p_mask, heads, h_mask, lse, vals_ptr, num_sink_tokens,
+                               num_q_heads, n_scratch, LAST_ROW)  # fmt: skip
+            tail = acc[:, None] + tl.cumsum(r, axis=1, reverse=True)
+            kept = tl.sum(tl.sqrt(tail), axis=0) * inv_hq
+            ok = (base - kept <= limit) & p_mask
+            best = tl.maximum(best, tl.max(tl.where(ok, pos, 0)))
+            acc += tl.sum(r, axis=1)
+        if (n > num_sink_tokens + 1) & (thr > 0):
+            cut = best
+
+        if WRITE_CURVE:
+            acc = tl.zeros([HQ_PAD], tl.float32)
+            num_sub = tl.cdiv(n - num_sink_tokens, FINE_N)
+            for it in range(0, num_sub):
+                pos = n - (it + 1) * FINE_N + tl.arange(0, FINE_N)
+                p_mask = pos >= num_sink_tokens
+                r = _squared_probs(req, pos, p_mask, heads, h_mask, lse, vals_ptr,
+                                   num_sink_tokens, num_q_heads, n_scratch, LAST_ROW)  # fmt: skip
+                tail = acc[:, None] + tl.cumsum(r, axis=1, reverse=True)
+                kept = tl.sum(tl.sqrt(tail), axis=0) * inv_hq
+                ratio = tl.where(base > 0, (base - kept) / tl.maximum(base, 1e-30), 0.0)
+                tl.store(curve_ptr + req * curve_stride + (pos - num_sink_tokens), ratio,
+                         mask=p_mask)  # fmt: skip
+                acc += tl.sum(r, axis=1)
+    tl.store(cut_ptr + req, cut)
+
+
+@dataclass(frozen=True)
+class PassConfig:
+    """Launch knobs of the two key passes; ``None`` fields use the heuristic."""
+
+    block_n: int | None = None
+    num_warps: int | None = None
+    num_stages: int | None = None
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """Tile sizes and scratch geometry of one launch (pure function of shapes, no data)."""
+
+    num_reqs: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_size: int
+    w_max: int
+    w_pad: int
+    chunk: int
+    num_chunks: int
+    block_n: int
+    block_m: int
+    num_m_tiles: int
+
+    @property
+    def last_row(self) -> bool:
+        return self.w_pad == 1
+
+    @property
+    def num_rows(self) -> int:
+        return self.num_q_heads * self.w_pad
+
+    @property
+    def n_scratch(self) -> int:
+        return self.num_chunks * self.chunk
+
+    def sections(self) -> dict[str, int]:
+        """Numels of the workspace sections, in workspace order."""
+        r, rows, nc = self.num_reqs, self.num_rows, self.num_chunks
+        sec = {
+            "vals": r * self.num_q_heads * self.n_scratch,
+            "max": r * rows * nc,
+            "sum": r * rows * nc,
+        }
+        if self.last_row:
+            sec["sum2"] = r * self.num_q_heads * nc
+        else:
+            sec["lse"] = r * rows
+            sec["chunk_sum"] = r * self.num_q_heads * nc
+        return sec
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def make_plan(
+    num_reqs: int,
+    w_max: int,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_size: int,
+    max_prompt_len: int,
+    device: torch.device,
+    chunk_size: int | None = None,
+    block_n: int | None = None,
+) -> LaunchPlan:
+    """Heuristic tile choice (no autotuning): ``(head_size, group, window) -> tiles``."""
+    group = num_q_heads // num_kv_heads
+    w_pad = triton.next_power_of_2(w_max)
+    chunk = chunk_size or default_chunk_size(num_reqs, num_kv_heads, max_prompt_len, device)
+    check_chunk_size(chunk)
+    if w_pad > 128:
+        raise ValueError(f"window of {w_max} rows: at most 128 supported")
+    # From benchmarks/kernels/tune_last_row_scores.py on an H200 (Llama-3-8B layer, 256K
+    # tokens): 128-key tiles for the one-row pass, 32-key tiles next to the 128-row window tile.
+    block_n = min(chunk, block_n or (128 if w_pad == 1 else 32))
+    rows = triton.next_power_of_2(group) * w_pad
+    block_m = max(16, min(128, rows))
+    return LaunchPlan(
+        num_reqs=num_reqs,
+        num_q_heads=num_q_heads,
+        num_kv_heads=num_kv_heads,
+        head_size=head_size,
+        w_max=w_max,
+        w_pad=w_pad,
+        chunk=chunk,
+        num_chunks=max(1, triton.cdiv(max_prompt_len, chunk)),
+        block_n=block_n,
+        block_m=block_m,
+        num_m_tiles=triton.cdiv(rows, block_m),
+    )
+
+
+def workspace_numel(plan: LaunchPlan) -> int:
+    """fp32 elements a launch with ``plan`` needs in ``workspace``."""
+    return sum(plan.sections().values())
+
+
+def triton_compute_cuts(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    prompt_lens: torch.Tensor,
+    window_lens: torch.Tensor,
+    thresholds: torch.Tensor,
+    *,
+    num_sink_tokens: int = 4,
+    scale: float | None = None,
+    agg: str = "max",
+    max_prompt_len: int | None = None,
+    curve_out: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    workspace: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    config: PassConfig | None = None,
+) -> torch.Tensor:
+    """Cuts of ``R`` requests of one layer in one launch sequence (2 kernels for w = 1, else 4).
+
+    Args:
+        query: ``[R, W_MAX, num_q_heads, head_size]`` bf16/fp16/fp32 post-RoPE queries of the
+            last prompt positions, right-aligned: request r uses its last ``window_lens[r]``
+            rows (clamped to ``[1, min(W_MAX, n)]``).
+        key_cache: ``[num_blocks, block_size, num_kv_heads, head_size]`` bf16/fp16/fp32 view
+            with any strides (see ``key_view_from_flash_kv_cache``).
+        block_tables: ``[R, max_blocks]`` int32 physical block ids per request.
+        prompt_lens: ``[R]`` int32 prompt lengths n.
+        window_lens: ``[R]`` int32 window rows per request.
+        thresholds: ``[R]`` fp32 threshold T per request (T <= 0 prunes nothing).
+        max_prompt_len: host-side bound on ``prompt_lens`` (sizes the grid and scratch);
+            default ``max_blocks * block_size``. Lengths above it are a caller bug.
+        curve_out: optional ``[R, L]`` fp32, ``L >= max n - m``; row r gets ``ratio(j)`` for
+            ``j < n_r - m``, other entries are left untouched.
+        out: optional ``[R]`` int32 output.
+        workspace: optional flat fp32 CUDA tensor of at least :func:`workspace_numel` elements;
+            allocated per call when omitted.
+        chunk_size: keys per program (power of two); default from :func:`make_plan`.
+        config: tile/warp/stage overrides for the key passes (tuning scripts only).
+
+    Returns:
+        ``[R]`` int32 cuts: keep ``[0, m)`` and ``[cut, n)``.
+    """
+    r, w_max, hq, d = query.shape
+    nb, bs, hkv, dk = key_cache.shape
+    assert agg in ("max", "mean"), agg
+    assert dk == d and hq % hkv == 0, (query.shape, key_cache.shape)
+    assert query.dtype in (torch.bfloat16, torch.float16, torch.float32), query.dtype
+    assert key_cache.dtype in (torch.bfloat16, torch.float16, torch.float32), key_cache.dtype
+    assert block_tables.dtype == torch.int32 and block_tables.dim() == 2
+    assert block_tables.shape[0] == r and block_tables.stride(1) == 1
+    for t, dt in ((prompt_lens, torch.int32), (window_lens, torch.int32),
+                  (thresholds, torch.float32)):  # fmt: skip
+        assert t.shape == (r,) and t.dtype == dt and t.is_contiguous(), (t.shape, t.dtype)
+    dev = query.device
+    for t in (key_cache, block_tables, prompt_lens, window_lens, thresholds):
+        assert t.device == dev, f"all inputs must be on {dev}, got {t.device}"
+    assert num_sink_tokens >= 0
+    if max_prompt_len is None:
+        max_prompt_len = block_tables.shape[1] * bs
+    config = config or PassConfig()
+    plan = make_plan(r, w_max, hq, hkv, d, max_prompt_len, dev, chunk_size, config.block_n)
+    if out is None:
+        out = torch.empty(r, dtype=torch.int32, device=dev)
+    assert out.shape == (r,) and out.dtype == torch.int32 and out.is_contiguous()
+    if curve_out is not None:
+        assert curve_out.dim() == 2 and curve_out.shape[0] == r
+        assert curve_out.dtype == torch.float32 and curve_out.stride(1) == 1
+        assert curve_out.shape[1] >= max_prompt_len - num_sink_tokens
+        assert curve_out.device == dev
+    need = workspace_numel(plan)
+    if workspace is None:
+        workspace = torch.empty(need, dtype=torch.float32, device=dev)
+    assert workspace.dtype == torch.float32 and workspace.is_contiguous()
+    assert workspace.numel() >= need, f"workspace too small: {workspace.numel()} < {need}"
+    if r == 0:
+        return out
+    ws: dict[str, torch.Tensor] = {}
+    offset = 0
+    for name, size in plan.sections().items():
+        ws[name] = workspace[offset : offset + size]
+        offset += size
+    dummy = ws["max"]
+
+    scale = d**-0.5 if scale is None else scale
+    qk_scale = scale * LOG2E
+    # The interpreter (Triton 3.6) returns garbage for bf16 tl.dot; fp32 "ieee" on the upcast
+    # tiles is the same math (bf16/fp16 products are exact in fp32).
+    dot_fp32 = query.dtype != key_cache.dtype or query.dtype == torch.float32 or _interpreting()
+    d_pad = max(16, triton.next_power_of_2(d))
+    group = hq // hkv
+    common = dict(
+        qk_scale=qk_scale,
+        num_sink_tokens=num_sink_tokens,
+        w_max=w_max,
+        num_chunks=plan.num_chunks,
+        n_scratch=plan.n_scratch,
+        stride_qr=query.stride(0),
+        stride_qw=query.stride(1),
+        stride_qh=query.stride(2),
+        stride_qd=query.stride(3),
+        stride_kb=key_cache.stride(0),
+        stride_ks=key_cache.stride(1),
+        stride_kh=key_cache.stride(2),
+        stride_kd=key_cache.stride(3),
+        stride_bt=block_tables.stride(0),
+        BLOCK_SIZE=bs,
+        HEAD_DIM=d,
+        D_PAD=d_pad,
+        GROUP=group,
+        W_PAD=plan.w_pad,
+        BLOCK_M=plan.block_m,
+        NUM_M_TILES=plan.num_m_tiles,
+        BLOCK_N=plan.block_n,
+        CHUNK=plan.chunk,
+        DOT_FP32=dot_fp32,
+        num_warps=config.num_warps or 8,
+        num_stages=config.num_stages or 2,  # tuned; deeper rings did not help (H200)
+    )
+    grid = (r, hkv, plan.num_chunks)
+    _stats_kernel[grid](
+        query, key_cache, block_tables, prompt_lens, window_lens,
+        ws["max"], ws["sum"], ws.get("sum2", dummy), ws["vals"],
+        num_rows=plan.num_rows, LAST_ROW=plan.last_row, **common,
+    )  # fmt: skip
+    if not plan.last_row:
+        block_r = min(128, triton.next_power_of_2(plan.num_rows))
+        _combine_kernel[(r, triton.cdiv(plan.num_rows, block_r))](
+            prompt_lens, ws["max"], ws["sum"], ws["lse"], plan.num_rows, plan.num_chunks,
+            CHUNK=plan.chunk, BLOCK_R=block_r, C_TILE=32, num_warps=4,
+        )  # fmt: skip
+        _window_probs_kernel[grid](
+            query, key_cache, block_tables, prompt_lens, window_lens,
+            ws["lse"], ws["vals"], ws["chunk_sum"],
+            num_q_heads=hq, AGG_MAX=agg == "max", **common,
+        )  # fmt: skip
+    hq_pad = triton.next_power_of_2(hq)
+    _cut_kernel[(r,)](
+        prompt_lens, thresholds, ws["max"], ws["sum"], ws.get("sum2", dummy),
+        ws.get("chunk_sum", dummy), ws["vals"], out,
+        curve_out if curve_out is not None else dummy,
+        num_sink_tokens, hq, plan.num_chunks, plan.n_scratch,
+        curve_out.stride(0) if curve_out is not None else 0,
+        HQ_PAD=hq_pad, CHUNK=plan.chunk, C_TILE=max(16, min(64, 4096 // hq_pad)),
+        FINE_N=max(16, min(128, 8192 // hq_pad)), LAST_ROW=plan.last_row,
+        WRITE_CURVE=curve_out is not None, num_warps=8,
+    )  # fmt: skip
+    return out

@@ -1,0 +1,160 @@
+"""PyTorch reference of the ReFreeKV cut rule (METHOD.md §2.3-§2.5), the oracle for all kernels.
+
+Everything here works on dense tensors (no paging) and in the dtype it is given: pass float64
+tensors for tests, float32 (the ``torch`` kernel backend) in production. One layer of one request:
+
+1. For every query head h and window row i (prompt position ``t_i = n - w + i``), take the causal
+   softmax of ``scale * q · k`` over keys ``0 .. t_i`` (keys after ``t_i`` get probability 0).
+2. Aggregate the rows of a head: ``max_i`` or ``mean_i`` (masked entries count as 0, divided by w).
+   With w = 1 both are the paper's last-row attention ``a_h``.
+3. ``r_h[p] = agg_h[m + p]^2`` (sinks excluded), ``tail_h[j] = sum_{p >= j} r_h[p]``,
+   ``K(j) = mean_h sqrt(tail_h[j])``, ``ratio(j) = (K(0) - K(j)) / K(0)``.
+4. ``j* = max{j in [0, n - m - 1] : K(0) - K(j) <= T * K(0)}``, ``cut = m + j*``.
+
+Two rules pin the edges: ``n <= m + 1`` keeps everything (cut = m), and ``T <= 0`` keeps everything
+too. The literal rule at T = 0 would still drop the oldest candidates whose squared mass vanishes
+in floating point (ratio exactly 0 because adding them does not change the tail sum), which breaks
+"T = 0 is identical to the unpruned engine" (METHOD.md §7.14); so T <= 0 disables pruning.
+The comparison is written ``B - K(j) <= T * B`` (no division) in every backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+AGGREGATIONS = ("max", "mean")
+
+
+def _check_agg(agg: str) -> None:
+    if agg not in AGGREGATIONS:
+        raise ValueError(f"agg must be one of {AGGREGATIONS}, got {agg!r}")
+
+
+def window_probs(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    *,
+    scale: float | None = None,
+    agg: str = "max",
+) -> torch.Tensor:
+    """Causal softmax rows of the last ``w`` prompt positions, aggregated per query head.
+
+    Args:
+        query: ``[w, num_q_heads, head_size]`` (or ``[num_q_heads, head_size]`` for w = 1),
+            post-RoPE queries of prompt positions ``n - w .. n - 1``. If ``w > n`` only the
+            last ``n`` rows are used.
+        keys: ``[num_kv_heads, n, head_size]`` post-RoPE prompt keys.
+        scale: softmax scale, default ``head_size ** -0.5``.
+        agg: ``"max"`` or ``"mean"`` over window rows.
+
+    Returns:
+        ``[num_q_heads, n]`` aggregated probabilities in the promoted dtype of the inputs
+        (at least float32).
+    """
+    _check_agg(agg)
+    if query.dim() == 2:
+        query = query.unsqueeze(0)
+    w, hq, d = query.shape
+    hkv, n, dk = keys.shape
+    if dk != d or hq % hkv != 0:
+        raise ValueError(f"bad shapes: query {tuple(query.shape)}, keys {tuple(keys.shape)}")
+    dtype = torch.promote_types(torch.promote_types(query.dtype, keys.dtype), torch.float32)
+    scale = d**-0.5 if scale is None else scale
+    w_eff = min(w, n)
+    q = query[w - w_eff :].to(dtype)  # [w_eff, Hq, d]
+    k = keys.to(dtype).repeat_interleave(hq // hkv, dim=0)  # [Hq, n, d]
+    logits = torch.einsum("whd,hnd->hwn", q, k) * scale  # [Hq, w_eff, n]
+    rows = torch.arange(n - w_eff, n, device=keys.device)
+    future = torch.arange(n, device=keys.device)[None, :] > rows[:, None]  # [w_eff, n]
+    logits = logits.masked_fill(future, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)  # [Hq, w_eff, n]
+    return probs.amax(dim=1) if agg == "max" else probs.mean(dim=1)
+
+
+def cut_from_probs(
+    probs: torch.Tensor,
+    *,
+    num_sink_tokens: int = 4,
+    threshold: float = 0.01,
+) -> tuple[int, torch.Tensor]:
+    """Cut of one layer from already aggregated attention rows.
+
+    Args:
+        probs: ``[num_q_heads, n]`` per-head attention mass per prompt position.
+
+    Returns:
+        ``(cut, ratio)`` with ``ratio`` of shape ``[max(n - num_sink_tokens, 0)]`` holding
+        ``ratio(j)`` for ``j = 0 .. n - m - 1`` (0 where the baseline norm is 0).
+        Positions ``[num_sink_tokens, cut)`` are pruned; ``cut == num_sink_tokens`` keeps all.
+    """
+    m = num_sink_tokens
+    n = probs.shape[-1]
+    if n <= m:
+        return m, probs.new_zeros(0)
+    sq = probs[:, m:].square()  # [Hq, n - m], oldest candidate first
+    tail = sq.flip(-1).cumsum(-1).flip(-1)  # tail[h, j] = sum_{p >= j} sq[h, p]
+    kept = tail.sqrt().mean(dim=0)  # K(j), kept[0] = baseline
+    base = kept[0]
+    ratio = torch.where(base > 0, (base - kept) / base, torch.zeros_like(kept))
+    if n <= m + 1 or threshold <= 0:
+        return m, ratio
+    ok = (base - kept) <= threshold * base
+    j_star = int(torch.nonzero(ok).max()) if bool(ok.any()) else 0
+    return m + j_star, ratio
+
+
+def layer_cut(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    *,
+    num_sink_tokens: int = 4,
+    threshold: float = 0.01,
+    scale: float | None = None,
+    agg: str = "max",
+) -> tuple[int, torch.Tensor]:
+    """Cut of one layer of one request (METHOD.md §2.5 ``layer_cut``, plus a window).
+
+    Args:
+        query: ``[w, num_q_heads, head_size]`` or ``[num_q_heads, head_size]`` post-RoPE
+            queries of the last ``w`` prompt positions (query head h reads KV head
+            ``h // (num_q_heads // num_kv_heads)``).
+        keys: ``[num_kv_heads, n, head_size]`` post-RoPE keys of all n prompt tokens.
+
+    Returns:
+        ``(cut, ratio)``: keep ``[0, num_sink_tokens)`` and ``[cut, n)``; ``ratio`` is
+        ``[max(n - num_sink_tokens, 0)]``, see :func:`cut_from_probs`.
+    """
+    probs = window_probs(query, keys, scale=scale, agg=agg)
+    return cut_from_probs(probs, num_sink_tokens=num_sink_tokens, threshold=threshold)
+
+
+def request_cuts(
+    per_layer: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    frozen_layers: Sequence[int] = (0, 1),
+    num_sink_tokens: int = 4,
+    threshold: float = 0.01,
+    scale: float | None = None,
+    agg: str = "max",
+) -> list[int]:
+    """Cuts of every layer of one request; frozen layers keep everything (cut = m).
+
+    Args:
+        per_layer: one ``(query, keys)`` pair per layer, shapes as in :func:`layer_cut`.
+    """
+    frozen = set(frozen_layers)
+    return [
+        num_sink_tokens
+        if layer in frozen
+        else layer_cut(
+            q,
+            k,
+            num_sink_tokens=num_sink_tokens,
+            threshold=threshold,
+            scale=scale,
+            agg=agg,
+        )[0]
+        for layer, (q, k) in enumerate(per_layer)
+    ]

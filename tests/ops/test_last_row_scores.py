@@ -1,0 +1,189 @@
+"""Scoring kernels (Triton, CUDA, torch) against the float64 reference on random paged layouts.
+
+Without a GPU the Triton kernels run under ``TRITON_INTERPRET=1`` with small shapes; with one,
+the same cases run natively and the CUDA twin runs too.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Must precede the first @triton.jit of the kernel module (decoration reads it).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from refreekv_vllm.ops import (  # noqa: E402
+    compute_cuts,
+    gather_request_keys,
+    key_view_from_flash_kv_cache,
+)
+from refreekv_vllm.ops.triton_utils import HAS_TRITON  # noqa: E402
+from tests.ops.paged_cases import PagedCase, compare, make_case  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+needs_cuda = pytest.mark.skipif(not CUDA, reason="CUDA kernel tests need a GPU")
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+
+# (group, head_size, dtype, w_max, agg, layout): pairwise cover of the brief's grid.
+CONFIGS = [
+    (1, 64, torch.bfloat16, 1, "max", "NHD"),
+    (2, 128, torch.float16, 1, "mean", "HND"),
+    (4, 64, torch.float16, 8, "max", "NHD"),
+    (8, 128, torch.bfloat16, 8, "mean", "HND"),
+    (4, 128, torch.bfloat16, 32, "max", "HND"),
+    (1, 64, torch.bfloat16, 32, "mean", "NHD"),
+    (8, 64, torch.float16, 1, "max", "HND"),
+    (2, 128, torch.bfloat16, 32, "mean", "NHD"),
+    (4, 32, torch.bfloat16, 1, "max", "NHD"),
+    (2, 16, torch.float16, 8, "max", "HND"),
+]
+# Non-multiples of the block size, n <= m + 1, n = 1, and lengths spanning several chunks.
+LENS = [77, 5, 1, 150, 33, 4, 61, 129]
+
+
+def _run(case: PagedCase, backend: str, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    curve = torch.full((case.num_reqs, case.max_len), -7.0, device=case.query.device)
+    cuts = compute_cuts(**case.kwargs(), backend=backend, curve_out=curve,
+                        max_prompt_len=case.max_len, **kwargs)  # fmt: skip
+    return cuts, curve
+
+
+def _check(case: PagedCase, cuts: torch.Tensor, curve: torch.Tensor, rtol: float = 1e-3) -> None:
+    result = compare(case, cuts, curve)
+    if result.tie_mismatches:
+        print("threshold ties (allowed):", result.tie_mismatches)
+    assert not result.errors, result.errors
+    assert result.max_rel_err <= rtol, result.max_rel_err
+    # Entries past each request's n - m are left alone.
+    for i, n in enumerate(case.prompt_lens.tolist()):
+        assert bool((curve[i, max(n - case.num_sink_tokens, 0) :] == -7.0).all())
+
+
+def _chunk(backend: str) -> int:
+    """Small chunks give several per request, so the coarse and fine searches both run."""
+    return 32 if backend == "triton" else 64  # CUDA steps over 64 keys
+
+
+def _case(config, seed, lens=LENS, **kwargs) -> PagedCase:
+    group, d, dtype, w_max, agg, layout = config
+    hkv = 2 if group < 8 else 1
+    windows = [w_max, max(1, w_max // 2), w_max, 1, w_max, w_max, 3, w_max][: len(lens)]
+    thresholds = [0.01, 0.05, 0.01, 0.2, 0.0, 0.01, 0.01, 0.03][: len(lens)]
+    return make_case(
+        lens=lens, num_q_heads=group * hkv, num_kv_heads=hkv, head_size=d, dtype=dtype,
+        w_max=w_max, windows=windows, thresholds=thresholds, layout=layout, agg=agg,
+        device=DEVICE, seed=seed, **kwargs,
+    )  # fmt: skip
+
+
+def _backends():
+    return [
+        pytest.param("triton", marks=needs_triton),
+        pytest.param("cuda", marks=needs_cuda),
+    ]
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(map(str, c)))
+def test_kernel_matches_reference(backend, config):
+    case = _case(config, seed=CONFIGS.index(config))
+    cuts, curve = _run(case, backend, chunk_size=_chunk(backend))
+    _check(case, cuts, curve)
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_many_chunks_and_extreme_thresholds(backend):
+    """Many chunks (several coarse tiles), T = 1 keeps only the last token, T = 0 keeps all."""
+    case = make_case(
+        lens=[20000 if CUDA else 1100, 100, 70], num_q_heads=2, num_kv_heads=1, head_size=16,
+        block_size=32, thresholds=[0.01, 1.0, 0.0], device=DEVICE, seed=7,
+    )  # fmt: skip
+    cuts, curve = _run(case, backend, chunk_size=16 if backend == "triton" else 64)
+    _check(case, cuts, curve)
+    assert cuts.tolist()[1:] == [99, 4]
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_fp32_query_with_bf16_cache(backend):
+    case = _case((4, 64, torch.bfloat16, 8, "max", "NHD"), seed=3, query_dtype=torch.float32)
+    cuts, curve = _run(case, backend, chunk_size=_chunk(backend))
+    _check(case, cuts, curve)
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_workspace_out_and_default_sizes(backend):
+    case = _case((2, 64, torch.float16, 8, "mean", "HND"), seed=11, lens=LENS[:4])
+    ref_cuts = _run(case, backend, chunk_size=_chunk(backend))[0]
+    out = torch.full((case.num_reqs,), -1, dtype=torch.int32, device=DEVICE)
+    workspace = torch.empty(1 << 20, dtype=torch.float32, device=DEVICE)
+    for _ in range(2):  # reused scratch must not leak state between launches
+        got = compute_cuts(**case.kwargs(), backend=backend, out=out, workspace=workspace,
+                           max_prompt_len=case.max_len)  # fmt: skip
+        assert got.data_ptr() == out.data_ptr()
+        assert got.tolist() == ref_cuts.tolist()
+    if backend == "triton":
+        with pytest.raises(AssertionError, match="workspace too small"):
+            compute_cuts(**case.kwargs(), backend=backend, workspace=workspace[:10])
+
+
+def test_torch_backend_matches_reference():
+    case = _case((4, 64, torch.bfloat16, 8, "mean", "NHD"), seed=5)
+    case.query, case.key_cache = case.query.cpu(), case.key_cache.cpu()
+    for name in ("block_tables", "prompt_lens", "window_lens", "thresholds"):
+        setattr(case, name, getattr(case, name).cpu())
+    cuts, curve = _run(case, "torch")
+    _check(case, cuts, curve, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_key_view_from_flash_kv_cache(layout):
+    case = make_case(lens=[40, 17], num_q_heads=4, num_kv_heads=2, head_size=8, layout=layout)
+    kv = case.kv_cache
+    if layout == "NHD":
+        assert kv.stride()[1] < kv.stride()[2]  # heads inside tokens in memory
+    view = key_view_from_flash_kv_cache(kv)
+    assert view.shape == (kv.shape[0], kv.shape[2], kv.shape[1], 8)
+    assert view.data_ptr() == kv.data_ptr()
+    for i, n in enumerate(case.prompt_lens.tolist()):
+        keys = gather_request_keys(view, case.block_tables[i], n)
+        for pos in (0, n // 2, n - 1):
+            blk = int(case.block_tables[i, pos // 16])
+            torch.testing.assert_close(keys[:, pos], kv[blk, :, pos % 16, :8], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="not 2 \\* head_size"):
+        key_view_from_flash_kv_cache(kv, head_size=5)
+
+
+def test_dispatch_rejects_unknown_backend_and_agg():
+    case = make_case(lens=[9], num_q_heads=2, num_kv_heads=1, head_size=8)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        compute_cuts(**case.kwargs(), backend="numpy")
+    with pytest.raises(ValueError, match="agg must be one of"):
+        compute_cuts(**{**case.kwargs(), "agg": "sum"}, backend="torch")
+
+
+@needs_cuda
+def test_cuda_op_passes_opcheck():
+    from refreekv_vllm.ops._custom_ops import cuda_workspace_numel, load_extension
+
+    load_extension()
+    case = _case((4, 64, torch.bfloat16, 8, "max", "NHD"), seed=2, lens=[70, 33])
+    cuts = torch.empty(2, dtype=torch.int32, device=DEVICE)
+    ws = torch.empty(cuda_workspace_numel(2, 8, 8, 96, 64), device=DEVICE)
+    curve = torch.zeros(2, 96, device=DEVICE)
+    args = (case.query, case.key_cache, case.block_tables, case.prompt_lens, case.window_lens,
+            case.thresholds, cuts, ws, curve, 4, 0.125, True, 64, 96)  # fmt: skip
+    torch.library.opcheck(
+        torch.ops._refreekv_C.compute_cuts.default, args,
+        test_utils=("test_schema", "test_faketensor"),
+    )  # fmt: skip
+
+
+@needs_cuda
+def test_cuda_op_refuses_bad_inputs():
+    case = _case((4, 64, torch.bfloat16, 1, "max", "NHD"), seed=2, lens=[70, 33])
+    with pytest.raises(RuntimeError, match="block_tables must be"):
+        compute_cuts(**{**case.kwargs(), "block_tables": case.block_tables.long()},
+                     backend="cuda")  # fmt: skip
