@@ -17,6 +17,9 @@ def register() -> None:
     if _registered:
         return
     check_vllm_version()
+    from refreekv_vllm.entrypoints.validation import install_request_validation
+
+    install_request_validation()
     _record_load()
     _registered = True
 

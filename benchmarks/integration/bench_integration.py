@@ -92,7 +92,8 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], required=True)
     parser.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
-    parser.add_argument("--part", choices=["all", "exactness", "overhead"], default="all",
+    parser.add_argument("--part", choices=["all", "exactness", "capacity", "overhead"],
+                        default="all",
                         help="run part of the benchmark, merging into an existing result file")
     args = parser.parse_args()
 
@@ -104,6 +105,12 @@ def main() -> None:
     result["device"] = device_name(args.device)
     if args.part in ("all", "exactness"):
         result.update(run_exactness(args, scratch))
+    if args.part == "capacity":
+        from refreekv_vllm.models import prepare_smollm2
+
+        block_size = "16" if args.device == "cuda" else "32"
+        result.update(compare_capacity(
+            args, scratch, ["--model", str(prepare_smollm2()), "--block-size", block_size]))
     if args.device == "cuda" and args.part in ("all", "overhead"):
         result.update(run_overhead(args, scratch))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -146,7 +153,19 @@ def run_exactness(args, scratch: Path) -> dict:
     }
     if args.device == "cpu":
         result.update(compare_with_reference(args, scratch, model, int(block_size)))
+        result.update(compare_capacity(args, scratch, common))
     return result
+
+
+def compare_capacity(args, scratch: Path, common: list[str]) -> dict:
+    """A KV pool sized for N full-length requests: how many run at once, with and without."""
+    extra = [*common, "--filler", "70", "--max-tokens", "32"]
+    pruned = child("capacity", "refreekv", args, scratch, extra)
+    plain = child("capacity", "plain", args, scratch, [*extra, "--submit",
+                                                       str(pruned["submitted"])])
+    return {"capacity_refreekv": pruned, "capacity_plain": plain,
+            "capacity_target_met": pruned["max_running"] >= pruned["submitted"]
+            and pruned["preemptions"] == 0}
 
 
 def run_overhead(args, scratch: Path) -> dict:

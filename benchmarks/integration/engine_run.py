@@ -97,6 +97,58 @@ def run_reference(args) -> dict:
     return {"requests": results, "leaked_blocks": start_free - free_blocks(llm)}
 
 
+def run_capacity(args) -> dict:
+    """How many long requests decode at once in a KV pool sized for ``N`` unpruned ones."""
+    from vllm import SamplingParams
+
+    from refreekv_vllm.workloads import passkey_prompt
+
+    pool_requests, decode_tokens = 4, args.max_tokens
+    prompts = [passkey_prompt(args.filler, (i + 0.5) / 16, 30000 + 101 * i) for i in range(16)]
+    probe = build_llm(args, args.model, max_model_len=4096, enforce_eager=True,
+                      kv_cache_memory_bytes=1 << 29, enable_prefix_caching=False)
+    num_prompt_tokens = len(probe.get_tokenizer()(prompts[0])["input_ids"])
+    num_layers = probe.llm_engine.model_config.get_num_layers(
+        probe.llm_engine.vllm_config.parallel_config)
+    budget = None
+    if args.engine == "refreekv":
+        probe.generate(prompts[:1], SamplingParams(max_tokens=1), use_tqdm=False)
+        budget = scheduler_of(probe).refreekv_stats().recent_block_budgets[-1]
+    probe.llm_engine.engine_core.shutdown()
+    del probe
+    import gc
+
+    gc.collect()
+    blocks_per_request = -(-(num_prompt_tokens + decode_tokens) // args.block_size)
+    # One KV cache group per layer with ReFreeKV: a block holds one layer's tokens there.
+    groups = num_layers if args.engine == "refreekv" else 1
+    num_blocks = pool_requests * blocks_per_request * groups + 1
+    target = args.submit or (int(0.9 * pool_requests / budget) if budget else pool_requests)
+    llm = build_llm(args, args.model, max_model_len=4096, enforce_eager=True,
+                    num_gpu_blocks_override=num_blocks, enable_prefix_caching=False,
+                    kv_cache_memory_bytes=1 << 30)
+    scheduler = scheduler_of(llm)
+    running: list[int] = []
+    preemptions = [0]
+    schedule, preempt = scheduler.schedule, scheduler._preempt_request
+
+    def counting_schedule(*a, **k):
+        output = schedule(*a, **k)
+        running.append(len(scheduler.running))
+        return output
+
+    def counting_preempt(*a, **k):
+        preemptions[0] += 1
+        return preempt(*a, **k)
+
+    scheduler.schedule, scheduler._preempt_request = counting_schedule, counting_preempt
+    llm.generate(prompts[:target], SamplingParams(max_tokens=decode_tokens, ignore_eos=True),
+                 use_tqdm=False)
+    return {"pool_requests": pool_requests, "num_prompt_tokens": num_prompt_tokens,
+            "num_blocks": num_blocks, "block_budget": budget, "submitted": target,
+            "max_running": max(running), "preemptions": preemptions[0]}
+
+
 def run_overhead(args) -> dict:
     """Batch time to first token and decode throughput on a Llama-3-8B shape (dummy weights)."""
     from vllm import SamplingParams, TokensPrompt
@@ -128,7 +180,8 @@ def run_overhead(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("workload", choices=["exactness", "reference", "overhead"])
+    parser.add_argument("workload",
+                        choices=["exactness", "reference", "capacity", "overhead"])
     parser.add_argument("--engine", choices=["plain", "refreekv"], required=True)
     parser.add_argument("--device", choices=["cpu", "cuda"], required=True)
     parser.add_argument("--model", default="")
@@ -139,12 +192,13 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=1024)
     parser.add_argument("--filler", type=int, default=90)
     parser.add_argument("--prompt-len", type=int, default=8000)
+    parser.add_argument("--submit", type=int, default=0, help="capacity: requests to submit")
     parser.add_argument("--scratch", default="/tmp/refreekv-bench")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
-    run = {"exactness": run_exactness, "reference": run_reference,
+    run = {"exactness": run_exactness, "reference": run_reference, "capacity": run_capacity,
            "overhead": run_overhead}[args.workload]
     Path(args.out).write_text(json.dumps(run(args)))
 

@@ -1,6 +1,7 @@
 """The real OpenAI-compatible server, started by ``refreekv-serve``, over HTTP."""
 
 import json
+import urllib.error
 import urllib.request
 
 import pytest
@@ -46,3 +47,44 @@ def test_plugin_loaded_in_engine_core_and_worker(default_server, plugin_trace_di
     assert worker is not None, records
     # On the CPU backend the worker is a process of its own, apart from the engine core.
     assert len({engine_core, worker, api_server}) == 3, records
+
+
+BAD_XARGS = [
+    ({"refreekv_threshold": -0.1}, "refreekv_threshold"),
+    ({"refreekv_threshold": 0.9}, "refreekv_threshold"),
+    ({"refreekv_threshold": "high"}, "refreekv_threshold"),
+    ({"refreekv_threshold": "NaN"}, "refreekv_threshold"),
+    ({"refreekv_threshold": [0.01]}, "refreekv_threshold"),
+    ({"refreekv_window": 0}, "refreekv_window"),
+    ({"refreekv_window": 65}, "refreekv_window"),
+    ({"refreekv_window": 8.5}, "refreekv_window"),
+    ({"refreekv_enabled": "maybe"}, "refreekv_enabled"),
+    ({"refreekv_enabled": 2}, "refreekv_enabled"),
+    ({"refreekv_budget": 0.5}, "refreekv_budget"),
+]
+
+
+def post_status(url: str, body: dict) -> tuple[int, str]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=300) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+@pytest.mark.parametrize(("xargs", "field"), BAD_XARGS)
+def test_bad_request_parameters_get_http_400(default_server, xargs, field):
+    status, body = post_status(default_server.base_url + "/v1/completions", {
+        "model": DEFAULT_MODEL_NAME, "prompt": "Hello", "max_tokens": 2, "vllm_xargs": xargs})
+    assert status == 400, body
+    assert field in body
+
+
+def test_server_keeps_serving_after_bad_requests(default_server):
+    status, body = post_status(default_server.base_url + "/v1/completions", {
+        "model": DEFAULT_MODEL_NAME, "prompt": "The capital of France is", "max_tokens": 4,
+        "temperature": 0, "vllm_xargs": {"refreekv_threshold": 0.02, "refreekv_window": 8}})
+    assert status == 200, body
+    assert "Paris" in json.loads(body)["choices"][0]["text"]
