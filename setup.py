@@ -20,6 +20,8 @@ setup(
     extras_require={"dev": ["pytest>=8", "ruff==0.17.6", "gguf==0.19.0", "accelerate==1.13.0"]},
     entry_points={
         "vllm.general_plugins": ["refreekv = refreekv_vllm.plugin:register"],
+        "vllm.endpoint_plugins": [
+            "refreekv_endpoints = refreekv_vllm.entrypoints.endpoints:RefreeKVEndpoints"],
         "console_scripts": ["refreekv-serve = refreekv_vllm.entrypoints.serve:main"],
     },
 )

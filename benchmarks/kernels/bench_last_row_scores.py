@@ -265,10 +265,11 @@ def versions() -> dict:
         except Exception:  # noqa: BLE001
             out[mod] = None
     try:
-        out["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True,
-                                       capture_output=True, check=False).stdout.strip() or None
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True,
+                                capture_output=True, check=False).stdout.strip()
     except OSError:
-        out["commit"] = None
+        commit = ""
+    out["commit"] = commit if len(commit) == 40 else None  # copies without .git have none
     return out
 
 

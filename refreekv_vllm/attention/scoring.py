@@ -1,6 +1,8 @@
 """Scoring inside a layer's attention call: after the last prompt chunk's keys are in the paged
 cache, compute this layer's cut for every request whose prefill ends in this step."""
 
+import time
+
 import torch
 
 from refreekv_vllm.ops import compute_cuts
@@ -26,6 +28,7 @@ def capture_and_score(step: StepContext, layer: int, query: torch.Tensor,
     queries = query.new_zeros((len(rows), max_window, *query.shape[1:]))
     for i, row in enumerate(rows):
         queries[i, max_window - row.window:] = windows[row.req_id]
+    started = time.perf_counter()
     device = block_table.device
     batch_rows = torch.tensor([row.batch_row for row in rows], device=device)
     cuts = compute_cuts(
@@ -42,3 +45,6 @@ def capture_and_score(step: StepContext, layer: int, query: torch.Tensor,
     ).tolist()
     for row, cut in zip(rows, cuts, strict=True):
         step.cuts.setdefault(row.req_id, {})[layer] = int(cut)
+    if step.observe_scoring is not None:
+        # tolist() above waited for the device, so this is the scoring's real time.
+        step.observe_scoring(time.perf_counter() - started)

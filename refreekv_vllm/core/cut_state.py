@@ -90,6 +90,11 @@ class CutState:
     def pruned(self, req_id: str) -> PrunedRequest | None:
         return self._pruned.get(req_id)
 
+    def block_budget_of(self, req_id: str) -> float:
+        """Block budget of a pruned request (resident prompt blocks / prompt blocks)."""
+        pruned = self._pruned[req_id]
+        return self._block_budget(pruned.report, pruned.released_block_ids)
+
     def cap_cache(self, req_id: str, num_tokens: int) -> None:
         self._cache_cap[req_id] = min(num_tokens, self._cache_cap.get(req_id, num_tokens))
 

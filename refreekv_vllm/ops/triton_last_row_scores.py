@@ -35,6 +35,8 @@ if not HAS_TRITON:
         "or backend='cuda'"
     )
 
+# Kernels below are decorated in interpreter mode iff this holds at import time.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634
 # Finite stand-in for -inf in running maxima: exp2(NEG_BIG - NEG_BIG) = 1, never NaN.
 NEG_BIG = tl.constexpr(-1.0e30)
@@ -524,10 +526,6 @@ class LaunchPlan:
         return sec
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def make_plan(
     num_reqs: int,
     w_max: int,
@@ -659,7 +657,7 @@ def triton_compute_cuts(
     qk_scale = scale * LOG2E
     # The interpreter (Triton 3.6) returns garbage for bf16 tl.dot; fp32 "ieee" on the upcast
     # tiles is the same math (bf16/fp16 products are exact in fp32).
-    dot_fp32 = query.dtype != key_cache.dtype or query.dtype == torch.float32 or _interpreting()
+    dot_fp32 = query.dtype != key_cache.dtype or query.dtype == torch.float32 or _INTERPRETED
     d_pad = max(16, triton.next_power_of_2(d))
     group = hq // hkv
     common = dict(

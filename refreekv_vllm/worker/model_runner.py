@@ -7,6 +7,7 @@ cut report attached to this step's ``ModelRunnerOutput``. Slot mappings and RoPE
 logical: new tokens are written after the prompt, never into a gap.
 """
 
+from collections import deque
 from dataclasses import fields
 from typing import Any
 
@@ -16,8 +17,9 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
 
 from refreekv_vllm.config import ConfigError, RefreeKVConfig, request_settings
 from refreekv_vllm.core.kv_cache_spec import LayerFullAttentionSpec
+from refreekv_vllm.metrics.prometheus import WorkerMetrics
 from refreekv_vllm.outputs import CutReport, attach_cut_reports
-from refreekv_vllm.policy.budget import freeable_block_range
+from refreekv_vllm.policy.budget import freeable_block_range, paper_budget
 from refreekv_vllm.worker.step_context import (
     ScoringRow,
     StepContext,
@@ -25,6 +27,8 @@ from refreekv_vllm.worker.step_context import (
     set_step_context,
     window_store,
 )
+
+RECORDS_KEPT = 1024  # per-request records served by GET /v1/refreekv/requests/{id}
 
 # The faster of the two on the H200 (benchmarks/results/kernels_gpu.md).
 DEFAULT_GPU_KERNEL = "triton"
@@ -46,6 +50,8 @@ class RefreeKVModelRunnerMixin:
         self._refreekv_no_prune = set()
         self._refreekv_step = None
         self._refreekv_kernel = resolve_kernel(config.kernel, self.device)
+        self._refreekv_metrics = WorkerMetrics(self.model_config.served_model_name)
+        self.refreekv_records: deque[dict[str, Any]] = deque(maxlen=RECORDS_KEPT)
 
     def get_kv_cache_spec(self) -> dict[str, KVCacheSpec]:
         # One KV cache group per layer: each layer owns its blocks and can release its own gap.
@@ -92,7 +98,8 @@ class RefreeKVModelRunnerMixin:
     def _plan_step(self, num_scheduled_tokens: np.ndarray) -> StepContext:
         config = self.refreekv_config
         batch = self.input_batch
-        step = StepContext(config, self._refreekv_kernel)
+        step = StepContext(config, self._refreekv_kernel,
+                           observe_scoring=self._refreekv_metrics.scoring_seconds.observe)
         token_start = 0
         for row, req_id in enumerate(batch.req_ids):
             scheduled = int(num_scheduled_tokens[row])
@@ -167,6 +174,9 @@ class RefreeKVModelRunnerMixin:
                     gaps[layer] = (blocks.start, blocks.stop)
             if gaps:
                 self._refreekv_gaps[row.req_id] = gaps
+            self.refreekv_records.append(request_record(
+                row.req_id, row.num_prompt_tokens, cuts, gaps, row.threshold, row.window,
+                config, block_size))
             reports[row.req_id] = CutReport(
                 req_id=row.req_id, num_prompt_tokens=row.num_prompt_tokens,
                 num_sink_tokens=config.num_sink_tokens, cuts=cuts)
@@ -193,3 +203,23 @@ def per_layer_specs(specs: dict[str, KVCacheSpec]) -> dict[str, KVCacheSpec]:
         bound[name] = LayerFullAttentionSpec(**init_fields,
                                              refreekv_layer=extract_layer_index(name))
     return bound
+
+
+def request_record(req_id: str, num_prompt_tokens: int, cuts: tuple[int, ...],
+                   gaps: dict[int, tuple[int, int]], threshold: float, window: int,
+                   config: RefreeKVConfig, block_size: int) -> dict[str, Any]:
+    """What one request's pruning did, for the per-request endpoint."""
+    m = config.num_sink_tokens
+    prompt_blocks = -(-num_prompt_tokens // block_size)
+    skipped = sum(end - first for first, end in gaps.values())
+    return {
+        "request_id": req_id,
+        "num_prompt_tokens": num_prompt_tokens,
+        "threshold": threshold,
+        "window": window,
+        "cuts": list(cuts),
+        "paper_budget": paper_budget(cuts, num_prompt_tokens, m, config.frozen_layers),
+        "block_budget": 1 - skipped / (prompt_blocks * len(cuts)),
+        "tokens_pruned": sum(c - m for c in cuts),
+        "blocks_skipped": skipped,
+    }

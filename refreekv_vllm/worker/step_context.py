@@ -5,6 +5,7 @@ There is one runner per worker process, so a module-level "current step" is enou
 vLLM's own forward context is.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -45,6 +46,8 @@ class StepContext:
     """Model layer -> ``(batch_row, first_block, end_block)`` of blocks attention must skip."""
     cuts: dict[str, dict[int, int]] = field(default_factory=dict)
     """Filled during the forward pass: request -> model layer -> cut."""
+    observe_scoring: Callable[[float], None] | None = None
+    """Receives the seconds one layer's scoring took."""
 
     @property
     def active(self) -> bool:

@@ -33,6 +33,12 @@ class RefreeKVWorkerMixin:
         runner.__class__ = _runner_class(type(runner))
         runner.init_refreekv(self.refreekv_config)
 
+    def refreekv_request_records(self) -> list[dict[str, Any]]:
+        """Recent per-request pruning records (``collective_rpc`` target)."""
+        if not self.refreekv_config.enabled:
+            return []
+        return list(self.model_runner.refreekv_records)
+
 
 def _register_attention_backends() -> None:
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend

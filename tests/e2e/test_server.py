@@ -88,3 +88,62 @@ def test_server_keeps_serving_after_bad_requests(default_server):
         "temperature": 0, "vllm_xargs": {"refreekv_threshold": 0.02, "refreekv_window": 8}})
     assert status == 200, body
     assert "Paris" in json.loads(body)["choices"][0]["text"]
+
+
+def scrape(base_url: str) -> dict[str, float]:
+    """Our samples summed over label sets (one model per server), by sample name."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(base_url + "/metrics", timeout=30) as response:
+        text = response.read().decode()
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("refreekv:") and "le" not in sample.labels:
+                totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+    return totals
+
+
+def get_json(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read().decode() or "{}")
+
+
+def test_metrics_and_stats_count_what_the_engine_did(default_server):
+    from refreekv_vllm.workloads import passkey_prompt
+
+    url = default_server.base_url
+    before = scrape(url)
+    status, pruned = post_status(url + "/v1/completions", {
+        "model": DEFAULT_MODEL_NAME, "prompt": passkey_prompt(50, 0.5, 71830), "max_tokens": 2})
+    assert status == 200
+    status, opted_out = post_status(url + "/v1/completions", {
+        "model": DEFAULT_MODEL_NAME, "prompt": passkey_prompt(50, 0.3, 11112), "max_tokens": 2,
+        "vllm_xargs": {"refreekv_enabled": False}})
+    assert status == 200
+    after = scrape(url)
+
+    status, record = get_json(url + "/v1/refreekv/requests/" + json.loads(pruned)["id"])
+    assert status == 200, record
+    assert record["blocks_skipped"] > 0 and 0 < record["block_budget"] < 1
+    status, _ = get_json(url + "/v1/refreekv/requests/" + json.loads(opted_out)["id"])
+    assert status == 404
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert delta("refreekv:requests_pruned_total") == 1
+    assert delta("refreekv:requests_skipped_total") == 1  # the opted-out one
+    assert delta("refreekv:kv_blocks_released_total") == record["blocks_skipped"]
+    assert delta("refreekv:request_block_budget_count") == 1
+    assert delta("refreekv:kv_bytes_freed_total") > 0
+    assert delta("refreekv:tokens_pruned_total") == record["tokens_pruned"]
+    assert after["refreekv:threshold"] == 0.01
+
+    status, stats = get_json(url + "/v1/refreekv/stats")
+    assert status == 200
+    assert stats["requests_pruned_total"] == after["refreekv:requests_pruned_total"]
+    assert stats["kv_bytes_freed_total"] == after["refreekv:kv_bytes_freed_total"]

@@ -7,6 +7,8 @@ per-layer cache (``[num_blocks, num_kv_heads, block_size, 2 * head_size]`` with 
 
 from __future__ import annotations
 
+import importlib
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -16,6 +18,22 @@ from refreekv_vllm.policy.reference import layer_cut
 
 # Two cuts may legitimately differ when the reference ratio between them is this close to T.
 TIE_TOLERANCE = 1e-4
+
+
+def load_triton_kernels() -> bool:
+    """Imports the Triton kernels, interpreted when there is no GPU; False without Triton.
+
+    Without a GPU this sets ``TRITON_INTERPRET=1`` for the rest of the process: it must hold
+    when the kernels are decorated and while the interpreter runs them.
+    """
+    from refreekv_vllm.ops.triton_utils import HAS_TRITON
+
+    if not HAS_TRITON:
+        return False
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+    importlib.import_module("refreekv_vllm.ops.triton_last_row_scores")
+    return True
 
 
 @dataclass

@@ -1,21 +1,14 @@
 """CPU_ATTN key reads (ops/cpu_keys.py) against vLLM's own cache-write op."""
 
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from refreekv_vllm.ops import compute_cuts
+from refreekv_vllm.ops.cpu_keys import gather_cpu_attn_keys, key_view_from_cpu_attn_kv_cache
+from refreekv_vllm.policy.reference import layer_cut
+from tests.ops.paged_cases import load_triton_kernels
 
-import pytest  # noqa: E402
-
-from refreekv_vllm.ops import compute_cuts  # noqa: E402
-from refreekv_vllm.ops.cpu_keys import (  # noqa: E402
-    gather_cpu_attn_keys,
-    key_view_from_cpu_attn_kv_cache,
-)
-from refreekv_vllm.ops.triton_utils import HAS_TRITON  # noqa: E402
-from refreekv_vllm.policy.reference import layer_cut  # noqa: E402
+HAS_TRITON = load_triton_kernels()
 
 try:
     import vllm._custom_ops as vllm_ops

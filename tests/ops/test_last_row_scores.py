@@ -4,27 +4,29 @@ Without a GPU the Triton kernels run under ``TRITON_INTERPRET=1`` with small sha
 the same cases run natively and the CUDA twin runs too.
 """
 
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # Must precede the first @triton.jit of the kernel module (decoration reads it).
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-from refreekv_vllm.ops import (  # noqa: E402
+from refreekv_vllm.ops import (
     compute_cuts,
     gather_request_keys,
     key_view_from_flash_kv_cache,
+    required_workspace_numel,
 )
-from refreekv_vllm.ops.triton_utils import HAS_TRITON  # noqa: E402
-from tests.ops.paged_cases import PagedCase, compare, make_case  # noqa: E402
+from tests.ops.paged_cases import PagedCase, compare, load_triton_kernels, make_case
 
+HAS_TRITON = load_triton_kernels()
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-needs_cuda = pytest.mark.skipif(not CUDA, reason="CUDA kernel tests need a GPU")
+CUDA_MARKS = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="CUDA kernel tests need a GPU")]
+
+
+def needs_cuda(test):
+    for mark in CUDA_MARKS:
+        test = mark(test)
+    return test
+
+
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
 
 # (group, head_size, dtype, w_max, agg, layout): pairwise cover of the brief's grid.
@@ -82,7 +84,7 @@ def _case(config, seed, lens=LENS, **kwargs) -> PagedCase:
 def _backends():
     return [
         pytest.param("triton", marks=needs_triton),
-        pytest.param("cuda", marks=needs_cuda),
+        pytest.param("cuda", marks=CUDA_MARKS),
     ]
 
 
@@ -118,7 +120,11 @@ def test_workspace_out_and_default_sizes(backend):
     case = _case((2, 64, torch.float16, 8, "mean", "HND"), seed=11, lens=LENS[:4])
     ref_cuts = _run(case, backend, chunk_size=_chunk(backend))[0]
     out = torch.full((case.num_reqs,), -1, dtype=torch.int32, device=DEVICE)
-    workspace = torch.empty(1 << 20, dtype=torch.float32, device=DEVICE)
+    need = required_workspace_numel(
+        backend, num_reqs=case.num_reqs, w_max=8, num_q_heads=4, num_kv_heads=2, head_size=64,
+        max_prompt_len=case.max_len, device=case.query.device,
+    )  # fmt: skip
+    workspace = torch.empty(need, dtype=torch.float32, device=DEVICE)  # exactly enough
     for _ in range(2):  # reused scratch must not leak state between launches
         got = compute_cuts(**case.kwargs(), backend=backend, out=out, workspace=workspace,
                            max_prompt_len=case.max_len)  # fmt: skip
@@ -190,7 +196,7 @@ def test_cuda_op_refuses_bad_inputs():
 
 
 @needs_cuda
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend", _backends())
 def test_launch_is_cuda_graph_capturable(backend):
     """With caller-provided out/workspace the launchers neither sync nor allocate."""
     case = _case((4, 64, torch.bfloat16, 8, "max", "NHD"), seed=9)
