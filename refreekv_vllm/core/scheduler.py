@@ -56,7 +56,9 @@ class RefreeKVSchedulerMixin:
         model_config = vllm_config.model_config
         self._refreekv_metrics = SchedulerMetrics(
             model_config.served_model_name if model_config is not None else "",
-            self._refreekv_config.threshold, self._refreekv_config.window)
+            self._refreekv_config.threshold, self._refreekv_config.window,
+            num_layers=len(self._refreekv_group_of_layer),
+            skip_reasons=[reason.value for reason in SkipReason])
 
     def refreekv_stats(self) -> CutStats:
         return self._refreekv_state.stats()

@@ -18,7 +18,8 @@ SCORING_BUCKETS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)
 class SchedulerMetrics:
     """Updated by the scheduler (engine core): what was released and freed."""
 
-    def __init__(self, model_name: str, threshold: float, window: int) -> None:
+    def __init__(self, model_name: str, threshold: float, window: int, num_layers: int,
+                 skip_reasons: list[str]) -> None:
         m = _collectors()
         self.requests_pruned = m["requests_pruned"].labels(model_name)
         self._skipped = m["requests_skipped"]
@@ -31,6 +32,12 @@ class SchedulerMetrics:
         self.paper_budget = m["paper_budget"].labels(model_name)
         self._layer_prompt_tokens = m["layer_prompt_tokens"]
         self._layer_kept_tokens = m["layer_kept_tokens"]
+        # Every series exists from the start (at 0), so dashboards and rate() see it.
+        for reason in skip_reasons:
+            self._skipped.labels(model_name, reason)
+        for layer in range(num_layers):
+            self._layer_prompt_tokens.labels(model_name, str(layer))
+            self._layer_kept_tokens.labels(model_name, str(layer))
         m["threshold"].labels(model_name).set(threshold)
         m["window"].labels(model_name).set(window)
 
