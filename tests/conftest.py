@@ -1,8 +1,15 @@
 """Session-wide fixtures: converted models are prepared once per machine (cached)."""
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run in Triton's interpreter on CPU machines; this must be set before
+    # anything (vLLM included) imports triton.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ They keep the wrapped backend's ``get_name()`` because vLLM branches on it. Outs
 step (no step context) both are exact pass-throughs.
 """
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -47,19 +48,17 @@ def _scoring_step(attn_metadata: Any) -> StepContext | None:
     return step
 
 
-def _cpu_backend() -> type:
-    from vllm.v1.attention.backends.cpu_attn import (
-        CPUAttentionBackend,
-        CPUAttentionBackendImpl,
-        CPUAttentionMetadataBuilder,
-    )
+def _wrap(backend: type, impl: type, builder: type,
+          key_view: Callable[[Any, torch.Tensor], torch.Tensor],
+          kernel: Callable[[StepContext], str]) -> type:
+    """Subclass a vLLM backend: gap-skipping builder, impl that scores after its forward.
+    ``key_view(impl, kv_cache)`` gives the layer's ``[num_blocks, block_size, num_kv_heads,
+    head_size]`` key view; ``kernel(step)`` the scoring backend."""
 
-    from refreekv_vllm.ops.cpu_keys import key_view_from_cpu_attn_kv_cache
-
-    class Builder(GapSkippingBuilderMixin, CPUAttentionMetadataBuilder):
+    class Builder(GapSkippingBuilderMixin, builder):
         pass
 
-    class Impl(CPUAttentionBackendImpl):
+    class Impl(impl):
         def forward(self, layer: Any, query: torch.Tensor, key: torch.Tensor,
                     value: torch.Tensor, kv_cache: torch.Tensor, attn_metadata: Any,
                     output: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -68,12 +67,11 @@ def _cpu_backend() -> type:
             if (step := _scoring_step(attn_metadata)) is not None:
                 capture_and_score(
                     step, extract_layer_index(layer.layer_name),
-                    query.view(-1, self.num_heads, self.head_size),
-                    key_view_from_cpu_attn_kv_cache(kv_cache, self.isa),
-                    attn_metadata.block_table, self.scale, backend="torch")
+                    query.view(-1, self.num_heads, self.head_size), key_view(self, kv_cache),
+                    attn_metadata.block_table, self.scale, backend=kernel(step))
             return result
 
-    class Backend(CPUAttentionBackend):
+    class Backend(backend):
         @staticmethod
         def get_impl_cls() -> type:
             return Impl
@@ -83,6 +81,20 @@ def _cpu_backend() -> type:
             return Builder
 
     return Backend
+
+
+def _cpu_backend() -> type:
+    from vllm.v1.attention.backends.cpu_attn import (
+        CPUAttentionBackend,
+        CPUAttentionBackendImpl,
+        CPUAttentionMetadataBuilder,
+    )
+
+    from refreekv_vllm.ops.cpu_keys import key_view_from_cpu_attn_kv_cache
+
+    return _wrap(CPUAttentionBackend, CPUAttentionBackendImpl, CPUAttentionMetadataBuilder,
+                 lambda impl, kv_cache: key_view_from_cpu_attn_kv_cache(kv_cache, impl.isa),
+                 lambda step: "torch")
 
 
 def _flash_attn_backend() -> type:
@@ -94,33 +106,9 @@ def _flash_attn_backend() -> type:
 
     from refreekv_vllm.ops import key_view_from_flash_kv_cache
 
-    class Builder(GapSkippingBuilderMixin, FlashAttentionMetadataBuilder):
-        pass
-
-    class Impl(FlashAttentionImpl):
-        def forward(self, layer: Any, query: torch.Tensor, key: torch.Tensor,
-                    value: torch.Tensor, kv_cache: torch.Tensor, attn_metadata: Any,
-                    output: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            result = super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
-                                     *args, **kwargs)
-            if (step := _scoring_step(attn_metadata)) is not None:
-                capture_and_score(
-                    step, extract_layer_index(layer.layer_name),
-                    query.view(-1, self.num_heads, self.head_size),
-                    key_view_from_flash_kv_cache(kv_cache, self.head_size),
-                    attn_metadata.block_table, self.scale, backend=step.kernel)
-            return result
-
-    class Backend(FlashAttentionBackend):
-        @staticmethod
-        def get_impl_cls() -> type:
-            return Impl
-
-        @staticmethod
-        def get_builder_cls() -> type:
-            return Builder
-
-    return Backend
+    return _wrap(FlashAttentionBackend, FlashAttentionImpl, FlashAttentionMetadataBuilder,
+                 lambda impl, kv_cache: key_view_from_flash_kv_cache(kv_cache, impl.head_size),
+                 lambda step: step.kernel)
 
 
 def __getattr__(name: str) -> type:

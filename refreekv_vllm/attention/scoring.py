@@ -42,6 +42,8 @@ def capture_and_score(step: StepContext, layer: int, query: torch.Tensor,
         scale=scale,
         agg=config.window_agg,
         backend=backend,
+        # Bounds the kernels' scratch by this step's prompts, not the block table's width.
+        max_prompt_len=max(row.num_prompt_tokens for row in rows),
     ).tolist()
     for row, cut in zip(rows, cuts, strict=True):
         step.cuts.setdefault(row.req_id, {})[layer] = int(cut)

@@ -65,3 +65,23 @@ def test_pruning_releases_blocks_and_pool_balances(refreekv_llm):
     assert after.requests_pruned == before.requests_pruned + 1
     assert after.blocks_released > before.blocks_released
     assert free_blocks(refreekv_llm) == start
+
+
+def test_aborting_pruned_requests_mid_decode_balances_the_pool(refreekv_llm):
+    engine = refreekv_llm.llm_engine
+    scheduler = scheduler_of(refreekv_llm)
+    start = free_blocks(refreekv_llm)
+    pruned_before = scheduler.refreekv_stats().requests_pruned
+    request_ids = [engine.add_request(f"abort-{i}", passkey_prompt(40 + 10 * i, 0.5, 61000 + i),
+                                      greedy(max_tokens=64))
+                   for i in range(3)]
+    for _ in range(200):  # until every request is pruned and decoding
+        engine.step()
+        if scheduler.refreekv_stats().requests_pruned == pruned_before + 3:
+            break
+    assert scheduler.refreekv_stats().requests_pruned == pruned_before + 3
+    assert free_blocks(refreekv_llm) < start
+    engine.abort_request(request_ids)
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert free_blocks(refreekv_llm) == start

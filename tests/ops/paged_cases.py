@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -20,18 +21,35 @@ from refreekv_vllm.policy.reference import layer_cut
 TIE_TOLERANCE = 1e-4
 
 
+INTERPRETER_PROBLEM: str | None = None
+
+
 def load_triton_kernels() -> bool:
     """Imports the Triton kernels, interpreted when there is no GPU; False without Triton.
 
-    Without a GPU this sets ``TRITON_INTERPRET=1`` for the rest of the process: it must hold
-    when the kernels are decorated and while the interpreter runs them.
+    Without a GPU the kernels need ``TRITON_INTERPRET=1`` from before Triton's first import
+    (Triton's own ``tl.sum``/``tl.max`` are decorated then). This sets it, which is enough when
+    nothing imported Triton yet; if something did (vLLM imports it), ``INTERPRETER_PROBLEM``
+    says so and the interpreter tests fail with that message. The root ``tests/conftest.py``
+    should set the variable before anything else is imported.
     """
+    global INTERPRETER_PROBLEM
+    if not torch.cuda.is_available():
+        triton_was_imported = "triton" in sys.modules
+        os.environ["TRITON_INTERPRET"] = "1"
     from refreekv_vllm.ops.triton_utils import HAS_TRITON
 
     if not HAS_TRITON:
         return False
     if not torch.cuda.is_available():
-        os.environ["TRITON_INTERPRET"] = "1"
+        import triton.language.standard as tl_standard
+
+        if type(tl_standard.sum).__name__ != "InterpretedFunction":
+            INTERPRETER_PROBLEM = (
+                "Triton was imported before TRITON_INTERPRET=1 was set "
+                f"(already imported here: {triton_was_imported}); set it in tests/conftest.py "
+                "before anything imports triton or vllm"
+            )
     importlib.import_module("refreekv_vllm.ops.triton_last_row_scores")
     return True
 
