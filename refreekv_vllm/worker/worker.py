@@ -42,9 +42,13 @@ class RefreeKVWorkerMixin:
 
 def _register_attention_backends() -> None:
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+    from vllm.v1.attention.selector import _cached_get_attn_backend
 
     for name, class_path in ATTENTION_BACKENDS.items():
         register_backend(AttentionBackendEnum[name], class_path)
+    # vLLM caches its backend choice per process: an engine built earlier in this process
+    # (e.g. plain vLLM in-process) would otherwise hand its unwrapped class to this one.
+    _cached_get_attn_backend.cache_clear()
 
 
 @functools.cache

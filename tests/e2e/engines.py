@@ -27,11 +27,10 @@ ENGINE_DEFAULTS: dict[str, Any] = {
 
 
 @contextlib.contextmanager
-def in_process_engine(model: Path, refreekv: dict | None, in_process: bool = True,
-                      **overrides: Any) -> Iterator[Any]:
+def in_process_engine(model: Path, refreekv: dict | None, **overrides: Any) -> Iterator[Any]:
     """A ``vllm.LLM`` with ReFreeKV (``refreekv`` is its additional-config section) or plain
-    vLLM (``refreekv=None``). Only one in-process engine can live in a process (vLLM's
-    distributed state is global): others need ``in_process=False``."""
+    vLLM (``refreekv=None``). Only one in-process engine can live in a process at a time
+    (vLLM's distributed state is global)."""
     from vllm import LLM
 
     kwargs = {**ENGINE_DEFAULTS, **overrides, "model": str(model)}
@@ -39,7 +38,7 @@ def in_process_engine(model: Path, refreekv: dict | None, in_process: bool = Tru
         kwargs.update(refreekv_llm_kwargs(refreekv))
     saved = {k: os.environ.get(k) for k in ("VLLM_ENABLE_V1_MULTIPROCESSING",
                                             "VLLM_USE_V2_MODEL_RUNNER")}
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
     try:
         llm = LLM(**kwargs)
@@ -52,7 +51,7 @@ def in_process_engine(model: Path, refreekv: dict | None, in_process: bool = Tru
     try:
         yield llm
     finally:
-        llm.llm_engine.engine_core.shutdown()  # a child engine core exits with it
+        llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()
 

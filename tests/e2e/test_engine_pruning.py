@@ -14,18 +14,12 @@ MAX_TOKENS = 16
 def greedy(max_tokens: int = MAX_TOKENS, **xargs):
     from vllm import SamplingParams
 
-    # Two logprobs per step let a test tell a numerical tie from a real difference.
-    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=2,
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
                           extra_args=xargs or None)
 
 
 def token_ids(outputs) -> list[list[int]]:
     return [list(o.outputs[0].token_ids) for o in outputs]
-
-
-def top2(outputs) -> list[list[dict[int, float]]]:
-    return [[{t: lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs]
-            for o in outputs]
 
 
 # Each batch is generated in the same order by both engines, so their prefix caches hold the
@@ -34,15 +28,17 @@ BATCHES = {"threshold_zero": mixed_prompts(12, seed=0), "opted_out": mixed_promp
 
 
 @pytest.fixture(scope="module")
-def plain_outputs(smollm2_dir) -> dict[str, list]:
-    with in_process_engine(smollm2_dir, refreekv=None, in_process=False) as llm:
-        outputs = {name: llm.generate(batch, greedy()) for name, batch in BATCHES.items()}
-    return {**{name: token_ids(o) for name, o in outputs.items()},
-            "opted_out_top2": top2(outputs["opted_out"])}
+def plain_outputs(smollm2_dir) -> dict[str, list[list[int]]]:
+    # In-process like the ReFreeKV engine below (vLLM's CPU worker threads differ between the
+    # in-process and multiprocess executors, and with them bf16 reduction order).
+    with in_process_engine(smollm2_dir, refreekv=None) as llm:
+        return {name: token_ids(llm.generate(batch, greedy()))
+                for name, batch in BATCHES.items()}
 
 
 @pytest.fixture(scope="module")
-def refreekv_llm(smollm2_dir, plain_outputs):  # plain vLLM first: the two never overlap
+def refreekv_llm(smollm2_dir, plain_outputs):
+    # Plain vLLM runs first and is shut down: two in-process engines cannot overlap.
     with pytest.MonkeyPatch.context() as env:
         env.setenv("REFREEKV_DEBUG_ACCOUNTING", "1")  # assert pool invariants on every release
         with in_process_engine(smollm2_dir, refreekv={}) as llm:
@@ -60,17 +56,7 @@ def test_threshold_zero_is_token_identical_to_plain_vllm(refreekv_llm, plain_out
 def test_opted_out_requests_match_plain_vllm(refreekv_llm, plain_outputs):
     outputs = token_ids(refreekv_llm.generate(BATCHES["opted_out"],
                                               greedy(refreekv_enabled=False)))
-    # Measured: with one KV cache group per layer, bf16 rounding can differ from plain vLLM by
-    # an ulp, which flips greedy decoding only where plain vLLM's top two tokens tie exactly
-    # (1 of these 12 requests). Anything else is a real difference and fails.
-    for i, (ours, plain) in enumerate(zip(outputs, plain_outputs["opted_out"], strict=True)):
-        if ours == plain:
-            continue
-        step = next(j for j, (a, b) in enumerate(zip(ours, plain, strict=True)) if a != b)
-        candidates = plain_outputs["opted_out_top2"][i][step]
-        best = sorted(candidates.values(), reverse=True)
-        assert ours[step] in candidates and best[0] - best[1] < 1e-3, (
-            f"request {i} diverges at token {step} without a tie: plain top-2 {candidates}")
+    assert outputs == plain_outputs["opted_out"]
     assert scheduler_of(refreekv_llm).refreekv_stats().blocks_released == 0
 
 
