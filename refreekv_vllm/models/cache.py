@@ -7,12 +7,14 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from refreekv_vllm import envs
+
 MANIFEST = "refreekv_manifest.json"
 
 
 def model_cache_dir() -> Path:
     """``$REFREEKV_CACHE_DIR`` or ``~/.cache/refreekv_vllm``."""
-    root = os.environ.get("REFREEKV_CACHE_DIR") or os.path.join(
+    root = envs.REFREEKV_CACHE_DIR or os.path.join(
         os.path.expanduser("~"), ".cache", "refreekv_vllm")
     return Path(root)
 

@@ -6,7 +6,6 @@ process, so the test can read the real ``BlockPool`` after every request.
 
 import contextlib
 import gc
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,7 +61,3 @@ def scheduler_of(llm: Any) -> Any:
 
 def free_blocks(llm: Any) -> int:
     return scheduler_of(llm).kv_cache_manager.block_pool.get_num_free_blocks()
-
-
-def dump(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2))
