@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import random
+import statistics
 import time
 from pathlib import Path
 
@@ -167,15 +168,45 @@ def run_overhead(args) -> dict:
 
     xargs = {"refreekv_threshold": 0.0} if args.engine == "refreekv" else None
     llm.generate(batch(8, 512), SamplingParams(max_tokens=8, extra_args=xargs))  # warm-up
-    timings = {}
-    for name, max_tokens in (("prefill_s", 1), ("full_s", 1 + args.max_tokens)):
-        prompts = batch(args.num_prompts, args.prompt_len)  # fresh ids: no prefix-cache hits
-        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, extra_args=xargs)
-        start = time.perf_counter()
-        llm.generate(prompts, params, use_tqdm=False)
-        timings[name] = time.perf_counter() - start
-    decode_s = timings["full_s"] - timings["prefill_s"]
-    return {**timings, "decode_tok_per_s": args.num_prompts * args.max_tokens / decode_s}
+    # Fresh token ids every round: no prefix-cache hits.
+    rounds = [timed_batch(llm, batch(args.num_prompts, args.prompt_len),
+                          SamplingParams(max_tokens=1 + args.max_tokens, ignore_eos=True,
+                                         extra_args=xargs))
+              for _ in range(args.rounds)]
+    return {"rounds": rounds,
+            "ttft_s": statistics.median(r["mean_ttft_s"] for r in rounds),
+            "decode_tok_per_s": statistics.median(r["decode_tok_per_s"] for r in rounds)}
+
+
+def timed_batch(llm, prompts: list, params) -> dict:
+    """Submit a batch at once and step the engine: each request's time to first token, and the
+    decode throughput of the steps after every request has its first token (pure decode)."""
+    from vllm.sampling_params import RequestOutputKind
+
+    engine = llm.llm_engine
+    params = params.clone()
+    params.output_kind = RequestOutputKind.DELTA
+    start = time.perf_counter()
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"timed-{start}-{i}", prompt, params)
+    first: dict[str, float] = {}
+    decode_started, decode_tokens, now = None, 0, start
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+        now = time.perf_counter()
+        for output in outputs:
+            new_tokens = len(output.outputs[0].token_ids)
+            if output.request_id not in first and new_tokens:
+                first[output.request_id] = now
+                new_tokens -= 1
+            if decode_started is not None:
+                decode_tokens += new_tokens
+        if decode_started is None and len(first) == len(prompts):
+            decode_started = now
+    ttfts = [t - start for t in first.values()]
+    return {"mean_ttft_s": sum(ttfts) / len(ttfts), "max_ttft_s": max(ttfts),
+            "decode_s": now - decode_started, "decode_tokens": decode_tokens,
+            "decode_tok_per_s": decode_tokens / (now - decode_started), "total_s": now - start}
 
 
 def main() -> None:
@@ -192,6 +223,7 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=1024)
     parser.add_argument("--filler", type=int, default=90)
     parser.add_argument("--prompt-len", type=int, default=8000)
+    parser.add_argument("--rounds", type=int, default=3, help="overhead: timed batches")
     parser.add_argument("--submit", type=int, default=0, help="capacity: requests to submit")
     parser.add_argument("--scratch", default="/tmp/refreekv-bench")
     parser.add_argument("--out", required=True)

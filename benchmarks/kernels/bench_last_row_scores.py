@@ -306,6 +306,8 @@ def write_markdown(path: Path, data: dict) -> None:
         f"cuda_max_rel_err {f(data['cuda_max_rel_err'], '.2e')}, "
         f"cut_mismatches {data['cut_mismatches']} "
         f"(threshold ties: {data['correctness']['cut_tie_mismatches']}).",
+        "",
+        f"Command: `{data['command']}`",
     ]
     path.write_text("\n".join(lines) + "\n")
 
@@ -327,6 +329,8 @@ def main() -> None:
     data: dict = {
         "device": torch.cuda.get_device_name(),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "command": " ".join(["python", "benchmarks/kernels/bench_last_row_scores.py",
+                             *sys.argv[1:]]),
         "versions": versions(),
         "layer": {"num_q_heads": HQ, "num_kv_heads": HKV, "head_size": D, "dtype": "bfloat16",
                   "block_size": BS, "layout": "FLASH_ATTN NHD"},  # fmt: skip
