@@ -13,6 +13,7 @@ from typing import Any
 ADDITIONAL_CONFIG_KEY = "refreekv"
 REQUEST_KEY_PREFIX = "refreekv_"
 AGGREGATIONS = ("max", "mean")
+POLICIES = ("threshold", "fixed")
 KERNELS = ("auto", "triton", "cuda", "torch")
 MAX_WINDOW = 64
 MAX_THRESHOLD = 0.5
@@ -37,7 +38,18 @@ class RefreeKVConfig:
     frozen_layers: tuple[int, ...] = (0, 1)
     """Layers that are never pruned."""
     kernel: str = "auto"
-    """Scoring backend: auto (CUDA kernel on GPUs, torch on CPU), triton, cuda or torch."""
+    """Scoring backend: auto (the faster GPU kernel on GPUs, torch on CPU), triton, cuda or
+    torch."""
+    policy: str = "threshold"
+    """threshold: ReFreeKV's budget-free cut. fixed: a StreamingLLM-style baseline that keeps the
+    sinks plus the most recent tokens, ``budget`` of the prompt, in every layer."""
+    budget: float | None = None
+    """Fraction of the prompt the fixed policy keeps, in (0, 1]; required for policy fixed."""
+
+    def __post_init__(self) -> None:
+        if self.policy == "fixed" and self.budget is None:
+            raise ConfigError(f"additional_config.{ADDITIONAL_CONFIG_KEY}.budget is required "
+                              "with policy 'fixed'")
 
     @classmethod
     def from_additional_config(cls, additional_config: Mapping[str, Any] | None
@@ -72,6 +84,10 @@ class RefreeKVConfig:
                 sorted({_parse_int(x, 0, 100_000, prefix + "frozen_layers") for x in layers}))
         if "kernel" in raw:
             values["kernel"] = _parse_choice(raw["kernel"], KERNELS, prefix + "kernel")
+        if "policy" in raw:
+            values["policy"] = _parse_choice(raw["policy"], POLICIES, prefix + "policy")
+        if "budget" in raw:
+            values["budget"] = _parse_budget(raw["budget"], prefix + "budget")
         return cls(**values)
 
 
@@ -81,15 +97,37 @@ class RequestSettings:
     enabled: bool
     threshold: float
     window: int
+    window_agg: str
+    policy: str
+    budget: float | None
+
+    @property
+    def prunes(self) -> bool:
+        """Whether the request is to be pruned at all (T=0 and budget 1 keep everything)."""
+        if not self.enabled:
+            return False
+        if self.policy == "fixed":
+            return self.budget is not None and self.budget < 1.0
+        return self.threshold > 0
+
+    def fixed_cut(self, num_prompt_tokens: int, num_sink_tokens: int) -> int:
+        """The fixed policy's cut: keep the sinks and the last ``budget`` share of the prompt
+        (``budget * n`` tokens in all, rounded), never the last token."""
+        assert self.budget is not None
+        kept = round(self.budget * num_prompt_tokens)
+        cut = num_prompt_tokens + num_sink_tokens - kept
+        return max(num_sink_tokens, min(cut, num_prompt_tokens - 1))
 
 
-REQUEST_KEYS = ("refreekv_enabled", "refreekv_threshold", "refreekv_window")
+REQUEST_KEYS = ("refreekv_enabled", "refreekv_threshold", "refreekv_window",
+                "refreekv_window_agg", "refreekv_policy", "refreekv_budget")
 
 
 def request_settings(config: RefreeKVConfig, extra_args: Mapping[str, Any] | None
                      ) -> RequestSettings:
     """Apply a request's ``vllm_xargs`` overrides; raises ConfigError for bad values."""
-    settings = RequestSettings(config.enabled, config.threshold, config.window)
+    settings = RequestSettings(config.enabled, config.threshold, config.window,
+                               config.window_agg, config.policy, config.budget)
     if not extra_args:
         return settings
     unknown = sorted(k for k in extra_args
@@ -106,6 +144,20 @@ def request_settings(config: RefreeKVConfig, extra_args: Mapping[str, Any] | Non
     if "refreekv_window" in extra_args:
         settings = replace(settings, window=_parse_window(
             extra_args["refreekv_window"], "vllm_xargs.refreekv_window"))
+    if "refreekv_window_agg" in extra_args:
+        settings = replace(settings, window_agg=_parse_choice(
+            extra_args["refreekv_window_agg"], AGGREGATIONS, "vllm_xargs.refreekv_window_agg"))
+    if "refreekv_policy" in extra_args:
+        settings = replace(settings, policy=_parse_choice(
+            extra_args["refreekv_policy"], POLICIES, "vllm_xargs.refreekv_policy"))
+    if "refreekv_budget" in extra_args:
+        if settings.policy != "fixed":
+            raise ConfigError("vllm_xargs.refreekv_budget applies to refreekv_policy 'fixed' "
+                              f"only (this request's policy is {settings.policy!r})")
+        settings = replace(settings, budget=_parse_budget(
+            extra_args["refreekv_budget"], "vllm_xargs.refreekv_budget"))
+    if settings.policy == "fixed" and settings.budget is None:
+        raise ConfigError("vllm_xargs.refreekv_budget is required with refreekv_policy 'fixed'")
     return settings
 
 
@@ -132,6 +184,14 @@ def _parse_threshold(value: Any, name: str) -> float:
         raise ConfigError(f"{name} must be a number, got {value!r}")
     if not math.isfinite(value) or not 0.0 <= value <= MAX_THRESHOLD:
         raise ConfigError(f"{name} must be a finite number in [0, {MAX_THRESHOLD}], got {value}")
+    return float(value)
+
+
+def _parse_budget(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value) or not 0.0 < value <= 1.0:
+        raise ConfigError(f"{name} must be a finite number in (0, 1], got {value}")
     return float(value)
 
 

@@ -6,7 +6,7 @@ import time
 import torch
 
 from refreekv_vllm.ops import compute_cuts
-from refreekv_vllm.worker.step_context import StepContext, window_store
+from refreekv_vllm.worker.step_context import ScoringRow, StepContext, window_store
 
 
 def capture_and_score(step: StepContext, layer: int, query: torch.Tensor,
@@ -20,15 +20,28 @@ def capture_and_score(step: StepContext, layer: int, query: torch.Tensor,
         return
     for capture in step.captures:
         window_store.put(capture, layer, query[capture.token_indices])
-    windows = {row.req_id: window_store.get(row.req_id, layer) for row in step.scoring}
-    rows = [row for row in step.scoring if windows[row.req_id] is not None]
+    windows = {row.req_id: window_store.get(row.req_id, layer)
+               for row in step.scoring if row.fixed_cut is None}
+    rows = [row for row in step.scoring if windows.get(row.req_id) is not None]
     if not rows:
         return
+    started = time.perf_counter()
+    for agg in sorted({row.window_agg for row in rows}):
+        _score_rows(step, layer, [row for row in rows if row.window_agg == agg], windows,
+                    key_cache, block_table, scale, agg, backend)
+    if step.observe_scoring is not None:
+        # tolist() in _score_rows waited for the device, so this is the scoring's real time.
+        step.observe_scoring(time.perf_counter() - started)
+
+
+def _score_rows(step: StepContext, layer: int, rows: list[ScoringRow],
+                windows: dict[str, torch.Tensor], key_cache: torch.Tensor,
+                block_table: torch.Tensor, scale: float, agg: str, backend: str) -> None:
     max_window = max(row.window for row in rows)
-    queries = query.new_zeros((len(rows), max_window, *query.shape[1:]))
+    first = windows[rows[0].req_id]
+    queries = first.new_zeros((len(rows), max_window, *first.shape[1:]))
     for i, row in enumerate(rows):
         queries[i, max_window - row.window:] = windows[row.req_id]
-    started = time.perf_counter()
     device = block_table.device
     batch_rows = torch.tensor([row.batch_row for row in rows], device=device)
     cuts = compute_cuts(
@@ -38,15 +51,12 @@ def capture_and_score(step: StepContext, layer: int, query: torch.Tensor,
         torch.tensor([row.num_prompt_tokens for row in rows], dtype=torch.int32, device=device),
         torch.tensor([row.window for row in rows], dtype=torch.int32, device=device),
         torch.tensor([row.threshold for row in rows], dtype=torch.float32, device=device),
-        num_sink_tokens=config.num_sink_tokens,
+        num_sink_tokens=step.config.num_sink_tokens,
         scale=scale,
-        agg=config.window_agg,
+        agg=agg,
         backend=backend,
         # Bounds the kernels' scratch by this step's prompts, not the block table's width.
         max_prompt_len=max(row.num_prompt_tokens for row in rows),
     ).tolist()
     for row, cut in zip(rows, cuts, strict=True):
         step.cuts.setdefault(row.req_id, {})[layer] = int(cut)
-    if step.observe_scoring is not None:
-        # tolist() above waited for the device, so this is the scoring's real time.
-        step.observe_scoring(time.perf_counter() - started)

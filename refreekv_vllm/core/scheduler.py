@@ -18,7 +18,12 @@ from vllm.v1.kv_cache_interface import KVCacheConfig
 from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request, RequestStatus
 
-from refreekv_vllm.config import ConfigError, RefreeKVConfig, request_settings
+from refreekv_vllm.config import (
+    ConfigError,
+    RefreeKVConfig,
+    RequestSettings,
+    request_settings,
+)
 from refreekv_vllm.core.block_freeing import release_gap_blocks
 from refreekv_vllm.core.cut_state import CutState, CutStats, SkipReason
 from refreekv_vllm.core.kv_cache_spec import layer_index_of_group
@@ -107,17 +112,17 @@ class RefreeKVSchedulerMixin:
 
     def _refreekv_opts_out(self, request: Request) -> bool:
         """Whether the request is not to be pruned; the same rule as the worker's."""
-        return self._refreekv_window(request) is None
+        return self._refreekv_settings(request) is None
 
-    def _refreekv_window(self, request: Request) -> int | None:
-        """The request's observation window, or None if it is not to be pruned."""
+    def _refreekv_settings(self, request: Request) -> RequestSettings | None:
+        """The request's pruning settings, or None if it is not to be pruned."""
         params = request.sampling_params
         try:
             settings = request_settings(
                 self._refreekv_config, params.extra_args if params is not None else None)
         except ConfigError:
             return None  # the worker leaves such requests unpruned too
-        return settings.window if settings.enabled and settings.threshold > 0 else None
+        return settings if settings.prunes else None
 
     def _apply_cut_reports(self, reports: Mapping[str, CutReport]) -> None:
         state = self._refreekv_state
@@ -177,14 +182,14 @@ class RefreeKVSchedulerMixin:
         for reason, count in after.requests_skipped.items():
             if count > before.requests_skipped.get(reason, 0):
                 metrics.skipped(reason, count - before.requests_skipped.get(reason, 0))
-        frozen = self._refreekv_config.frozen_layers
         for report in reports.values():
             pruned = state.pruned(report.req_id)
             if pruned is None or pruned.report is not report:
                 continue
             n, m = report.num_prompt_tokens, report.num_sink_tokens
             metrics.block_budget.observe(state.block_budget_of(report.req_id))
-            metrics.paper_budget.observe(paper_budget(report.cuts, n, m, frozen))
+            # Frozen layers report cut m (nothing pruned); the fixed baseline cuts them too.
+            metrics.paper_budget.observe(paper_budget(report.cuts, n, m, frozen_layers=()))
             for layer, cut in enumerate(report.cuts):
                 metrics.layer_tokens(layer, n, n - (cut - m))
 
@@ -217,11 +222,12 @@ class RefreeKVSchedulerMixin:
 
         def capped_get_computed_blocks(request: Request):  # noqa: ANN202
             blocks, num_tokens, boundary = get_computed_blocks(request)
-            window = self._refreekv_window(request)
-            if (num_tokens == 0 or window is None
+            settings = self._refreekv_settings(request)
+            if (num_tokens == 0 or settings is None or settings.policy != "threshold"
                     or self._refreekv_state.no_prune_reason(request.request_id) is not None):
                 return blocks, num_tokens, boundary
-            capped = capped_hit_tokens(num_tokens, request.num_prompt_tokens, window, block_size)
+            capped = capped_hit_tokens(num_tokens, request.num_prompt_tokens, settings.window,
+                                       block_size)
             if capped == num_tokens:
                 return blocks, num_tokens, boundary
             return trim_hit(blocks, capped, block_size), capped, min(boundary, capped)

@@ -15,7 +15,12 @@ import numpy as np
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
 
-from refreekv_vllm.config import ConfigError, RefreeKVConfig, request_settings
+from refreekv_vllm.config import (
+    ConfigError,
+    RefreeKVConfig,
+    RequestSettings,
+    request_settings,
+)
 from refreekv_vllm.core.kv_cache_spec import LayerFullAttentionSpec
 from refreekv_vllm.metrics.prometheus import WorkerMetrics
 from refreekv_vllm.outputs import CutReport, attach_cut_reports
@@ -112,16 +117,25 @@ class RefreeKVModelRunnerMixin:
             elif (computed < num_prompt and req_id not in self._refreekv_no_prune
                   and num_prompt > config.num_sink_tokens + 1):
                 settings = self._settings_of(req_id)
-                if settings is not None and settings.enabled and settings.threshold > 0:
+                if settings is not None and settings.prunes:
                     self._plan_prefill(step, req_id, row, token_start, computed, scheduled,
-                                       num_prompt, settings.window, settings.threshold)
+                                       num_prompt, settings)
             token_start += scheduled
         return step
 
     def _plan_prefill(self, step: StepContext, req_id: str, row: int, token_start: int,
-                      computed: int, scheduled: int, num_prompt: int, window: int,
-                      threshold: float) -> None:
-        window = min(window, num_prompt)
+                      computed: int, scheduled: int, num_prompt: int,
+                      settings: RequestSettings) -> None:
+        last_chunk = computed + scheduled >= num_prompt
+        if settings.policy == "fixed":
+            if last_chunk:
+                step.scoring.append(ScoringRow(
+                    req_id=req_id, batch_row=row, num_prompt_tokens=num_prompt, window=0,
+                    window_agg=settings.window_agg, threshold=settings.threshold,
+                    fixed_cut=settings.fixed_cut(num_prompt,
+                                                 self.refreekv_config.num_sink_tokens)))
+            return
+        window = min(settings.window, num_prompt)
         window_start = num_prompt - window
         first = max(computed, window_start)
         end = min(computed + scheduled, num_prompt)
@@ -130,10 +144,11 @@ class RefreeKVModelRunnerMixin:
                 req_id=req_id, num_prompt_tokens=num_prompt, window=window,
                 token_indices=[token_start + p - computed for p in range(first, end)],
                 window_slots=[p - window_start for p in range(first, end)]))
-        if computed + scheduled >= num_prompt:
+        if last_chunk:
             step.scoring.append(ScoringRow(req_id=req_id, batch_row=row,
                                            num_prompt_tokens=num_prompt, window=window,
-                                           threshold=threshold))
+                                           window_agg=settings.window_agg,
+                                           threshold=settings.threshold))
 
     def _settings_of(self, req_id: str):  # noqa: ANN202
         params = self.requests[req_id].sampling_params
@@ -164,9 +179,14 @@ class RefreeKVModelRunnerMixin:
         reports: dict[str, CutReport] = {}
         for row in step.scoring:
             window_store.drop(row.req_id)
-            layer_cuts = step.cuts.get(row.req_id, {})
-            cuts = tuple(layer_cuts.get(layer, config.num_sink_tokens)
-                         for layer in range(num_layers))
+            if row.fixed_cut is not None:
+                # The fixed-budget baseline cuts every layer alike, frozen ones included, so
+                # that its budget is the one it is named after.
+                cuts = (row.fixed_cut,) * num_layers
+            else:
+                layer_cuts = step.cuts.get(row.req_id, {})
+                cuts = tuple(layer_cuts.get(layer, config.num_sink_tokens)
+                             for layer in range(num_layers))
             gaps = {}
             for layer, cut in enumerate(cuts):
                 blocks = freeable_block_range(cut, config.num_sink_tokens, block_size)
@@ -175,8 +195,7 @@ class RefreeKVModelRunnerMixin:
             if gaps:
                 self._refreekv_gaps[row.req_id] = gaps
             self.refreekv_records.append(request_record(
-                row.req_id, row.num_prompt_tokens, cuts, gaps, row.threshold, row.window,
-                config, block_size))
+                row, cuts, gaps, config, block_size))
             reports[row.req_id] = CutReport(
                 req_id=row.req_id, num_prompt_tokens=row.num_prompt_tokens,
                 num_sink_tokens=config.num_sink_tokens, cuts=cuts)
@@ -205,20 +224,24 @@ def per_layer_specs(specs: dict[str, KVCacheSpec]) -> dict[str, KVCacheSpec]:
     return bound
 
 
-def request_record(req_id: str, num_prompt_tokens: int, cuts: tuple[int, ...],
-                   gaps: dict[int, tuple[int, int]], threshold: float, window: int,
+def request_record(row: ScoringRow, cuts: tuple[int, ...], gaps: dict[int, tuple[int, int]],
                    config: RefreeKVConfig, block_size: int) -> dict[str, Any]:
     """What one request's pruning did, for the per-request endpoint."""
     m = config.num_sink_tokens
+    num_prompt_tokens = row.num_prompt_tokens
     prompt_blocks = -(-num_prompt_tokens // block_size)
     skipped = sum(end - first for first, end in gaps.values())
+    fixed = row.fixed_cut is not None
     return {
-        "request_id": req_id,
+        "request_id": row.req_id,
         "num_prompt_tokens": num_prompt_tokens,
-        "threshold": threshold,
-        "window": window,
+        "policy": "fixed" if fixed else "threshold",
+        "threshold": None if fixed else row.threshold,
+        "window": None if fixed else row.window,
+        "window_agg": None if fixed else row.window_agg,
         "cuts": list(cuts),
-        "paper_budget": paper_budget(cuts, num_prompt_tokens, m, config.frozen_layers),
+        "paper_budget": paper_budget(cuts, num_prompt_tokens, m,
+                                     () if fixed else config.frozen_layers),
         "block_budget": 1 - skipped / (prompt_blocks * len(cuts)),
         "tokens_pruned": sum(c - m for c in cuts),
         "blocks_skipped": skipped,

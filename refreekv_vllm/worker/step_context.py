@@ -32,7 +32,10 @@ class ScoringRow:
     batch_row: int
     num_prompt_tokens: int
     window: int
+    window_agg: str
     threshold: float
+    fixed_cut: int | None = None
+    """Set for the fixed-budget policy: every layer's cut, nothing to score."""
 
 
 @dataclass

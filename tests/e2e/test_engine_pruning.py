@@ -90,3 +90,33 @@ def test_aborting_pruned_requests_mid_decode_balances_the_pool(refreekv_llm):
     while engine.has_unfinished_requests():
         engine.step()
     assert free_blocks(refreekv_llm) == start
+
+
+def test_fixed_budget_policy_cuts_every_layer_to_the_named_share(refreekv_llm):
+    scheduler = scheduler_of(refreekv_llm)
+    start = free_blocks(refreekv_llm)
+    prompt = passkey_prompt(90, 0.3, 27182)
+    refreekv_llm.generate([prompt], greedy(max_tokens=4, refreekv_policy="fixed",
+                                           refreekv_budget=0.5))
+    report = scheduler.refreekv_recent_reports()[-1]
+    n, m = report.num_prompt_tokens, report.num_sink_tokens
+    assert len(set(report.cuts)) == 1  # every layer, frozen ones included
+    assert m + n - report.cuts[0] == round(0.5 * n)
+    block_size = refreekv_llm.llm_engine.vllm_config.cache_config.block_size
+    physical = scheduler.refreekv_stats().recent_block_budgets[-1]
+    assert 0.5 <= physical <= 0.5 + 2 * block_size / n
+    assert free_blocks(refreekv_llm) == start
+
+
+def test_mean_window_aggregation_is_selectable_per_request(refreekv_llm):
+    scheduler = scheduler_of(refreekv_llm)
+    start = free_blocks(refreekv_llm)
+    prompt = passkey_prompt(90, 0.6, 31415)
+    cuts = {}
+    for agg in ("max", "mean"):
+        refreekv_llm.generate([prompt], greedy(max_tokens=2, refreekv_window_agg=agg))
+        cuts[agg] = scheduler.refreekv_recent_reports()[-1].cuts
+    # Both prune, and differently: the request's aggregation reached the kernel.
+    assert all(max(layer_cuts) > 4 for layer_cuts in cuts.values())
+    assert cuts["mean"] != cuts["max"]
+    assert free_blocks(refreekv_llm) == start

@@ -61,6 +61,11 @@ BAD_XARGS = [
     ({"refreekv_enabled": "maybe"}, "refreekv_enabled"),
     ({"refreekv_enabled": 2}, "refreekv_enabled"),
     ({"refreekv_budget": 0.5}, "refreekv_budget"),
+    ({"refreekv_policy": "h2o"}, "refreekv_policy"),
+    ({"refreekv_policy": "fixed"}, "refreekv_budget"),
+    ({"refreekv_policy": "fixed", "refreekv_budget": 0}, "refreekv_budget"),
+    ({"refreekv_window_agg": "sum"}, "refreekv_window_agg"),
+    ({"refreekv_windw": 8}, "refreekv_windw"),
 ]
 
 
