@@ -173,6 +173,8 @@ def run_overhead(args, scratch: Path) -> dict:
             "--block-size", "16", "--refreekv", '{"threshold": 0.0}']
     plain = child("overhead", "plain", args, scratch, over)
     pruned = child("overhead", "refreekv", args, scratch, over)
+    identical = all([a.pop("token_ids") == b.pop("token_ids")
+                     for a, b in zip(plain["rounds"], pruned["rounds"], strict=True)])
     return {
         "overhead_workload": "Llama-3-8B shape, dummy weights, 64 x 8000-token prompts, "
                              "256 output tokens, bf16, CUDA graphs, V1 runner for both; "
@@ -180,6 +182,8 @@ def run_overhead(args, scratch: Path) -> dict:
                              "after every request's first token)",
         "decode_tput_ratio_t0": pruned["decode_tok_per_s"] / plain["decode_tok_per_s"],
         "ttft_ratio_t0": pruned["ttft_s"] / plain["ttft_s"],
+        # Same seeded prompts, same batches: at T=0 every generated token must match.
+        "overhead_t0_identical": identical,
         "overhead_plain": plain, "overhead_refreekv_t0": pruned,
         "overhead_command": " ".join(["python", *sys.argv]),
     }

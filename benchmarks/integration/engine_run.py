@@ -190,11 +190,13 @@ def timed_batch(llm, prompts: list, params) -> dict:
     for i, prompt in enumerate(prompts):
         engine.add_request(f"timed-{start}-{i}", prompt, params)
     first: dict[str, float] = {}
+    tokens: dict[str, list[int]] = {}
     decode_started, decode_tokens, now = None, 0, start
     while engine.has_unfinished_requests():
         outputs = engine.step()
         now = time.perf_counter()
         for output in outputs:
+            tokens.setdefault(output.request_id, []).extend(output.outputs[0].token_ids)
             new_tokens = len(output.outputs[0].token_ids)
             if output.request_id not in first and new_tokens:
                 first[output.request_id] = now
@@ -206,7 +208,8 @@ def timed_batch(llm, prompts: list, params) -> dict:
     ttfts = [t - start for t in first.values()]
     return {"mean_ttft_s": sum(ttfts) / len(ttfts), "max_ttft_s": max(ttfts),
             "decode_s": now - decode_started, "decode_tokens": decode_tokens,
-            "decode_tok_per_s": decode_tokens / (now - decode_started), "total_s": now - start}
+            "decode_tok_per_s": decode_tokens / (now - decode_started), "total_s": now - start,
+            "token_ids": [tokens[f"timed-{start}-{i}"] for i in range(len(prompts))]}
 
 
 def main() -> None:
