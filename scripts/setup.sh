@@ -25,6 +25,7 @@ if [ ! -f "$stamp" ]; then
     $pip install -q -r requirements/cpu.txt
   fi
   $pip install -q --no-deps --require-hashes -r requirements/assets.txt
+  $pip install -q --no-deps --require-hashes -r requirements/eval.txt
   $pip install -q -r requirements/dev.txt
   $pip install -q --no-deps --no-build-isolation -e .
   rm -f "$VENV"/.refreekv-setup-*

@@ -1,0 +1,88 @@
+"""One vLLM engine for every policy: ReFreeKV plugin on, prefix caching on, engine core
+in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so the scheduler's cut reports can be read."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from benchmarks.fidelity.budgets import UNPRUNED, Budgets, match_reports, report_budgets
+from benchmarks.fidelity.policies import ENGINE_CONFIG, Policy
+from benchmarks.fidelity.tasks import Task
+
+
+@dataclass
+class BatchResult:
+    outputs: list[str]
+    budgets: list[Budgets]
+    wall_s: float
+
+
+def on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {"platform": platform.platform(), "cpu_cores": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        info["cpu_model"] = names[0] if names else platform.processor()
+    except OSError:
+        info["cpu_model"] = platform.processor()
+    if on_gpu():
+        import torch
+
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def build_engine(model: str) -> Any:
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from vllm import LLM
+
+    from refreekv_vllm.offline import refreekv_llm_kwargs
+
+    device_kwargs: dict[str, Any] = (
+        {"block_size": 16, "gpu_memory_utilization": 0.5} if on_gpu() else
+        {"block_size": 32, "enforce_eager": True, "kv_cache_memory_bytes": 2 << 30})
+    return LLM(model=model, **refreekv_llm_kwargs(dict(ENGINE_CONFIG)),
+               enable_prefix_caching=True, dtype="bfloat16", max_model_len=8192, seed=0,
+               **device_kwargs)
+
+
+def scheduler_of(llm: Any) -> Any:
+    return llm.llm_engine.engine_core.engine_core.scheduler
+
+
+def block_size_of(llm: Any) -> int:
+    return llm.llm_engine.vllm_config.cache_config.block_size
+
+
+def supported_request_keys() -> tuple[str, ...]:
+    from refreekv_vllm.config import REQUEST_KEYS
+
+    return tuple(REQUEST_KEYS)
+
+
+def run_batch(llm: Any, task: Task, policy: Policy) -> BatchResult:
+    """All of ``task``'s samples under ``policy`` in one ``generate`` call (greedy)."""
+    from vllm import SamplingParams, TokensPrompt
+
+    params = SamplingParams(temperature=0.0, max_tokens=task.max_tokens, stop=task.stop or None,
+                            extra_args=policy.xargs(supported_request_keys()))
+    prompts = [TokensPrompt(prompt_token_ids=s.prompt_ids) for s in task.samples]
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    wall_s = time.perf_counter() - start
+    request_ids = [o.request_id for o in outputs]
+    reports = match_reports(request_ids, scheduler_of(llm).refreekv_recent_reports())
+    block_size = block_size_of(llm)
+    budgets = [UNPRUNED if policy.kind == "full" or rid not in reports
+               else report_budgets(reports[rid], block_size) for rid in request_ids]
+    return BatchResult([o.outputs[0].text for o in outputs], budgets, wall_s)

@@ -1,0 +1,99 @@
+"""The cache policies compared, each selected per request through ``SamplingParams.extra_args``
+(vLLM's ``vllm_xargs``) in one engine.
+
+- ``full``: ReFreeKV disabled for the request (``refreekv_enabled: false``), i.e. the full cache.
+  ``full-rerun`` repeats it after everything is in the prefix cache: its agreement with ``full``
+  is the noise floor of greedy decoding on this backend.
+- ``refreekv-w{w}[-{agg}]-T{T}``: ReFreeKV at threshold T with observation window w (w = 1 is
+  the paper's last-token rule; agg combines the window's rows per head).
+- ``fixed-{b}``: a fixed budget b of the prompt, StreamingLLM style (sinks + most recent
+  tokens, the same cut on every layer), freed through the same block mechanism.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+# The engine-wide configuration the benchmark pins (the plugin's defaults): requests that leave
+# a key out get these values.
+ENGINE_CONFIG: dict[str, Any] = {"threshold": 0.01, "window": 32, "window_agg": "max"}
+THRESHOLDS = (0.005, 0.01, 0.02, 0.05)
+WINDOWS = ((1, None), (8, "max"), (8, "mean"), (32, "max"), (32, "mean"))
+FIXED_BUDGETS = (0.9, 0.5, 0.2)
+
+
+@dataclass(frozen=True)
+class Policy:
+    kind: str  # "full", "refreekv" or "fixed"
+    threshold: float = 0.0
+    window: int = 1
+    window_agg: str | None = None
+    budget: float = 1.0
+    rerun: bool = False
+
+    @property
+    def name(self) -> str:
+        if self.kind == "full":
+            return "full-rerun" if self.rerun else "full"
+        if self.kind == "fixed":
+            return f"fixed-{self.budget:g}"
+        agg = f"-{self.window_agg}" if self.window > 1 else ""
+        return f"refreekv-w{self.window}{agg}-T{self.threshold:g}"
+
+    @property
+    def family(self) -> str:
+        """Plot series: policies that differ only in T (or the fixed budget)."""
+        if self.kind == "refreekv":
+            return f"ReFreeKV w={self.window}" + (f" {self.window_agg}" if self.window > 1 else "")
+        return {"full": "full cache", "fixed": "fixed budget"}[self.kind]
+
+    def xargs(self, supported_keys: Collection[str]) -> dict[str, Any]:
+        """Per-request keys; raises KeyError naming a key the installed plugin does not know."""
+        if self.kind == "full":
+            return {"refreekv_enabled": False}
+        if self.kind == "fixed":
+            wanted: dict[str, Any] = {"refreekv_policy": "fixed", "refreekv_budget": self.budget}
+        else:
+            wanted = {"refreekv_threshold": self.threshold, "refreekv_window": self.window}
+            if self.window > 1:
+                wanted["refreekv_window_agg"] = self.window_agg
+        missing = [k for k in wanted if k not in supported_keys]
+        # A missing key whose value is the engine's own setting can be left out.
+        if missing == ["refreekv_window_agg"] and self.window_agg == ENGINE_CONFIG["window_agg"]:
+            del wanted["refreekv_window_agg"]
+        elif missing:
+            raise KeyError(f"policy {self.name} needs per-request key(s) {missing}, which this "
+                           f"refreekv_vllm does not accept (it knows {sorted(supported_keys)})")
+        return wanted
+
+
+FULL = Policy("full")
+FULL_RERUN = Policy("full", rerun=True)
+PAPER_RULE = Policy("refreekv", threshold=0.01, window=1)
+CONFIGURED_DEFAULT = Policy("refreekv", threshold=ENGINE_CONFIG["threshold"],
+                            window=ENGINE_CONFIG["window"], window_agg=ENGINE_CONFIG["window_agg"])
+
+
+def full_grid() -> list[Policy]:
+    refreekv = [Policy("refreekv", threshold=t, window=w, window_agg=agg)
+                for w, agg in WINDOWS for t in THRESHOLDS]
+    fixed = [Policy("fixed", budget=b) for b in FIXED_BUDGETS]
+    return [FULL, FULL_RERUN, *refreekv, *fixed]
+
+
+def quick_grid() -> list[Policy]:
+    return [FULL, PAPER_RULE, CONFIGURED_DEFAULT, Policy("fixed", budget=0.5)]
+
+
+def select(policies: Sequence[Policy], names: Sequence[str] | None) -> list[Policy]:
+    """The named policies in the given order, after ``full`` (the reference, always run)."""
+    if not names:
+        return list(policies)
+    by_name = {p.name: p for p in full_grid() + list(policies)}
+    unknown = sorted(set(names) - set(by_name))
+    if unknown:
+        raise ValueError(f"unknown policies {unknown}; known: {sorted(by_name)}")
+    chosen = [FULL] + [by_name[n] for n in names if n != FULL.name]
+    return list(dict.fromkeys(chosen))

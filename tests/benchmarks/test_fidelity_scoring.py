@@ -1,0 +1,162 @@
+"""Fast checks of the fidelity benchmark's scorers, sandbox, budgets and summary (no engine)."""
+
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from benchmarks.fidelity.budgets import match_reports, physical_budget, report_budgets
+from benchmarks.fidelity.policies import (
+    CONFIGURED_DEFAULT,
+    FULL,
+    PAPER_RULE,
+    Policy,
+    full_grid,
+    quick_grid,
+)
+from benchmarks.fidelity.sandbox import humaneval_program, run_program
+from benchmarks.fidelity.scoring import (
+    gsm8k_gold,
+    gsm8k_score,
+    last_number,
+    token_f1,
+    values_recalled,
+)
+from benchmarks.fidelity.summary import choose_default, policy_summary, rel_change
+from benchmarks.fidelity.tasks import humaneval_completion
+
+ADD_PROMPT = 'def add(x: int, y: int) -> int:\n    """Add two numbers."""\n'
+ADD_TEST = ("def check(candidate):\n    assert candidate(2, 3) == 5\n"
+            "    assert candidate(-1, 1) == 0\n")
+
+
+@pytest.mark.parametrize(("text", "value"), [
+    ("The answer is 18.", 18.0), ("$1,234.50 in total", 1234.5), ("from 3 to -7", -7.0),
+    ("it is 5. The answer is 5.\n\n", 5.0), ("no digits", None), ("0.5 then .25", 0.25)])
+def test_last_number(text, value):
+    assert last_number(text) == value
+
+
+def test_gsm8k_answer_extraction():
+    gold = gsm8k_gold("Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 eggs.\n#### 1,018")
+    assert gold == 1018.0
+    assert gsm8k_score("so 1018 - 0 = 1,018. The answer is 1,018.", gold) == 1.0
+    assert gsm8k_score("The answer is 1018.0", gold) == 1.0
+    assert gsm8k_score("The answer is 1017.", gold) == 0.0
+    # A run-on into the next few-shot question does not count.
+    assert gsm8k_score("The answer is 7.\nQuestion: what is 1018?", gold) == 0.0
+    assert gsm8k_score("", gold) == 0.0
+
+
+def test_passkey_scoring_is_verbatim():
+    assert values_recalled("The pass key is 37519.", ["37519"]) == 1.0
+    assert values_recalled("The pass key is 375.", ["37519"]) == 0.0
+    assert values_recalled("The pass key is 375190.", ["37519"]) == 0.0
+    assert values_recalled("* 7562631\n* 3502558", ["7562631", "1111111"]) == 0.5
+    with pytest.raises(ValueError):
+        values_recalled("x", [])
+
+
+def test_token_f1():
+    assert token_f1("The patients with glaucoma.", "patients with glaucoma") == 1.0
+    assert token_f1("dogs", "patients with glaucoma") == 0.0
+    assert token_f1("patients", "patients with glaucoma") == pytest.approx(0.5)
+
+
+def test_humaneval_sandbox_correct_incorrect_and_infinite_loop():
+    correct = humaneval_program(ADD_PROMPT, "    return x + y\n", ADD_TEST, "add")
+    assert run_program(correct).status == "passed"
+    wrong = humaneval_program(ADD_PROMPT, "    return x - y\n", ADD_TEST, "add")
+    result = run_program(wrong)
+    assert (result.passed, result.status) == (False, "failed")
+    assert "AssertionError" in result.detail
+    start = time.perf_counter()
+    looping = humaneval_program(ADD_PROMPT, "    while True:\n        pass\n", ADD_TEST, "add")
+    result = run_program(looping, timeout_s=1.0)
+    assert (result.passed, result.status) == (False, "timeout")
+    assert time.perf_counter() - start < 10
+
+
+def test_humaneval_sandbox_limits():
+    # Memory beyond the address-space limit fails instead of taking the machine down.
+    hog = humaneval_program(ADD_PROMPT, "    return len(bytearray(4 << 30)) and x + y\n",
+                            ADD_TEST, "add")
+    assert run_program(hog).status == "failed"
+    # The program runs in a fresh directory with an empty environment.
+    probe = humaneval_program(
+        ADD_PROMPT, "    import os\n    assert not os.environ.get('HOME') and "
+        "os.listdir('.') == ['program.py']\n    return x + y\n", ADD_TEST, "add")
+    assert run_program(probe).status == "passed"
+
+
+def test_humaneval_completion_from_chat_reply():
+    full_function = "```python\ndef add(x: int, y: int) -> int:\n    return x + y\n```"
+    program = humaneval_program(ADD_PROMPT, humaneval_completion(ADD_PROMPT, full_function),
+                                ADD_TEST, "add")
+    assert run_program(program).passed
+    body = "    return x + y\n"
+    assert humaneval_completion(ADD_PROMPT, body) == body
+    unterminated = "```python\ndef add(x, y):\n    return x + y\n"
+    assert run_program(humaneval_program(
+        ADD_PROMPT, humaneval_completion(ADD_PROMPT, unterminated), ADD_TEST, "add")).passed
+
+
+def test_budgets_from_a_cut_report():
+    # 100 prompt tokens, block size 16, 4 sinks; 3 layers: frozen, cut at 68, cut at 4.
+    report = SimpleNamespace(req_id="7-abcdef12", num_prompt_tokens=100, num_sink_tokens=4,
+                             cuts=(4, 68, 4))
+    budgets = report_budgets(report, block_size=16)
+    assert budgets.ideal == pytest.approx((1 + 36 / 100 + 1) / 3)
+    # Layer 1 frees blocks 1..3 of 7 prompt blocks.
+    assert budgets.physical == pytest.approx(1 - 3 / 21)
+    assert physical_budget([4, 4], 100, 4, 16) == 1.0
+    assert match_reports(["7", "8"], [report]) == {"7": report}
+
+
+def test_policy_names_and_xargs():
+    all_keys = ("refreekv_enabled", "refreekv_threshold", "refreekv_window",
+                "refreekv_window_agg", "refreekv_policy", "refreekv_budget")
+    old_keys = all_keys[:3]
+    assert FULL.xargs(old_keys) == {"refreekv_enabled": False}
+    assert PAPER_RULE.name == "refreekv-w1-T0.01"
+    assert PAPER_RULE.xargs(old_keys) == {"refreekv_threshold": 0.01, "refreekv_window": 1}
+    assert CONFIGURED_DEFAULT.name == "refreekv-w32-max-T0.01"
+    assert CONFIGURED_DEFAULT.xargs(all_keys)["refreekv_window_agg"] == "max"
+    assert "refreekv_window_agg" not in CONFIGURED_DEFAULT.xargs(old_keys)  # engine default
+    with pytest.raises(KeyError):
+        Policy("refreekv", threshold=0.01, window=8, window_agg="mean").xargs(old_keys)
+    fixed = Policy("fixed", budget=0.5)
+    assert fixed.name == "fixed-0.5"
+    assert fixed.xargs(all_keys) == {"refreekv_policy": "fixed", "refreekv_budget": 0.5}
+    names = [p.name for p in full_grid()]
+    assert len(names) == len(set(names)) == 2 + 20 + 3
+    assert {FULL.name, PAPER_RULE.name, CONFIGURED_DEFAULT.name, "fixed-0.5"} == {
+        p.name for p in quick_grid()}
+
+
+def _metrics(score, full_score, physical):
+    return {"score": score, "full_score": full_score, "agreement": 1.0,
+            "ideal_budget": physical, "physical_budget": physical}
+
+
+def test_summary_and_default_choice():
+    results = {
+        "a": {"x": _metrics(0.99, 1.0, 0.5), "y": _metrics(1.0, 1.0, 0.7),
+              "z": _metrics(0.5, 1.0, 0.3)},
+        "b": {"x": _metrics(0.5, 0.5, 0.6), "y": _metrics(0.5, 0.5, 0.8),
+              "z": _metrics(0.5, 0.5, 0.3)},
+        "zero": {"x": _metrics(0.0, 0.0, 0.9), "y": _metrics(0.0, 0.0, 0.9),
+                 "z": _metrics(0.0, 0.0, 0.3)},
+    }
+    assert rel_change(results["zero"]["x"]) is None
+    x = policy_summary(results, "x")
+    assert x["mean_rel_change"] == pytest.approx(-0.005)
+    assert x["worst_task"] == "a" and x["excluded_tasks"] == ["zero"]
+    assert x["mean_physical_budget"] == pytest.approx(2.0 / 3)
+    assert x["meets_goal"]
+    y, z = policy_summary(results, "y"), policy_summary(results, "z")
+    assert y["meets_goal"] and not z["meets_goal"]
+    chosen, met = choose_default([x, y, z])
+    assert (chosen["policy"], met) == ("x", True)
+    chosen, met = choose_default([z])
+    assert (chosen["policy"], met) == ("z", False)
