@@ -9,7 +9,7 @@ from refreekv_vllm.config import ConfigError, RefreeKVConfig, request_settings
 
 def test_defaults_are_the_documented_ones():
     config = RefreeKVConfig.from_additional_config(None)
-    assert (config.threshold, config.window, config.window_agg) == (0.01, 32, "max")
+    assert (config.threshold, config.window, config.window_agg) == (0.005, 32, "mean")
     assert (config.num_sink_tokens, config.frozen_layers, config.policy) == (4, (0, 1),
                                                                               "threshold")
 

@@ -137,7 +137,7 @@ def write_markdown(result: Mapping[str, Any], path: Path, images: list[str]) -> 
     else:
         lines.append(f"**No ReFreeKV policy met the goal.** Closest to the quality goal: "
                      f"{_verdict(summary)}")
-    lines += ["", f"- Plugin's configured default (w=32, max, T=0.01): {_verdict(configured)}",
+    lines += ["", f"- Engine's configured default ({configured['policy']}): {_verdict(configured)}",
               f"- Paper's rule (w=1, T=0.01): {_verdict(paper)}"]
     for fixed in result["fixed_summaries"]:
         lines.append(f"- {_fixed_failures(fixed)}")

@@ -43,7 +43,7 @@ def test_schema_and_summaries(quick_run):
     for key in ("command", "machine", "model", "tasks", "policies", "wall_s"):
         assert result[key], key
     assert result["unavailable_policies"] == {}
-    assert set(result["policies"]) == {"full", "refreekv-w1-T0.01", "refreekv-w32-max-T0.01",
+    assert set(result["policies"]) == {"full", "refreekv-w1-T0.01", "refreekv-w32-mean-T0.005",
                                        "fixed-0.5"}
     assert {t["name"] for t in result["tasks"]} == {
         "passkey", "multi_needle", "gsm8k", "humaneval", "reading"}
@@ -56,8 +56,8 @@ def test_schema_and_summaries(quick_run):
     for key in ("summary", "paper_rule_summary", "configured_default_summary"):
         assert set(result[key]) >= SUMMARY_KEYS, key
     assert result["paper_rule_summary"]["policy"] == "refreekv-w1-T0.01"
-    assert result["configured_default_summary"]["policy"] == "refreekv-w32-max-T0.01"
-    assert result["summary"]["policy"] in ("refreekv-w1-T0.01", "refreekv-w32-max-T0.01")
+    assert result["configured_default_summary"]["policy"] == "refreekv-w32-mean-T0.005"
+    assert result["summary"]["policy"] in ("refreekv-w1-T0.01", "refreekv-w32-mean-T0.005")
     assert isinstance(result["summary"]["met"], bool)
 
 

@@ -120,11 +120,11 @@ def test_policy_names_and_xargs():
     assert FULL.xargs(old_keys) == {"refreekv_enabled": False}
     assert PAPER_RULE.name == "refreekv-w1-T0.01"
     assert PAPER_RULE.xargs(old_keys) == {"refreekv_threshold": 0.01, "refreekv_window": 1}
-    assert CONFIGURED_DEFAULT.name == "refreekv-w32-max-T0.01"
-    assert CONFIGURED_DEFAULT.xargs(all_keys)["refreekv_window_agg"] == "max"
+    assert CONFIGURED_DEFAULT.name == "refreekv-w32-mean-T0.005"
+    assert CONFIGURED_DEFAULT.xargs(all_keys)["refreekv_window_agg"] == "mean"
     assert "refreekv_window_agg" not in CONFIGURED_DEFAULT.xargs(old_keys)  # engine default
     with pytest.raises(KeyError):
-        Policy("refreekv", threshold=0.01, window=8, window_agg="mean").xargs(old_keys)
+        Policy("refreekv", threshold=0.01, window=8, window_agg="max").xargs(old_keys)
     fixed = Policy("fixed", budget=0.5)
     assert fixed.name == "fixed-0.5"
     assert fixed.xargs(all_keys) == {"refreekv_policy": "fixed", "refreekv_budget": 0.5}
