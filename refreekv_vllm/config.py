@@ -163,6 +163,19 @@ def request_settings(config: RefreeKVConfig, extra_args: Mapping[str, Any] | Non
     return settings
 
 
+def pruning_settings(config: RefreeKVConfig, extra_args: Mapping[str, Any] | None
+                     ) -> RequestSettings | None:
+    """The settings a request is pruned with, or None if it is not pruned: opted out, nothing to
+    cut (T=0, budget 1), or invalid overrides. The API server rejects those with HTTP 400; an
+    offline caller that slipped one through gets an unpruned request, not a crashed engine.
+    Scheduler and worker both decide with this, so they always agree."""
+    try:
+        settings = request_settings(config, extra_args)
+    except ConfigError:
+        return None
+    return settings if settings.prunes else None
+
+
 def _parse_bool(value: Any, name: str) -> bool:
     if isinstance(value, bool):
         return value

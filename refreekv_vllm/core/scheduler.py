@@ -18,12 +18,7 @@ from vllm.v1.kv_cache_interface import KVCacheConfig
 from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request, RequestStatus
 
-from refreekv_vllm.config import (
-    ConfigError,
-    RefreeKVConfig,
-    RequestSettings,
-    request_settings,
-)
+from refreekv_vllm.config import RefreeKVConfig, RequestSettings, pruning_settings
 from refreekv_vllm.core.block_freeing import release_gap_blocks
 from refreekv_vllm.core.cut_state import CutState, CutStats, SkipReason
 from refreekv_vllm.core.kv_cache_spec import layer_index_of_group
@@ -117,12 +112,8 @@ class RefreeKVSchedulerMixin:
     def _refreekv_settings(self, request: Request) -> RequestSettings | None:
         """The request's pruning settings, or None if it is not to be pruned."""
         params = request.sampling_params
-        try:
-            settings = request_settings(
-                self._refreekv_config, params.extra_args if params is not None else None)
-        except ConfigError:
-            return None  # the worker leaves such requests unpruned too
-        return settings if settings.prunes else None
+        return pruning_settings(self._refreekv_config,
+                                params.extra_args if params is not None else None)
 
     def _apply_cut_reports(self, reports: Mapping[str, CutReport]) -> None:
         state = self._refreekv_state

@@ -15,12 +15,7 @@ import numpy as np
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
 
-from refreekv_vllm.config import (
-    ConfigError,
-    RefreeKVConfig,
-    RequestSettings,
-    request_settings,
-)
+from refreekv_vllm.config import RefreeKVConfig, RequestSettings, pruning_settings
 from refreekv_vllm.core.kv_cache_spec import LayerFullAttentionSpec
 from refreekv_vllm.metrics.prometheus import WorkerMetrics
 from refreekv_vllm.outputs import CutReport, attach_cut_reports
@@ -116,8 +111,10 @@ class RefreeKVModelRunnerMixin:
                     step.gaps.setdefault(layer, []).append((row, first, end))
             elif (computed < num_prompt and req_id not in self._refreekv_no_prune
                   and num_prompt > config.num_sink_tokens + 1):
-                settings = self._settings_of(req_id)
-                if settings is not None and settings.prunes:
+                params = self.requests[req_id].sampling_params
+                settings = pruning_settings(
+                    config, params.extra_args if params is not None else None)
+                if settings is not None:
                     self._plan_prefill(step, req_id, row, token_start, computed, scheduled,
                                        num_prompt, settings)
             token_start += scheduled
@@ -149,16 +146,6 @@ class RefreeKVModelRunnerMixin:
                                            num_prompt_tokens=num_prompt, window=window,
                                            window_agg=settings.window_agg,
                                            threshold=settings.threshold))
-
-    def _settings_of(self, req_id: str):  # noqa: ANN202
-        params = self.requests[req_id].sampling_params
-        extra_args = params.extra_args if params is not None else None
-        try:
-            return request_settings(self.refreekv_config, extra_args)
-        except ConfigError:
-            # The API server rejects these with HTTP 400; an offline caller that slipped one
-            # through gets an unpruned request rather than a crashed engine.
-            return None
 
     def sample_tokens(self, grammar_output: Any):  # noqa: ANN201
         output = super().sample_tokens(grammar_output)
@@ -240,8 +227,8 @@ def request_record(row: ScoringRow, cuts: tuple[int, ...], gaps: dict[int, tuple
         "window": None if fixed else row.window,
         "window_agg": None if fixed else row.window_agg,
         "cuts": list(cuts),
-        "paper_budget": paper_budget(cuts, num_prompt_tokens, m,
-                                     () if fixed else config.frozen_layers),
+        # Frozen layers report cut m (nothing pruned); the fixed baseline cuts them too.
+        "paper_budget": paper_budget(cuts, num_prompt_tokens, m, frozen_layers=()),
         "block_budget": 1 - skipped / (prompt_blocks * len(cuts)),
         "tokens_pruned": sum(c - m for c in cuts),
         "blocks_skipped": skipped,
