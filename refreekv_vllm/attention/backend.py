@@ -1,6 +1,7 @@
 """Attention backends that wrap vLLM's own: same kernels, same names, plus two duties.
 
-- The metadata builder hands attention a view of each pruned request without its gap blocks.
+- The metadata builder hands attention a view of each pruned request without its gap blocks,
+  and builds once per step for all layers without a gap (``metadata_sharing``).
 - The impl, after the wrapped forward wrote this step's keys, scores the requests whose prompt
   ends in this step (``scoring.capture_and_score``).
 
@@ -15,6 +16,11 @@ import torch
 from vllm.model_executor.models.utils import extract_layer_index
 
 from refreekv_vllm.attention.gaps import skip_gaps
+from refreekv_vllm.attention.metadata_sharing import (
+    build_key,
+    current_share,
+    shared_buffer_like,
+)
 from refreekv_vllm.attention.scoring import capture_and_score
 from refreekv_vllm.worker.step_context import StepContext, get_step_context
 
@@ -28,17 +34,38 @@ class GapSkippingBuilderMixin:
         # process-wide, so a plain engine in the same process gets this class too: pass through.
         self.refreekv_layer = layers.pop() if len(layers) == 1 else None
         self.refreekv_block_size = kv_cache_spec.block_size
+        # FA3 + full CUDA graphs: the builder's scheduler-metadata buffer (metadata_sharing).
+        own = getattr(self, "scheduler_metadata", None)
+        self._refreekv_own_schedule = own if isinstance(own, torch.Tensor) else None
 
     def build(self, common_prefix_len: int, common_attn_metadata: Any, *args: Any,
               **kwargs: Any) -> Any:
+        if self.refreekv_layer is None:
+            return super().build(common_prefix_len, common_attn_metadata, *args, **kwargs)
         step = get_step_context()
-        gaps = None
-        if step is not None and self.refreekv_layer is not None:
-            gaps = step.gaps.get(self.refreekv_layer)
-        if gaps:
-            common_attn_metadata = skip_gaps(common_attn_metadata, gaps,
-                                             self.refreekv_block_size)
-        return super().build(common_prefix_len, common_attn_metadata, *args, **kwargs)
+        gaps = step.gaps.get(self.refreekv_layer) if step is not None else None
+        share = current_share()
+        if gaps or share is None or not self.supports_update_block_table:
+            if gaps:
+                common_attn_metadata = skip_gaps(common_attn_metadata, gaps,
+                                                 self.refreekv_block_size)
+            self._use_schedule_buffer(shared=False)
+            return super().build(common_prefix_len, common_attn_metadata, *args, **kwargs)
+        key = build_key(self, common_prefix_len, common_attn_metadata, args, kwargs)
+        if key in share.builds:
+            return self.update_block_table(share.builds[key],
+                                           common_attn_metadata.block_table_tensor,
+                                           common_attn_metadata.slot_mapping)
+        self._use_schedule_buffer(shared=not share.shared_buffer_written)
+        share.shared_buffer_written = True
+        metadata = super().build(common_prefix_len, common_attn_metadata, *args, **kwargs)
+        share.builds[key] = metadata
+        return metadata
+
+    def _use_schedule_buffer(self, shared: bool) -> None:
+        own = self._refreekv_own_schedule
+        if own is not None:
+            self.scheduler_metadata = shared_buffer_like(own) if shared else own
 
 
 def _scoring_step(attn_metadata: Any) -> StepContext | None:

@@ -15,11 +15,13 @@ import numpy as np
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
 
+from refreekv_vllm.attention.metadata_sharing import sharing_metadata
 from refreekv_vllm.config import RefreeKVConfig, RequestSettings, pruning_settings
 from refreekv_vllm.core.kv_cache_spec import LayerFullAttentionSpec
 from refreekv_vllm.metrics.prometheus import WorkerMetrics
 from refreekv_vllm.outputs import CutReport, attach_cut_reports
 from refreekv_vllm.policy.budget import freeable_block_range, paper_budget
+from refreekv_vllm.worker.block_tables import StackedBlockTables, stackable
 from refreekv_vllm.worker.step_context import (
     ScoringRow,
     StepContext,
@@ -56,6 +58,35 @@ class RefreeKVModelRunnerMixin:
     def get_kv_cache_spec(self) -> dict[str, KVCacheSpec]:
         # One KV cache group per layer: each layer owns its blocks and can release its own gap.
         return per_layer_specs(super().get_kv_cache_spec())
+
+    def initialize_kv_cache(self, kv_cache_config: Any, *args: Any, **kwargs: Any) -> None:
+        super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
+        tables = self.input_batch.block_table
+        # The CPU runner keeps host and "device" buffers as one tensor and maps slots with its
+        # own kernel; stacking only pays off (and only runs) on CUDA.
+        if self.device.type == "cuda" and stackable(tables) is None:
+            self.input_batch.block_table = StackedBlockTables(tables)
+
+    def _get_slot_mappings(self, num_tokens_padded: int, num_reqs_padded: int,
+                           num_tokens_unpadded: int, ubatch_slices: Any = None):  # noqa: ANN202
+        tables = self.input_batch.block_table
+        if not isinstance(tables, StackedBlockTables) or ubatch_slices is not None:
+            return super()._get_slot_mappings(num_tokens_padded, num_reqs_padded,
+                                              num_tokens_unpadded, ubatch_slices)
+        # vLLM pads each group's slot mapping with its own fill; one fill covers all groups.
+        tables.pad_slot_mappings(num_tokens_unpadded, num_tokens_padded)
+        by_group = {group: tables.slot_mappings.gpu[group, :num_tokens_padded]
+                    for group in range(len(self.kv_cache_config.kv_cache_groups))}
+        by_layer = {name: by_group[group]
+                    for group, kv_cache_group in enumerate(self.kv_cache_config.kv_cache_groups)
+                    for name in kv_cache_group.layer_names}
+        return by_group, by_layer
+
+    def _build_attention_metadata(self, *args: Any, **kwargs: Any):  # noqa: ANN202
+        if kwargs.get("ubatch_slices") is not None:
+            return super()._build_attention_metadata(*args, **kwargs)
+        with sharing_metadata():
+            return super()._build_attention_metadata(*args, **kwargs)
 
     def _update_states(self, scheduler_output: Any):  # noqa: ANN201
         cached = scheduler_output.scheduled_cached_reqs
