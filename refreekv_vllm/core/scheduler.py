@@ -20,6 +20,7 @@ from vllm.v1.request import Request, RequestStatus
 
 from refreekv_vllm.config import RefreeKVConfig, RequestSettings, pruning_settings
 from refreekv_vllm.core.block_freeing import release_gap_blocks
+from refreekv_vllm.core.coordinator import adopt as adopt_coordinator
 from refreekv_vllm.core.cut_state import CutState, CutStats, SkipReason
 from refreekv_vllm.core.kv_cache_spec import layer_index_of_group
 from refreekv_vllm.core.prefix_hits import capped_hit_tokens, trim_hit
@@ -51,6 +52,7 @@ class RefreeKVSchedulerMixin:
             for group_id, layer in enumerate(layer_index_of_group(kv_cache_config))
         }
         self._refreekv_state = CutState(self._refreekv_block_size, first_spec.page_size_bytes)
+        adopt_coordinator(self.kv_cache_manager.coordinator)  # before cache_blocks is capped
         self._cap_cache_blocks()
         self._cap_prefix_hits()
         model_config = vllm_config.model_config

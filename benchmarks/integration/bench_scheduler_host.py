@@ -1,0 +1,162 @@
+"""Scheduler host time per decode step: plain vLLM vs ReFreeKV's one KV cache group per layer.
+
+    python benchmarks/integration/bench_scheduler_host.py   # results/scheduler_host_cpu.json
+
+vLLM's real ``Scheduler``, ``KVCacheManager`` and ``BlockPool`` (no model runs): a Llama-3-8B
+KV layout (32 layers, 8 KV heads, head size 128, block size 16, prefix caching on), 64 requests
+of 8,000 prompt tokens at T=0, stepped by hand through prefill, then ``--steps`` decode steps
+are timed (``schedule()`` + ``update_from_output()``). Three schedulers in the same process:
+plain vLLM (one group), ReFreeKV (one group per layer) and ReFreeKV with the coordinator
+shortcuts switched off (vLLM's per-group path). Reported as ratios to plain vLLM.
+"""
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(ROOT))
+
+NUM_LAYERS = 32
+BLOCK_SIZE = 16
+
+
+def build(kind: str, num_requests: int, prompt_len: int, model_dir: Path):
+    import torch
+    from vllm.config import CacheConfig, ModelConfig, SchedulerConfig, VllmConfig
+    from vllm.v1.core.kv_cache_utils import get_kv_cache_config_from_groups, get_kv_cache_groups
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+    from vllm.v1.structured_output import StructuredOutputManager
+
+    from refreekv_vllm.core import scheduler as refreekv_scheduler
+    from refreekv_vllm.core.kv_cache_spec import LayerFullAttentionSpec
+
+    max_model_len = prompt_len + 320
+    vllm_config = VllmConfig(
+        model_config=ModelConfig(model=str(model_dir), dtype="float32", seed=0,
+                                 skip_tokenizer_init=True, max_model_len=max_model_len),
+        scheduler_config=SchedulerConfig(
+            max_num_seqs=256, max_num_batched_tokens=8192, max_model_len=max_model_len,
+            enable_chunked_prefill=True, is_encoder_decoder=False),
+        cache_config=CacheConfig(block_size=BLOCK_SIZE, enable_prefix_caching=True))
+    spec = dict(block_size=BLOCK_SIZE, num_kv_heads=8, head_size=128, dtype=torch.bfloat16)
+    name = "model.layers.{}.self_attn.attn".format
+    if kind == "plain":
+        specs = {name(i): FullAttentionSpec(**spec) for i in range(NUM_LAYERS)}
+    else:
+        specs = {name(i): LayerFullAttentionSpec(**spec, refreekv_layer=i)
+                 for i in range(NUM_LAYERS)}
+    groups = get_kv_cache_groups(vllm_config, specs)
+    blocks_per_layer = num_requests * (max_model_len // BLOCK_SIZE + 2) + 64
+    layers_per_group = len(groups[0].layer_names)
+    num_blocks = blocks_per_layer * (NUM_LAYERS // layers_per_group)
+    kv_cache_config = get_kv_cache_config_from_groups(
+        vllm_config, groups, groups[0].kv_cache_spec.page_size_bytes * num_blocks
+        * layers_per_group)
+    vllm_config.cache_config.num_gpu_blocks = kv_cache_config.num_blocks
+    kwargs = dict(vllm_config=vllm_config, kv_cache_config=kv_cache_config,
+                  structured_output_manager=StructuredOutputManager(vllm_config),
+                  include_finished_set=False, log_stats=True, block_size=BLOCK_SIZE,
+                  hash_block_size=BLOCK_SIZE)
+    if kind == "plain":
+        return Scheduler(**kwargs)
+    if kind == "refreekv_per_group_path":
+        adopt = refreekv_scheduler.adopt_coordinator
+        refreekv_scheduler.adopt_coordinator = lambda coordinator: False
+        try:
+            return refreekv_scheduler.RefreeKVScheduler(**kwargs)
+        finally:
+            refreekv_scheduler.adopt_coordinator = adopt
+    return refreekv_scheduler.RefreeKVScheduler(**kwargs)
+
+
+def time_decode_steps(scheduler, num_requests: int, prompt_len: int, steps: int) -> dict:
+    from vllm import SamplingParams
+    from vllm.utils.hashing import sha256
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher
+    from vllm.v1.outputs import ModelRunnerOutput
+    from vllm.v1.request import Request
+
+    rng = random.Random(0)
+    for i in range(num_requests):
+        scheduler.add_request(Request(
+            request_id=f"r{i}", prompt_token_ids=[rng.randrange(1000, 100_000)
+                                                  for _ in range(prompt_len)],
+            sampling_params=SamplingParams(max_tokens=steps + 64, ignore_eos=True,
+                                           extra_args={"refreekv_threshold": 0.0}),
+            pooling_params=None, block_hasher=get_request_block_hasher(BLOCK_SIZE, sha256)))
+
+    def step() -> bool:
+        output = scheduler.schedule()
+        req_ids = list(output.num_scheduled_tokens)
+        prefilling = [scheduler.requests[r].is_prefill_chunk for r in req_ids]
+        scheduler.update_from_output(output, ModelRunnerOutput(
+            req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
+            sampled_token_ids=[[] if p else [7] for p in prefilling]))
+        return len(req_ids) == num_requests and not any(prefilling)
+
+    while not step():
+        pass
+    for _ in range(16):
+        step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return {"median_ms": 1e3 * statistics.median(times),
+            "mean_ms": 1e3 * statistics.fmean(times)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--num-requests", type=int, default=64)
+    parser.add_argument("--prompt-len", type=int, default=8000)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
+    args = parser.parse_args()
+    os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")  # tiny model's config is reused
+    from vllm.utils.hashing import sha256
+    from vllm.v1.core.kv_cache_utils import init_none_hash
+
+    from refreekv_vllm.models import prepare_tiny_llama
+
+    init_none_hash(sha256)
+    model_dir = prepare_tiny_llama()
+    results = {}
+    for kind in ("plain", "refreekv", "refreekv_per_group_path"):
+        scheduler = build(kind, args.num_requests, args.prompt_len, model_dir)
+        results[kind] = time_decode_steps(scheduler, args.num_requests, args.prompt_len,
+                                          args.steps)
+        results[kind]["kv_cache_groups"] = len(scheduler.kv_cache_config.kv_cache_groups)
+        del scheduler
+    plain = results["plain"]["median_ms"]
+    summary = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "workload": (f"Llama-3-8B KV layout (32 layers), block size {BLOCK_SIZE}, prefix caching, "
+                     f"{args.num_requests} x {args.prompt_len}-token prompts at T=0, medians of "
+                     f"{args.steps} decode steps (schedule + update_from_output)"),
+        "results": results,
+        "refreekv_vs_plain": results["refreekv"]["median_ms"] / plain,
+        "per_group_path_vs_plain": results["refreekv_per_group_path"]["median_ms"] / plain,
+        "command": "python benchmarks/integration/bench_scheduler_host.py",
+    }
+    print(f"{'scheduler':28} {'groups':>6} {'ms/step':>8} {'x plain':>8}")
+    for kind, r in results.items():
+        print(f"{kind:28} {r['kv_cache_groups']:6d} {r['median_ms']:8.2f} "
+              f"{r['median_ms'] / plain:8.2f}")
+    out = Path(args.out_dir) / "scheduler_host_cpu.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
