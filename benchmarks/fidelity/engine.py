@@ -64,18 +64,12 @@ def block_size_of(llm: Any) -> int:
     return llm.llm_engine.vllm_config.cache_config.block_size
 
 
-def supported_request_keys() -> tuple[str, ...]:
-    from refreekv_vllm.config import REQUEST_KEYS
-
-    return tuple(REQUEST_KEYS)
-
-
 def run_batch(llm: Any, task: Task, policy: Policy) -> BatchResult:
     """All of ``task``'s samples under ``policy`` in one ``generate`` call (greedy)."""
     from vllm import SamplingParams, TokensPrompt
 
     params = SamplingParams(temperature=0.0, max_tokens=task.max_tokens, stop=task.stop or None,
-                            extra_args=policy.xargs(supported_request_keys()))
+                            extra_args=policy.xargs())
     prompts = [TokensPrompt(prompt_token_ids=s.prompt_ids) for s in task.samples]
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)

@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,24 +49,17 @@ class Policy:
             return f"ReFreeKV w={self.window}" + (f" {self.window_agg}" if self.window > 1 else "")
         return {"full": "full cache", "fixed": "fixed budget"}[self.kind]
 
-    def xargs(self, supported_keys: Collection[str]) -> dict[str, Any]:
-        """Per-request keys; raises KeyError naming a key the installed plugin does not know."""
+    def xargs(self) -> dict[str, Any]:
+        """The request's ``vllm_xargs`` selecting this policy."""
         if self.kind == "full":
             return {"refreekv_enabled": False}
         if self.kind == "fixed":
-            wanted: dict[str, Any] = {"refreekv_policy": "fixed", "refreekv_budget": self.budget}
-        else:
-            wanted = {"refreekv_threshold": self.threshold, "refreekv_window": self.window}
-            if self.window > 1:
-                wanted["refreekv_window_agg"] = self.window_agg
-        missing = [k for k in wanted if k not in supported_keys]
-        # A missing key whose value is the engine's own setting can be left out.
-        if missing == ["refreekv_window_agg"] and self.window_agg == ENGINE_CONFIG["window_agg"]:
-            del wanted["refreekv_window_agg"]
-        elif missing:
-            raise KeyError(f"policy {self.name} needs per-request key(s) {missing}, which this "
-                           f"refreekv_vllm does not accept (it knows {sorted(supported_keys)})")
-        return wanted
+            return {"refreekv_policy": "fixed", "refreekv_budget": self.budget}
+        xargs: dict[str, Any] = {"refreekv_threshold": self.threshold,
+                                 "refreekv_window": self.window}
+        if self.window > 1:
+            xargs["refreekv_window_agg"] = self.window_agg
+        return xargs
 
 
 FULL = Policy("full")

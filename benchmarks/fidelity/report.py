@@ -147,9 +147,6 @@ def write_markdown(result: Mapping[str, Any], path: Path, images: list[str]) -> 
                      f"cold prefill) agrees with the first run on "
                      f"{_pct(noise['mean_agreement'])} of the samples (mean over tasks), "
                      f"mean relative change {_pct(noise['mean_rel_change'], True)}.")
-    if result["unavailable_policies"]:
-        lines += ["", "Not run (the installed plugin lacks their per-request keys): " + ", ".join(
-            f"{k} ({v})" for k, v in result["unavailable_policies"].items())]
     lines += ["", "## All policies", "", *_policy_table(result["policy_summaries"]), ""]
     lines += [f"![{name}]({name})" for name in images] + ["", "## Per task", ""]
     for task in result["tasks"]:

@@ -60,18 +60,6 @@ def model_path(args: argparse.Namespace) -> tuple[str, str]:
     return DEFAULT_MODEL_NAME, str(prepare_smollm2())
 
 
-def runnable_policies(policies: list[pol.Policy]) -> tuple[list[pol.Policy], dict[str, str]]:
-    """Policies whose per-request keys the installed plugin accepts, and why the others not."""
-    keys, ok, skipped = eng.supported_request_keys(), [], {}
-    for policy in policies:
-        try:
-            policy.xargs(keys)
-            ok.append(policy)
-        except KeyError as e:
-            skipped[policy.name] = str(e.args[0])
-    return ok, skipped
-
-
 def run_task(llm: Any, task: Task, policies: list[pol.Policy], samples_file: Any,
              start: float, position: str) -> dict[str, Any]:
     log(f"task {position} {task.name}: {len(task.samples)} samples, prompts "
@@ -136,10 +124,7 @@ def main() -> None:
     args = parser.parse_args()
     start = time.perf_counter()
     grid = pol.quick_grid() if args.quick else pol.full_grid()
-    policies, unavailable = runnable_policies(
-        pol.select(grid, [p for p in args.policies.split(",") if p]))
-    for name, why in unavailable.items():
-        log(f"NOT RUNNING {name}: {why}", start)
+    policies = pol.select(grid, [p for p in args.policies.split(",") if p])
     if not any(p.kind == "refreekv" for p in policies):
         raise SystemExit("no ReFreeKV policy left to run")
     name, path = model_path(args)
@@ -161,8 +146,7 @@ def main() -> None:
         "goal": {**GOAL, "text": GOAL_TEXT},
         "policies": [p.name for p in policies],
         "policy_families": {p.name: p.family for p in policies},
-        "policy_xargs": {p.name: p.xargs(eng.supported_request_keys()) for p in policies},
-        "unavailable_policies": unavailable, "tasks": []}
+        "policy_xargs": {p.name: p.xargs() for p in policies}, "tasks": []}
     with open(out_dir / f"{stem}_samples.jsonl", "w", encoding="utf-8") as samples_file:
         for k, task in enumerate(tasks):
             result["tasks"].append(run_task(llm, task, policies, samples_file, start,

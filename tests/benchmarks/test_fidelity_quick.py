@@ -42,7 +42,6 @@ def test_schema_and_summaries(quick_run):
     result, _ = quick_run
     for key in ("command", "machine", "model", "tasks", "policies", "wall_s"):
         assert result[key], key
-    assert result["unavailable_policies"] == {}
     assert set(result["policies"]) == {"full", "refreekv-w1-T0.01", "refreekv-w32-mean-T0.005",
                                        "fixed-0.5"}
     assert {t["name"] for t in result["tasks"]} == {

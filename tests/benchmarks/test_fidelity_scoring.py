@@ -114,20 +114,19 @@ def test_budgets_from_a_cut_report():
 
 
 def test_policy_names_and_xargs():
-    all_keys = ("refreekv_enabled", "refreekv_threshold", "refreekv_window",
-                "refreekv_window_agg", "refreekv_policy", "refreekv_budget")
-    old_keys = all_keys[:3]
-    assert FULL.xargs(old_keys) == {"refreekv_enabled": False}
+    from refreekv_vllm.config import REQUEST_KEYS
+
+    assert FULL.xargs() == {"refreekv_enabled": False}
     assert PAPER_RULE.name == "refreekv-w1-T0.01"
-    assert PAPER_RULE.xargs(old_keys) == {"refreekv_threshold": 0.01, "refreekv_window": 1}
+    assert PAPER_RULE.xargs() == {"refreekv_threshold": 0.01, "refreekv_window": 1}
     assert CONFIGURED_DEFAULT.name == "refreekv-w32-mean-T0.005"
-    assert CONFIGURED_DEFAULT.xargs(all_keys)["refreekv_window_agg"] == "mean"
-    assert "refreekv_window_agg" not in CONFIGURED_DEFAULT.xargs(old_keys)  # engine default
-    with pytest.raises(KeyError):
-        Policy("refreekv", threshold=0.01, window=8, window_agg="max").xargs(old_keys)
+    assert CONFIGURED_DEFAULT.xargs()["refreekv_window_agg"] == "mean"
     fixed = Policy("fixed", budget=0.5)
     assert fixed.name == "fixed-0.5"
-    assert fixed.xargs(all_keys) == {"refreekv_policy": "fixed", "refreekv_budget": 0.5}
+    assert fixed.xargs() == {"refreekv_policy": "fixed", "refreekv_budget": 0.5}
+    # Every key a policy sends is one the plugin accepts per request.
+    for policy in full_grid():
+        assert set(policy.xargs()) <= set(REQUEST_KEYS), policy.name
     names = [p.name for p in full_grid()]
     assert len(names) == len(set(names)) == 2 + 20 + 3
     assert {FULL.name, PAPER_RULE.name, CONFIGURED_DEFAULT.name, "fixed-0.5"} == {
