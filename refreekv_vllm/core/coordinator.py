@@ -57,8 +57,7 @@ class PerLayerShortcuts:
         if request_id not in self.uniform:
             return self.stock_num_blocks_to_allocate(request_id, num_tokens, new_computed_blocks,
                                                      *args, **kwargs)
-        missing = cdiv(num_tokens, self.block_size) - len(self.first.req_to_blocks[request_id])
-        answer = len(self.managers) * max(missing, 0)
+        answer = len(self.managers) * max(self._missing_blocks(request_id, num_tokens), 0)
         if self.debug:
             stock = self.stock_num_blocks_to_allocate(request_id, num_tokens,
                                                       new_computed_blocks, *args, **kwargs)
@@ -72,7 +71,7 @@ class PerLayerShortcuts:
             self.uniform.add(request_id)
             return new_blocks
         self._check_uniform_lengths(request_id)
-        missing = cdiv(num_tokens, self.block_size) - len(self.first.req_to_blocks[request_id])
+        missing = self._missing_blocks(request_id, num_tokens)
         if missing <= 0:
             if self.debug:
                 stock = self.stock_allocate_new_blocks(request_id, num_tokens, *args, **kwargs)
@@ -112,6 +111,10 @@ class PerLayerShortcuts:
     def pop_blocks_for_free(self, request_id: str) -> list[Any]:
         self.uniform.discard(request_id)
         return self.stock_pop_blocks_for_free(request_id)
+
+    def _missing_blocks(self, request_id: str, num_tokens: int) -> int:
+        """Blocks each group lacks for ``num_tokens`` (group 0 answers for all: uniform)."""
+        return cdiv(num_tokens, self.block_size) - len(self.first.req_to_blocks[request_id])
 
     def _check_uniform_lengths(self, request_id: str) -> None:
         if self.debug:

@@ -7,8 +7,8 @@ import random
 import pytest
 from vllm.v1.request import RequestStatus
 
-from refreekv_vllm.core.coordinator import PerLayerShortcuts
-from refreekv_vllm.core.scheduler import make_scheduler  # noqa: I001 - after the test helpers
+from refreekv_vllm.core.coordinator import PerLayerShortcuts, adopt
+from refreekv_vllm.core.scheduler import make_scheduler
 from refreekv_vllm.outputs import CutReport
 from tests.core.test_scheduler import engine_core_kwargs, num_free, schedule, update
 from tests.core.utils import (
@@ -21,10 +21,12 @@ from tests.core.utils import (
 )
 
 
-def build(tiny_llama_dir, async_scheduling: bool):
-    vllm_config = make_vllm_config(tiny_llama_dir, max_num_batched_tokens=64)
+def build(tiny_llama_dir, async_scheduling: bool, enable_prefix_caching: bool = True,
+          num_blocks: int = 110):
+    vllm_config = make_vllm_config(tiny_llama_dir, max_num_batched_tokens=64,
+                                   enable_prefix_caching=enable_prefix_caching)
     vllm_config.scheduler_config.async_scheduling = async_scheduling
-    kv_cache_config = per_layer_kv_cache_config(vllm_config, num_blocks=110)
+    kv_cache_config = per_layer_kv_cache_config(vllm_config, num_blocks=num_blocks)
     return make_scheduler(**engine_core_kwargs(vllm_config, kv_cache_config))
 
 
@@ -70,34 +72,32 @@ def run_workload(scheduler) -> list:
     return trace
 
 
-@pytest.mark.parametrize("async_scheduling", [False, True])
+# Pool sizes at which the workload preempts (without prefix caching nothing is shared).
+@pytest.mark.parametrize(("async_scheduling", "enable_prefix_caching", "num_blocks"),
+                         [(False, True, 110), (True, True, 110), (False, False, 130)])
 def test_shortcuts_schedule_exactly_like_the_per_group_path(
-        tiny_llama_dir, monkeypatch, async_scheduling):
+        tiny_llama_dir, monkeypatch, async_scheduling, enable_prefix_caching, num_blocks):
     monkeypatch.setenv("REFREEKV_DEBUG_ACCOUNTING", "1")  # check groups agree on every shortcut
-    with_shortcuts = build(tiny_llama_dir, async_scheduling)
+    with_shortcuts = build(tiny_llama_dir, async_scheduling, enable_prefix_caching, num_blocks)
     coordinator = with_shortcuts.kv_cache_manager.coordinator
     assert isinstance(coordinator.allocate_new_blocks.__self__, PerLayerShortcuts)
     fast = run_workload(with_shortcuts)
 
     monkeypatch.setattr("refreekv_vllm.core.scheduler.adopt_coordinator", lambda c: False)
-    stock = build(tiny_llama_dir, async_scheduling)
+    stock = build(tiny_llama_dir, async_scheduling, enable_prefix_caching, num_blocks)
     assert "allocate_new_blocks" not in vars(stock.kv_cache_manager.coordinator)
     assert run_workload(stock) == fast
     pool = with_shortcuts.kv_cache_manager.block_pool
     assert pool.get_num_free_blocks() == pool.num_gpu_blocks - 1
 
 
-def test_shortcuts_stay_off_when_groups_differ(tiny_llama_dir):
-    from refreekv_vllm.core.coordinator import adopt
-
-    scheduler = build(tiny_llama_dir, async_scheduling=False)
-    coordinator = scheduler.kv_cache_manager.coordinator
+def test_shortcuts_stay_off_when_groups_differ(tiny_llama_dir, monkeypatch):
+    monkeypatch.setattr("refreekv_vllm.core.scheduler.adopt_coordinator", lambda c: False)
+    coordinator = build(tiny_llama_dir, async_scheduling=False).kv_cache_manager.coordinator
     managers = coordinator.single_type_managers
-    original = managers[1].block_size
+    assert len(managers) == NUM_LAYERS
     managers[1].block_size = 2 * BLOCK_SIZE
-    try:
-        # Already adopted once; a coordinator whose groups differ is refused outright.
-        assert len(managers) == NUM_LAYERS
-        assert not adopt(type("Other", (), {"single_type_managers": managers})())
-    finally:
-        managers[1].block_size = original
+    assert not adopt(coordinator)
+    assert "allocate_new_blocks" not in vars(coordinator)
+    managers[1].block_size = BLOCK_SIZE
+    assert adopt(coordinator)  # the block size alone made the difference

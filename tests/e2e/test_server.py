@@ -6,6 +6,7 @@ import urllib.request
 
 import pytest
 
+from refreekv_vllm.config import RefreeKVConfig
 from refreekv_vllm.models import DEFAULT_MODEL_NAME
 
 pytestmark = pytest.mark.e2e
@@ -146,8 +147,6 @@ def test_metrics_and_stats_count_what_the_engine_did(default_server):
     assert delta("refreekv:request_block_budget_count") == 1
     assert delta("refreekv:kv_bytes_freed_total") > 0
     assert delta("refreekv:tokens_pruned_total") == record["tokens_pruned"]
-    from refreekv_vllm.config import RefreeKVConfig
-
     assert after["refreekv:threshold"] == RefreeKVConfig().threshold
 
     status, stats = get_json(url + "/v1/refreekv/stats")
