@@ -34,17 +34,29 @@ def child(workload: str, engine: str, args, out_dir: Path, extra: list[str]) -> 
     return result
 
 
-def compare_with_reference(args, scratch: Path, model: str, block_size: int) -> dict:
-    """vLLM (float32, ReFreeKV default settings) against the transformers reference."""
+# Rules checked against the reference besides the default: the issue's T = 1% with the paper's
+# last-row window and with the observation window.
+REFERENCE_RULES = {
+    "paper_w1_T0.01": {"threshold": 0.01, "window": 1},
+    "w32_max_T0.01": {"threshold": 0.01, "window": 32, "window_agg": "max"},
+}
+
+
+def compare_with_reference(args, scratch: Path, model: str, block_size: int,
+                           settings: dict | None = None) -> dict:
+    """vLLM (float32, ReFreeKV ``settings`` over the defaults) against the transformers
+    reference."""
     from benchmarks.integration.hf_reference import load_reference_model, reference_generate
     from refreekv_vllm.config import RefreeKVConfig
     from refreekv_vllm.policy.budget import freeable_block_range
 
+    settings = settings or {}
     max_tokens = 32
     vllm_run = child("reference", "refreekv", args, scratch,
                      ["--model", model, "--block-size", str(block_size), "--num-prompts", "10",
-                      "--max-tokens", str(max_tokens), "--filler", "70"])
-    config = RefreeKVConfig()
+                      "--max-tokens", str(max_tokens), "--filler", "70",
+                      "--refreekv", json.dumps(settings)])
+    config = RefreeKVConfig.from_additional_config({"refreekv": settings})
     _, hf_model = load_reference_model(model)
     matches, same_blocks, records = 0, 0, []
     for request in vllm_run["requests"]:
@@ -92,7 +104,8 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], required=True)
     parser.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
-    parser.add_argument("--part", choices=["all", "exactness", "capacity", "overhead"],
+    parser.add_argument("--part",
+                        choices=["all", "exactness", "reference", "capacity", "overhead"],
                         default="all",
                         help="run part of the benchmark, merging into an existing result file")
     args = parser.parse_args()
@@ -105,6 +118,16 @@ def main() -> None:
     result["device"] = device_name(args.device)
     if args.part in ("all", "exactness"):
         result.update(run_exactness(args, scratch))
+    if args.part == "reference":
+        from refreekv_vllm.models import prepare_smollm2
+
+        model, block_size = str(prepare_smollm2()), 16 if args.device == "cuda" else 32
+        result["reference_by_rule"] = {
+            label: {k: v for k, v in compare_with_reference(args, scratch, model, block_size,
+                                                            settings).items()
+                    if k != "reference_requests"} | {"settings": settings}
+            for label, settings in REFERENCE_RULES.items()}
+        result["reference_by_rule_command"] = " ".join(["python", *sys.argv])
     if args.part == "capacity":
         from refreekv_vllm.models import prepare_smollm2
 
@@ -146,6 +169,9 @@ def run_exactness(args, scratch: Path) -> dict:
         "freed_vs_ideal": (1 - physical_budget) / (1 - ideal_budget) if ideal_budget < 1 else 1.0,
         "leaked_blocks": plain["leaked_blocks"] + pruned["leaked_blocks"],
         "pruning_stats": pruned["stats"],
+        # Layer scorings by the source of the window rows' softmax normalisers: "attention"
+        # (the prefill's FlashAttention, one pass over the keys) or "own" (two passes).
+        "window_normalisers": pruned["window_normalisers"],
         "per_request": [{"num_prompt_tokens": r["num_prompt_tokens"], "ideal_budget": i,
                          "physical_budget": p} for r, i, p in zip(reports, ideal, physical,
                                                                   strict=True)],

@@ -72,6 +72,9 @@ def run_exactness(args) -> dict:
             for r in scheduler_of(llm).refreekv_recent_reports()]
         stats = scheduler_of(llm).refreekv_stats()
         result["stats"] = dataclasses.asdict(stats)
+        from refreekv_vllm.attention.scoring import window_normalisers
+
+        result["window_normalisers"] = dict(window_normalisers)
     result["leaked_blocks"] = start_free - free_blocks(llm)
     return result
 

@@ -13,8 +13,14 @@ Run from the repository root (vLLM on PYTHONPATH for the FlashAttention baseline
 
 Writes ``kernels_gpu.json`` and ``kernels_gpu.md`` to ``--out``.
 
+With a window (w > 1) Triton is timed as it serves on FlashAttention: each window row's softmax
+normaliser comes from the prefill attention (``softmax_lse``, here from vLLM's FlashAttention on
+the same rows), so it reads the keys once; ``triton_two_pass`` is the same kernel finding the
+normalisers itself (first pass over K), as the CUDA kernel always does.
+
 Bytes counted for ``bw_fraction`` (what the kernels move in DRAM): keys once per pass over K
-(one pass for w = 1, two for w > 1; V is never read), the fp32 scratch row per query head and
+(one pass for w = 1 and for Triton with the prefill's normalisers, two otherwise; V is never
+read), the fp32 scratch row per query head and
 position (logits or r, written once), and the per-chunk statistics. ``k_once_bw_fraction`` uses
 only one read of K: the speed of "reading the layer's keys once", whatever the pass count.
 """
@@ -150,15 +156,36 @@ def prefill_fn(layer: dict, n: int, r: int):
     return sdpa, note
 
 
-def bytes_moved(n: int, r: int, w: int, chunk: int) -> tuple[int, int]:
+def bytes_moved(n: int, r: int, w: int, chunk: int, lse_given: bool) -> tuple[int, int]:
     """(bytes the kernels move, bytes of one read of K)."""
     k_once = r * n * HKV * D * DTYPE.itemsize
-    passes = 1 if w == 1 else 2
+    own_lse = w > 1 and not lse_given
     chunks = cdiv(n, chunk)
     scratch = r * HQ * n * 4  # logits (w = 1) or r (w > 1), written once
-    # Per-row chunk max and sum (written, read back once), plus one per-head chunk sum.
-    stats = 2 * (2 * r * chunks * HQ * w * 4) + 2 * (r * chunks * HQ * 4)
-    return k_once * passes + scratch + stats, k_once
+    # Per-row chunk max and sum (written, read back once) when the kernels find each row's
+    # normaliser themselves, plus one per-head chunk sum.
+    stats = (2 * (2 * r * chunks * HQ * w * 4) if w == 1 or own_lse else r * w * HQ * 4) \
+        + 2 * (r * chunks * HQ * 4)
+    return k_once * (2 if own_lse else 1) + scratch + stats, k_once
+
+
+def window_lse_from_flash_attention(layer: dict, query: torch.Tensor) -> torch.Tensor:
+    """``[R, w, Hq]`` softmax normalisers of the window rows, as vLLM's FlashAttention returns
+    them during the prefill (each request's last w rows against its paged keys, causal)."""
+    from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
+    from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+    r, w = query.shape[:2]
+    n = int(layer["prompt_lens"].max())
+    rows = query.reshape(r * w, HQ, D)
+    _, lse = flash_attn_varlen_func(
+        q=rows, k=layer["key_cache"], v=layer["value_cache"], out=torch.empty_like(rows),
+        cu_seqlens_q=torch.arange(0, (r + 1) * w, w, dtype=torch.int32, device="cuda"),
+        max_seqlen_q=w, seqused_k=layer["prompt_lens"], max_seqlen_k=n, softmax_scale=D**-0.5,
+        causal=True, block_table=layer["block_tables"], fa_version=get_flash_attn_version() or 3,
+        return_softmax_lse=True,
+    )  # fmt: skip
+    return lse.T.reshape(r, w, HQ).contiguous()
 
 
 def bench_config(timer, layer, n, r, w, copy_bw, prefill_ms, backends, gen) -> dict:
@@ -171,36 +198,52 @@ def bench_config(timer, layer, n, r, w, copy_bw, prefill_ms, backends, gen) -> d
         max_prompt_len=n,
     )  # fmt: skip
     chunk = default_chunk_size(r, HKV, n, torch.device("cuda"))
-    moved, k_once = bytes_moved(n, r, w, chunk)
+    moved, k_once = bytes_moved(n, r, w, chunk, lse_given=False)
     rec = {"n": n, "w": w, "num_reqs": r, "tokens": n * r, "chunk": chunk, "bytes_moved": moved,
            "k_bytes": k_once, "prefill_ms": prefill_ms}  # fmt: skip
+    # (name, backend, extra arguments, bytes moved). "triton" is the serving path: with a window
+    # it takes the rows' normalisers from the prefill attention; "triton_two_pass" finds them
+    # itself (the path when the attention cannot return them, and the CUDA kernel's way).
+    variants = [(b, b, {}, moved) for b in backends if b != "triton"]
+    if "triton" in backends:
+        if w > 1:
+            try:
+                lse = {"window_lse": window_lse_from_flash_attention(layer, query)}
+                variants.insert(0, ("triton", "triton", lse,
+                                    bytes_moved(n, r, w, chunk, lse_given=True)[0]))
+            except Exception as exc:  # noqa: BLE001 - record and time the two-pass path only
+                rec["window_lse_error"] = f"{type(exc).__name__}: {exc}"
+            variants.insert(1, ("triton_two_pass", "triton", {}, moved))
+        else:
+            variants.insert(0, ("triton", "triton", {}, moved))
     workspace = torch.empty(64 << 20, dtype=torch.float32, device="cuda")  # 256 MiB, reused
     out = torch.empty(r, dtype=torch.int32, device="cuda")
-    for backend in backends:
+    for name, backend, extra, variant_bytes in variants:
         try:
-            def fn(backend=backend):
-                compute_cuts(**args, backend=backend, workspace=workspace, out=out)
+            def fn(backend=backend, extra=extra):
+                compute_cuts(**args, **extra, backend=backend, workspace=workspace, out=out)
 
             t = timer(fn)
-            rec[f"{backend}_ms"] = t["ms"]
-            rec[f"{backend}_p20_ms"] = t["p20_ms"]
-            rec[f"{backend}_p80_ms"] = t["p80_ms"]
+            rec[f"{name}_ms"] = t["ms"]
+            rec[f"{name}_p20_ms"] = t["p20_ms"]
+            rec[f"{name}_p80_ms"] = t["p80_ms"]
             if prefill_ms:
-                rec[f"{backend}_prefill_fraction"] = t["ms"] / prefill_ms
+                rec[f"{name}_prefill_fraction"] = t["ms"] / prefill_ms
         except Exception as exc:  # noqa: BLE001 - record and go on
-            rec[f"{backend}_error"] = f"{type(exc).__name__}: {exc}"
-            log(f"  {backend} failed: {rec[f'{backend}_error']}")
+            rec[f"{name}_error"] = f"{type(exc).__name__}: {exc}"
+            log(f"  {name} failed: {rec[f'{name}_error']}")
             continue
         try:
             # Device time without host launch latency (the Triton launcher's Python cost
             # varies between processes): bandwidth fractions use the graph replay.
             tg = timer(fn, graph=True)
-            rec[f"{backend}_graph_ms"] = tg["ms"]
-            rec[f"{backend}_bw_fraction"] = moved / (tg["ms"] * 1e-3) / copy_bw
-            rec[f"{backend}_k_once_bw_fraction"] = k_once / (tg["ms"] * 1e-3) / copy_bw
+            rec[f"{name}_graph_ms"] = tg["ms"]
+            rec[f"{name}_bytes_moved"] = variant_bytes
+            rec[f"{name}_bw_fraction"] = variant_bytes / (tg["ms"] * 1e-3) / copy_bw
+            rec[f"{name}_k_once_bw_fraction"] = k_once / (tg["ms"] * 1e-3) / copy_bw
         except Exception as exc:  # noqa: BLE001
-            rec[f"{backend}_graph_error"] = f"{type(exc).__name__}: {exc}"
-            log(f"  {backend} graph capture failed: {rec[f'{backend}_graph_error']}")
+            rec[f"{name}_graph_error"] = f"{type(exc).__name__}: {exc}"
+            log(f"  {name} graph capture failed: {rec[f'{name}_graph_error']}")
     # Headline keys: Triton (the serving kernel).
     rec["triton_ms"] = rec.get("triton_ms")
     rec["cuda_ms"] = rec.get("cuda_ms")
@@ -239,11 +282,15 @@ def correctness_sweep(backends: list[str], seeds: int) -> dict:
             )  # fmt: skip
             res["configs"] += 1
             res["requests"] += r
-            for backend in backends:
+            variants = [(b, {}) for b in backends]
+            if "triton" in backends and w_max > 1:
+                variants.append(("triton", {"window_lse": case.window_lse()}))
+            for backend, extra in variants:
                 try:
                     curve = torch.zeros(r, max(lens), device="cuda")
-                    cuts = compute_cuts(**case.kwargs(), backend=backend, curve_out=curve,
-                                        max_prompt_len=max(lens), chunk_size=chunk)  # fmt: skip
+                    cuts = compute_cuts(**case.kwargs(), **extra, backend=backend,
+                                        curve_out=curve, max_prompt_len=max(lens),
+                                        chunk_size=chunk)  # fmt: skip
                     cmp = compare(case, cuts, curve)
                     key = f"{backend}_max_rel_err"
                     res[key] = max(res[key], cmp.max_rel_err)
@@ -281,9 +328,10 @@ def write_markdown(path: Path, data: dict) -> None:
         f"{HQ} q heads, {HKV} KV heads, d={D}, bf16, block size {BS}. Prefill baseline: "
         f"{data['prefill_impl']}.",
         "",
-        "| n | w | reqs | Triton ms (graph) | CUDA ms (graph) | Triton BW frac | CUDA BW frac "
-        "| Triton K-once frac | prefill ms | Triton/prefill | CUDA/prefill |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| n | w | reqs | Triton ms (graph) | Triton two-pass ms (graph) | CUDA ms (graph) "
+        "| Triton BW frac | CUDA BW frac | Triton K-once frac | prefill ms | Triton/prefill "
+        "| Triton two-pass/prefill | CUDA/prefill |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def f(v, fmt):
@@ -292,11 +340,14 @@ def write_markdown(path: Path, data: dict) -> None:
     for r in data["results"]:
         lines.append(
             f"| {r['n']} | {r['w']} | {r['num_reqs']} | {f(r.get('triton_ms'), '.3f')} "
-            f"({f(r.get('triton_graph_ms'), '.3f')}) | {f(r.get('cuda_ms'), '.3f')} "
+            f"({f(r.get('triton_graph_ms'), '.3f')}) "
+            f"| {f(r.get('triton_two_pass_ms'), '.3f')} "
+            f"({f(r.get('triton_two_pass_graph_ms'), '.3f')}) | {f(r.get('cuda_ms'), '.3f')} "
             f"({f(r.get('cuda_graph_ms'), '.3f')}) | {f(r.get('triton_bw_fraction'), '.2f')} "
             f"| {f(r.get('cuda_bw_fraction'), '.2f')} "
             f"| {f(r.get('triton_k_once_bw_fraction'), '.2f')} "
             f"| {f(r.get('prefill_ms'), '.2f')} | {f(r.get('triton_prefill_fraction'), '.4f')} "
+            f"| {f(r.get('triton_two_pass_prefill_fraction'), '.4f')} "
             f"| {f(r.get('cuda_prefill_fraction'), '.4f')} |"
         )
     lines += [
@@ -334,7 +385,8 @@ def main() -> None:
         "versions": versions(),
         "layer": {"num_q_heads": HQ, "num_kv_heads": HKV, "head_size": D, "dtype": "bfloat16",
                   "block_size": BS, "layout": "FLASH_ATTN NHD"},  # fmt: skip
-        "bytes_counted": "K reads x passes (1 for w=1, 2 for w>1) + fp32 scratch row per "
+        "bytes_counted": "K reads x passes (1 for w=1 and for triton with the prefill's "
+        "softmax normalisers, 2 for triton_two_pass and cuda at w>1) + fp32 scratch row per "
         "q head and position + per-chunk stats; k_once_* counts one read of K only",
         "timing": "<backend>_ms: eager launch, CUDA events, L2 flushed, median (what the prefill "
         "step pays; prefill_fraction uses it); <backend>_graph_ms: CUDA-graph replay of the "

@@ -18,13 +18,23 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_last_row_scores import DTYPE, HQ, D, Timer, build_layer, log  # noqa: E402
+from bench_last_row_scores import (  # noqa: E402
+    DTYPE,
+    HQ,
+    D,
+    Timer,
+    build_layer,
+    log,
+    window_lse_from_flash_attention,
+)
 
 from refreekv_vllm.ops.triton_last_row_scores import PassConfig, triton_compute_cuts  # noqa: E402
 
 GRID = {
-    1: {"block_n": (64, 128), "num_warps": (4, 8), "num_stages": (2, 3, 4)},
-    32: {"block_n": (32, 64), "num_warps": (4, 8), "num_stages": (2, 3)},
+    1: {"block_n": (64, 128), "num_warps": (4, 8), "num_stages": (2, 3, 4),
+        "keys_as_m": (None,)},
+    32: {"block_n": (32, 64, 128), "num_warps": (4, 8), "num_stages": (2, 3),
+         "keys_as_m": (True, False)},
 }
 
 
@@ -48,8 +58,10 @@ def main() -> None:
             max_prompt_len=args.n,
             workspace=torch.empty(64 << 20, dtype=torch.float32, device="cuda"),
         )
-        for bn, nw, ns in itertools.product(*grid.values()):
-            cfg = PassConfig(block_n=bn, num_warps=nw, num_stages=ns)
+        if w > 1:  # the serving path: normalisers from the prefill attention, one pass
+            kwargs["window_lse"] = window_lse_from_flash_attention(layer, query)
+        for bn, nw, ns, km in itertools.product(*grid.values()):
+            cfg = PassConfig(block_n=bn, num_warps=nw, num_stages=ns, keys_as_m=km)
             try:
                 def fn(cfg=cfg, query=query, kwargs=kwargs):
                     triton_compute_cuts(query, layer["key_cache"], layer["block_tables"],
@@ -59,8 +71,9 @@ def main() -> None:
             except Exception as exc:  # noqa: BLE001 - an invalid config is just skipped
                 log(f"w={w} {cfg}: {type(exc).__name__}")
                 continue
-            results.append({"w": w, "block_n": bn, "num_warps": nw, "num_stages": ns, "ms": ms})
-            log(f"w={w} block_n={bn} warps={nw} stages={ns}: {ms:.3f} ms")
+            results.append({"w": w, "block_n": bn, "num_warps": nw, "num_stages": ns,
+                            "keys_as_m": km, "ms": ms})  # fmt: skip
+            log(f"w={w} block_n={bn} warps={nw} stages={ns} keys_as_m={km}: {ms:.3f} ms")
         best = min((x for x in results if x["w"] == w), key=lambda x: x["ms"], default=None)
         log(f"best for w={w}: {best}")
     if args.out:

@@ -3,13 +3,16 @@
 - The metadata builder hands attention a view of each pruned request without its gap blocks,
   and builds once per step for all layers without a gap (``metadata_sharing``).
 - The impl, after the wrapped forward wrote this step's keys, scores the requests whose prompt
-  ends in this step (``scoring.capture_and_score``).
+  ends in this step (``scoring.capture_and_score``), with the forward's softmax normaliser of
+  the window rows where FlashAttention provides it (``prefill_lse``).
 
 They keep the wrapped backend's ``get_name()`` because vLLM branches on it. Outside a pruning
 step (no step context) both are exact pass-throughs.
 """
 
+import sys
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -21,7 +24,8 @@ from refreekv_vllm.attention.metadata_sharing import (
     current_share,
     shared_buffer_like,
 )
-from refreekv_vllm.attention.scoring import capture_and_score
+from refreekv_vllm.attention.prefill_lse import capturing_softmax_lse
+from refreekv_vllm.attention.scoring import capture_and_score, wants_prefill_lse
 from refreekv_vllm.worker.step_context import StepContext, get_step_context
 
 
@@ -77,10 +81,11 @@ def _scoring_step(attn_metadata: Any) -> StepContext | None:
 
 def _wrap(backend: type, impl: type, builder: type,
           key_view: Callable[[Any, torch.Tensor], torch.Tensor],
-          kernel: Callable[[StepContext], str]) -> type:
+          kernel: Callable[[StepContext], str], lse_module: ModuleType | None = None) -> type:
     """Subclass a vLLM backend: gap-skipping builder, impl that scores after its forward.
     ``key_view(impl, kv_cache)`` gives the layer's ``[num_blocks, block_size, num_kv_heads,
-    head_size]`` key view; ``kernel(step)`` the scoring backend."""
+    head_size]`` key view; ``kernel(step)`` the scoring backend; ``lse_module`` the module whose
+    ``flash_attn_varlen_func`` the forward calls (``prefill_lse``), if any."""
 
     class Builder(GapSkippingBuilderMixin, builder):
         pass
@@ -89,13 +94,24 @@ def _wrap(backend: type, impl: type, builder: type,
         def forward(self, layer: Any, query: torch.Tensor, key: torch.Tensor,
                     value: torch.Tensor, kv_cache: torch.Tensor, attn_metadata: Any,
                     output: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            result = super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
-                                     *args, **kwargs)
-            if (step := _scoring_step(attn_metadata)) is not None:
-                capture_and_score(
-                    step, extract_layer_index(layer.layer_name),
-                    query.view(-1, self.num_heads, self.head_size), key_view(self, kv_cache),
-                    attn_metadata.block_table, self.scale, backend=kernel(step))
+            step = _scoring_step(attn_metadata)
+            if step is None:
+                return super().forward(layer, query, key, value, kv_cache, attn_metadata,
+                                       output, *args, **kwargs)
+            layer_index = extract_layer_index(layer.layer_name)
+            lse: list[torch.Tensor] = []
+            if lse_module is not None and wants_prefill_lse(step, layer_index):
+                with capturing_softmax_lse(lse_module, self.num_heads,
+                                           attn_metadata.num_actual_tokens) as lse:
+                    result = super().forward(layer, query, key, value, kv_cache, attn_metadata,
+                                             output, *args, **kwargs)
+            else:
+                result = super().forward(layer, query, key, value, kv_cache, attn_metadata,
+                                         output, *args, **kwargs)
+            capture_and_score(
+                step, layer_index, query.view(-1, self.num_heads, self.head_size),
+                key_view(self, kv_cache), attn_metadata.block_table, self.scale,
+                backend=kernel(step), prefill_lse=lse[0] if lse else None)
             return result
 
     class Backend(backend):
@@ -135,7 +151,7 @@ def _flash_attn_backend() -> type:
 
     return _wrap(FlashAttentionBackend, FlashAttentionImpl, FlashAttentionMetadataBuilder,
                  lambda impl, kv_cache: key_view_from_flash_kv_cache(kv_cache, impl.head_size),
-                 lambda step: step.kernel)
+                 lambda step: step.kernel, lse_module=sys.modules[FlashAttentionImpl.__module__])
 
 
 def __getattr__(name: str) -> type:

@@ -2,24 +2,39 @@
 cache, compute this layer's cut for every request whose prefill ends in this step."""
 
 import time
+from collections import Counter
 
 import torch
 
 from refreekv_vllm.ops import compute_cuts
 from refreekv_vllm.worker.step_context import ScoringRow, StepContext, window_store
 
+# Layer scorings of windows (w > 1) by where their softmax normalisers came from: "attention"
+# (the prefill's, one pass over the keys) or "own" (the kernel's first pass). Per process.
+window_normalisers: Counter[str] = Counter()
+
+
+def wants_prefill_lse(step: StepContext, layer: int) -> bool:
+    """Whether this layer's forward should keep the attention's softmax normaliser: only the
+    Triton kernel uses it, and only for windows of more than one row."""
+    return (step.kernel == "triton" and layer not in step.config.frozen_layers
+            and any(capture.window > 1 for capture in step.captures))
+
 
 def capture_and_score(step: StepContext, layer: int, query: torch.Tensor,
                       key_cache: torch.Tensor, block_table: torch.Tensor, scale: float,
-                      backend: str) -> None:
+                      backend: str, prefill_lse: torch.Tensor | None = None) -> None:
     """``query``: ``[num_tokens, num_heads, head_size]`` of this step; ``key_cache``: the layer's
     ``[num_blocks, block_size, num_kv_heads, head_size]`` key view; ``block_table``: this
-    layer's ``[num_reqs, max_blocks]`` rows (logical: a request being scored has no gap yet)."""
+    layer's ``[num_reqs, max_blocks]`` rows (logical: a request being scored has no gap yet);
+    ``prefill_lse``: the attention's ``[num_heads, >= num_tokens]`` softmax normaliser of this
+    step's rows, if it gave one."""
     config = step.config
     if layer in config.frozen_layers:
         return
     for capture in step.captures:
-        window_store.put(capture, layer, query[capture.token_indices])
+        lse_rows = None if prefill_lse is None else prefill_lse[:, capture.token_indices].T
+        window_store.put(capture, layer, query[capture.token_indices], lse_rows)
     windows = {row.req_id: window_store.get(row.req_id, layer)
                for row in step.scoring if row.fixed_cut is None}
     rows = [row for row in step.scoring if windows.get(row.req_id) is not None]
@@ -42,6 +57,15 @@ def _score_rows(step: StepContext, layer: int, rows: list[ScoringRow],
     queries = first.new_zeros((len(rows), max_window, *first.shape[1:]))
     for i, row in enumerate(rows):
         queries[i, max_window - row.window:] = windows[row.req_id]
+    lses = [window_store.get_lse(row.req_id, layer) for row in rows]
+    window_lse = None
+    if max_window > 1:
+        window_normalisers["attention" if all(x is not None for x in lses) else "own"] += 1
+    if all(lse is not None for lse in lses):
+        window_lse = first.new_zeros((len(rows), max_window, first.shape[1]),
+                                     dtype=torch.float32)
+        for i, (row, lse) in enumerate(zip(rows, lses, strict=True)):
+            window_lse[i, max_window - row.window:] = lse
     device = block_table.device
     batch_rows = torch.tensor([row.batch_row for row in rows], device=device)
     cuts = compute_cuts(
@@ -57,6 +81,7 @@ def _score_rows(step: StepContext, layer: int, rows: list[ScoringRow],
         backend=backend,
         # Bounds the kernels' scratch by this step's prompts, not the block table's width.
         max_prompt_len=max(row.num_prompt_tokens for row in rows),
+        window_lse=window_lse,
     ).tolist()
     for row, cut in zip(rows, cuts, strict=True):
         step.cuts.setdefault(row.req_id, {})[layer] = int(cut)

@@ -150,6 +150,7 @@ def compute_cuts(
     max_prompt_len: int | None = None,
     workspace: torch.Tensor | None = None,
     chunk_size: int | None = None,
+    window_lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """ReFreeKV cut of every request of one layer, keys read from the paged cache.
 
@@ -176,6 +177,10 @@ def compute_cuts(
             :func:`required_workspace_numel` elements; allocated per call when omitted.
         chunk_size: keys per program of the GPU backends (power of two); default from
             ``launch_utils.default_chunk_size``.
+        window_lse: optional ``[R, W_MAX, num_q_heads]`` fp32 natural-log softmax normaliser
+            of every query row (FlashAttention's ``softmax_lse`` of the prefill), aligned with
+            ``query``. The Triton backend then reads the keys once instead of twice for
+            windows of w > 1 rows; the other backends compute the normaliser themselves.
 
     Returns:
         ``[R]`` int32 cuts: keep ``[0, m)`` and ``[cut, n)``; ``cut == m`` keeps everything.
@@ -187,10 +192,11 @@ def compute_cuts(
             query, key_cache, block_tables, prompt_lens, window_lens, thresholds,
             num_sink_tokens=num_sink_tokens, scale=scale, agg=agg, curve_out=curve_out, out=out,
         )  # fmt: skip
+    extra: dict = {}
     if backend == "triton":
         from refreekv_vllm.ops.triton_last_row_scores import triton_compute_cuts
 
-        fn = triton_compute_cuts
+        fn, extra = triton_compute_cuts, {"window_lse": window_lse}
     elif backend == "cuda":
         from refreekv_vllm.ops._custom_ops import cuda_compute_cuts
 
@@ -200,7 +206,7 @@ def compute_cuts(
     return fn(
         query, key_cache, block_tables, prompt_lens, window_lens, thresholds,
         num_sink_tokens=num_sink_tokens, scale=scale, agg=agg, max_prompt_len=max_prompt_len,
-        curve_out=curve_out, out=out, workspace=workspace, chunk_size=chunk_size,
+        curve_out=curve_out, out=out, workspace=workspace, chunk_size=chunk_size, **extra,
     )  # fmt: skip
 
 

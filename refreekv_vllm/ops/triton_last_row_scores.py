@@ -38,6 +38,9 @@ if not HAS_TRITON:
 # Kernels below are decorated in interpreter mode iff this holds at import time.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634
+# Window pass orientation: keys along the dot's M (see _window_probs_kernel); set from
+# benchmarks/kernels/tune_last_row_scores.py on the H200.
+KEYS_AS_M = True
 # Finite stand-in for -inf in running maxima: exp2(NEG_BIG - NEG_BIG) = 1, never NaN.
 NEG_BIG = tl.constexpr(-1.0e30)
 
@@ -101,7 +104,7 @@ def _load_key_tile(
 
 @triton.jit
 def _logits(q, k, qk_scale, DOT_FP32: tl.constexpr):
-    """``[BLOCK_M, BLOCK_N]`` fp32 logits in the log2 domain (scale * LOG2E folded in)."""
+    """``q @ k.T`` as fp32 logits in the log2 domain (scale * LOG2E folded in)."""
     if DOT_FP32:
         s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
     else:
@@ -236,10 +239,11 @@ def _window_probs_kernel(
     block_tables_ptr,  # [R, max_blocks] int32
     prompt_lens_ptr,  # [R] int32
     window_lens_ptr,  # [R] int32
-    lse_ptr,  # [R, ROWS] fp32
+    lse_ptr,  # [R, Hq, W_PAD] log2 (from _combine_kernel) or [R, W_MAX, Hq] natural (given)
     r_ptr,  # [R, Hq, N_SCRATCH] fp32: squared aggregated probability, 0 at sinks
     chunk_sum_ptr,  # [R, Hq, NUM_CHUNKS] fp32
     qk_scale,
+    lse_scale,
     num_sink_tokens,
     w_max,
     num_q_heads,
@@ -249,6 +253,9 @@ def _window_probs_kernel(
     stride_qw,
     stride_qh,
     stride_qd,
+    stride_lr,
+    stride_lw,
+    stride_lh,
     stride_kb,
     stride_ks,
     stride_kh,
@@ -264,6 +271,8 @@ def _window_probs_kernel(
     BLOCK_N: tl.constexpr,
     CHUNK: tl.constexpr,
     AGG_MAX: tl.constexpr,
+    LSE_GIVEN: tl.constexpr,
+    KEYS_AS_M: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M % W_PAD == 0)
@@ -287,8 +296,11 @@ def _window_probs_kernel(
                 GROUP, W_PAD, BLOCK_M,
             )  # fmt: skip
             last_pos = n - w_eff + win
-            lse = tl.load(lse_ptr + req * num_q_heads * W_PAD + head * W_PAD + win,
-                          mask=row_valid, other=0.0)  # fmt: skip
+            # A given LSE is indexed like the query (right-aligned rows), ours by window row.
+            lse_row = (w_max - w_eff + win) if LSE_GIVEN else win
+            lse = lse_scale * tl.load(
+                lse_ptr + req * stride_lr + lse_row * stride_lw + head * stride_lh,
+                mask=row_valid, other=0.0)  # fmt: skip
             slot = m_tile * HEADS_PER_TILE + tl.arange(0, HEADS_PER_TILE)
             slot_valid = slot < GROUP
             out_head = kv_head * GROUP + slot
@@ -301,14 +313,28 @@ def _window_probs_kernel(
                     key_cache_ptr, bt_row, kv_head, pos, pos_mask, offs_d, d_mask,
                     stride_kb, stride_ks, stride_kh, stride_kd, BLOCK_SIZE,
                 )  # fmt: skip
-                s = _logits(q, k, qk_scale, DOT_FP32)
-                valid = row_valid[:, None] & pos_mask[None, :] & (pos[None, :] <= last_pos[:, None])
-                p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
-                p3 = tl.reshape(p, (HEADS_PER_TILE, W_PAD, BLOCK_N))
-                if AGG_MAX:  # noqa: SIM108 - constexpr branch, compiled out
-                    agg = tl.max(p3, axis=1)
+                if KEYS_AS_M:
+                    # Keys along M: the reduction over a head's window rows runs inside a
+                    # warp (along the accumulator's N) instead of across warps.
+                    st = _logits(k, q, qk_scale, DOT_FP32)
+                    valid = (row_valid[None, :] & pos_mask[:, None]
+                             & (pos[:, None] <= last_pos[None, :]))  # fmt: skip
+                    pt = tl.where(valid, tl.exp2(st - lse[None, :]), 0.0)
+                    pt3 = tl.reshape(pt, (BLOCK_N, HEADS_PER_TILE, W_PAD))
+                    if AGG_MAX:  # noqa: SIM108 - constexpr branch, compiled out
+                        agg = tl.trans(tl.max(pt3, axis=2))
+                    else:
+                        agg = tl.trans(tl.sum(pt3, axis=2)) * inv_w
                 else:
-                    agg = tl.sum(p3, axis=1) * inv_w
+                    s = _logits(q, k, qk_scale, DOT_FP32)
+                    valid = (row_valid[:, None] & pos_mask[None, :]
+                             & (pos[None, :] <= last_pos[:, None]))  # fmt: skip
+                    p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
+                    p3 = tl.reshape(p, (HEADS_PER_TILE, W_PAD, BLOCK_N))
+                    if AGG_MAX:  # noqa: SIM108 - constexpr branch, compiled out
+                        agg = tl.max(p3, axis=1)
+                    else:
+                        agg = tl.sum(p3, axis=1) * inv_w
                 r = tl.where(pos[None, :] >= num_sink_tokens, agg * agg, 0.0)
                 tl.store(r_row + pos[None, :], r, mask=slot_valid[:, None] & pos_mask[None, :])
                 csum += tl.sum(r, axis=1)
@@ -480,6 +506,7 @@ class PassConfig:
     block_n: int | None = None
     num_warps: int | None = None
     num_stages: int | None = None
+    keys_as_m: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -585,9 +612,11 @@ def triton_compute_cuts(
     out: torch.Tensor | None = None,
     workspace: torch.Tensor | None = None,
     chunk_size: int | None = None,
+    window_lse: torch.Tensor | None = None,
     config: PassConfig | None = None,
 ) -> torch.Tensor:
-    """Cuts of ``R`` requests of one layer in one launch sequence (2 kernels for w = 1, else 4).
+    """Cuts of ``R`` requests of one layer in one launch sequence (2 kernels for w = 1, else
+    4, or 2 when ``window_lse`` is given).
 
     Args:
         query: ``[R, W_MAX, num_q_heads, head_size]`` bf16/fp16/fp32 post-RoPE queries of the
@@ -607,6 +636,10 @@ def triton_compute_cuts(
         workspace: optional flat fp32 CUDA tensor of at least :func:`workspace_numel` elements;
             allocated per call when omitted.
         chunk_size: keys per program (power of two); default from :func:`make_plan`.
+        window_lse: optional ``[R, W_MAX, num_q_heads]`` fp32 natural-log softmax normaliser
+            of each query row over its causal keys (what FlashAttention returns as
+            ``softmax_lse``), aligned with ``query``. With a window of w > 1 rows it replaces
+            the first pass over the keys; ignored for w = 1 (one pass anyway).
         config: tile/warp/stage overrides for the key passes (tuning scripts only).
 
     Returns:
@@ -689,21 +722,34 @@ def triton_compute_cuts(
         num_stages=config.num_stages or 2,  # tuned; deeper rings did not help (H200)
     )
     grid = (r, hkv, plan.num_chunks)
-    _stats_kernel[grid](
-        query, key_cache, block_tables, prompt_lens, window_lens,
-        ws["max"], ws["sum"], ws.get("sum2", dummy), ws["vals"],
-        num_rows=plan.num_rows, LAST_ROW=plan.last_row, **common,
-    )  # fmt: skip
-    if not plan.last_row:
-        block_r = min(128, triton.next_power_of_2(plan.num_rows))
-        _combine_kernel[(r, triton.cdiv(plan.num_rows, block_r))](
-            prompt_lens, ws["max"], ws["sum"], ws["lse"], plan.num_rows, plan.num_chunks,
-            CHUNK=plan.chunk, BLOCK_R=block_r, C_TILE=32, num_warps=4,
+    lse_given = window_lse is not None and not plan.last_row
+    if lse_given:
+        assert window_lse.shape == (r, w_max, hq) and window_lse.dtype == torch.float32
+        assert window_lse.device == dev
+        lse, lse_scale, lse_strides = window_lse, LOG2E, window_lse.stride()
+    else:
+        _stats_kernel[grid](
+            query, key_cache, block_tables, prompt_lens, window_lens,
+            ws["max"], ws["sum"], ws.get("sum2", dummy), ws["vals"],
+            num_rows=plan.num_rows, LAST_ROW=plan.last_row, **common,
         )  # fmt: skip
+        # Our LSE is [R, Hq, W_PAD], log2 domain.
+        lse, lse_scale = ws.get("lse", dummy), 1.0
+        lse_strides = (hq * plan.w_pad, 1, plan.w_pad)
+    if not plan.last_row:
+        if not lse_given:
+            block_r = min(128, triton.next_power_of_2(plan.num_rows))
+            _combine_kernel[(r, triton.cdiv(plan.num_rows, block_r))](
+                prompt_lens, ws["max"], ws["sum"], ws["lse"], plan.num_rows, plan.num_chunks,
+                CHUNK=plan.chunk, BLOCK_R=block_r, C_TILE=32, num_warps=4,
+            )  # fmt: skip
         _window_probs_kernel[grid](
             query, key_cache, block_tables, prompt_lens, window_lens,
-            ws["lse"], ws["vals"], ws["chunk_sum"],
-            num_q_heads=hq, AGG_MAX=agg == "max", **common,
+            lse, ws["vals"], ws["chunk_sum"], lse_scale=lse_scale,
+            stride_lr=lse_strides[0], stride_lw=lse_strides[1], stride_lh=lse_strides[2],
+            num_q_heads=hq, AGG_MAX=agg == "max", LSE_GIVEN=lse_given,
+            KEYS_AS_M=KEYS_AS_M if config.keys_as_m is None else config.keys_as_m,
+            **common,
         )  # fmt: skip
     hq_pad = triton.next_power_of_2(hq)
     _cut_kernel[(r,)](

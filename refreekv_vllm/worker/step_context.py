@@ -57,32 +57,57 @@ class StepContext:
         return bool(self.captures or self.scoring or self.gaps)
 
 
+@dataclass
+class _Window:
+    queries: torch.Tensor  # [window, Hq, D]
+    filled: torch.Tensor  # [window] bool
+    lse: torch.Tensor | None  # [window, Hq] fp32, None once some chunk came without it
+    lse_filled: torch.Tensor  # [window] bool
+
+
 class WindowStore:
-    """Window queries per request and layer, kept until the request's last prompt chunk ran
-    (chunked prefill can split the window over several steps)."""
+    """Window queries per request and layer (and, where the prefill attention gave it, each
+    row's softmax normaliser), kept until the request's last prompt chunk ran (chunked prefill
+    can split the window over several steps)."""
 
     def __init__(self) -> None:
-        self._queries: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._windows: dict[str, dict[int, _Window]] = {}
 
-    def put(self, capture: WindowCapture, layer: int, rows: torch.Tensor) -> None:
-        per_layer = self._queries.setdefault(capture.req_id, {})
+    def put(self, capture: WindowCapture, layer: int, rows: torch.Tensor,
+            lse_rows: torch.Tensor | None = None) -> None:
+        per_layer = self._windows.setdefault(capture.req_id, {})
         if layer not in per_layer:
-            per_layer[layer] = (rows.new_zeros((capture.window, *rows.shape[1:])),
-                                torch.zeros(capture.window, dtype=torch.bool))
-        buffer, filled = per_layer[layer]
-        buffer[capture.window_slots] = rows
-        filled[capture.window_slots] = True
+            per_layer[layer] = _Window(
+                rows.new_zeros((capture.window, *rows.shape[1:])),
+                torch.zeros(capture.window, dtype=torch.bool),
+                rows.new_zeros((capture.window, rows.shape[1]), dtype=torch.float32),
+                torch.zeros(capture.window, dtype=torch.bool))
+        window = per_layer[layer]
+        window.queries[capture.window_slots] = rows
+        window.filled[capture.window_slots] = True
+        if window.lse is not None and lse_rows is None:
+            window.lse = None
+        elif window.lse is not None:
+            window.lse[capture.window_slots] = lse_rows
+            window.lse_filled[capture.window_slots] = True
 
     def get(self, req_id: str, layer: int) -> torch.Tensor | None:
         """The whole window, or None if some of its tokens never ran (e.g. a prefix-cache hit
         covered them): such a request is not scored."""
-        entry = self._queries.get(req_id, {}).get(layer)
-        if entry is None or not bool(entry[1].all()):
+        window = self._windows.get(req_id, {}).get(layer)
+        if window is None or not bool(window.filled.all()):
             return None
-        return entry[0]
+        return window.queries
+
+    def get_lse(self, req_id: str, layer: int) -> torch.Tensor | None:
+        """``[window, Hq]`` normalisers of the whole window, or None if any row lacks one."""
+        window = self._windows.get(req_id, {}).get(layer)
+        if window is None or window.lse is None or not bool(window.lse_filled.all()):
+            return None
+        return window.lse
 
     def drop(self, req_id: str) -> None:
-        self._queries.pop(req_id, None)
+        self._windows.pop(req_id, None)
 
 
 _current: StepContext | None = None

@@ -87,6 +87,24 @@ class PagedCase:
             agg=self.agg,
         )
 
+    def window_lse(self) -> torch.Tensor:
+        """``[R, W_MAX, Hq]`` fp32 natural-log softmax normaliser of every query row over its
+        causal keys (row q of request i sits at position ``n_i - W_MAX + q``), as
+        FlashAttention returns it; rows before position 0 get NaN, which no kernel may read."""
+        r, w_max, hq, _ = self.query.shape
+        hkv = self.key_cache.shape[2]
+        scale = self.query.shape[-1] ** -0.5
+        lse = torch.full((r, w_max, hq), float("nan"), dtype=torch.float64)
+        for i, n in enumerate(self.prompt_lens.tolist()):
+            keys = gather_request_keys(self.key_cache, self.block_tables[i], n).double().cpu()
+            keys = keys.repeat_interleave(hq // hkv, dim=0)  # [Hq, n, D]
+            for q in range(max(0, w_max - n), w_max):
+                pos = n - w_max + q
+                logits = torch.einsum("hd,hkd->hk", self.query[i, q].double().cpu(),
+                                      keys[:, : pos + 1]) * scale  # fmt: skip
+                lse[i, q] = torch.logsumexp(logits, dim=-1)
+        return lse.float().to(self.query.device)
+
     def reference(self, i: int) -> tuple[int, torch.Tensor]:
         """float64 ``(cut, ratio)`` of request i from the same stored (rounded) values."""
         if i not in self._refs:

@@ -122,6 +122,61 @@ def test_fp32_query_with_bf16_cache(backend):
     _check(case, cuts, curve)
 
 
+WINDOW_CONFIGS = [c for c in CONFIGS if c[3] > 1]
+
+
+@needs_triton
+@pytest.mark.parametrize("keys_as_m", [True, False], ids=["keys-as-m", "rows-as-m"])
+@pytest.mark.parametrize("config", WINDOW_CONFIGS, ids=lambda c: "-".join(map(str, c)))
+def test_given_window_lse_replaces_the_first_pass(config, keys_as_m):
+    """Window rows' normalisers handed in (as the prefill attention returns them): one pass
+    over the keys, same cuts and curve, in both orientations of the window pass."""
+    from refreekv_vllm.ops.triton_last_row_scores import PassConfig, triton_compute_cuts
+
+    _require_interpreter("triton")
+    case = _case(config, seed=20 + CONFIGS.index(config))
+    curve = torch.full((case.num_reqs, case.max_len), -7.0, device=DEVICE)
+    cuts = triton_compute_cuts(
+        **case.kwargs(), curve_out=curve, max_prompt_len=case.max_len, chunk_size=32,
+        window_lse=case.window_lse(), config=PassConfig(keys_as_m=keys_as_m),
+    )  # fmt: skip
+    _check(case, cuts, curve)
+
+
+@needs_cuda
+def test_flash_attention_lse_feeds_the_window_pass():
+    """vLLM's FlashAttention returns the normaliser the window pass expects (base e, scaled
+    logits, ``[heads, tokens]``), read from the same paged cache."""
+    from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
+    from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+    case = _case((4, 128, torch.bfloat16, 32, "max", "NHD"), seed=31, lens=[300, 77, 1000, 20])
+    w_max, n = case.query.shape[1], case.prompt_lens.tolist()
+    rows = [min(w_max, length) for length in n]
+    q = torch.cat([case.query[i, w_max - k:] for i, k in enumerate(rows)])
+    cu = torch.tensor([0, *torch.tensor(rows).cumsum(0).tolist()], dtype=torch.int32,
+                      device=DEVICE)  # fmt: skip
+    _, lse = flash_attn_varlen_func(
+        q=q, k=case.key_cache, v=case.kv_cache.transpose(1, 2)[..., 128:],
+        out=torch.empty_like(q), cu_seqlens_q=cu, max_seqlen_q=max(rows),
+        seqused_k=case.prompt_lens, max_seqlen_k=max(n), softmax_scale=128**-0.5, causal=True,
+        block_table=case.block_tables, fa_version=get_flash_attn_version() or 3,
+        return_softmax_lse=True,
+    )  # fmt: skip
+    assert lse.shape == (case.query.shape[2], q.shape[0])
+    window_lse = torch.zeros(case.num_reqs, w_max, case.query.shape[2], device=DEVICE)
+    for i, k in enumerate(rows):
+        window_lse[i, w_max - k:] = lse[:, cu[i]:cu[i + 1]].T
+    expected = case.window_lse()
+    for i, k in enumerate(rows):
+        torch.testing.assert_close(window_lse[i, w_max - k:], expected[i, w_max - k:],
+                                   rtol=0, atol=2e-3)  # fmt: skip
+    curve = torch.full((case.num_reqs, case.max_len), -7.0, device=DEVICE)
+    cuts = compute_cuts(**case.kwargs(), backend="triton", curve_out=curve,
+                        max_prompt_len=case.max_len, window_lse=window_lse)  # fmt: skip
+    _check(case, cuts, curve)
+
+
 @pytest.mark.parametrize("backend", _backends())
 def test_workspace_out_and_default_sizes(backend):
     case = _case((2, 64, torch.float16, 8, "mean", "HND"), seed=11, lens=LENS[:4])
