@@ -11,7 +11,9 @@ Contract: :func:`refreekv_vllm.policy.reference.layer_cut` applied to every requ
 2. Window of w > 1 rows only: ``_combine_kernel`` folds chunk stats into one log-sum-exp per row;
    ``_window_probs_kernel`` re-reads the keys, turns logits into probabilities, aggregates them
    over the rows of each head (max or mean), squares them and stores
-   ``r[h, pos]`` plus per-chunk sums.
+   ``r[h, pos]`` plus per-chunk sums. When the caller hands in each row's log-sum-exp (the
+   prefill FlashAttention computes it anyway), step 1 and the combine are skipped: the keys
+   are read once.
 3. ``_cut_kernel``, grid ``(R,)``: head-averaged tail norms at chunk boundaries (backward scan)
    find the crossing chunk, then the exact cut inside it; optionally the whole ratio curve.
 
@@ -38,8 +40,13 @@ if not HAS_TRITON:
 # Kernels below are decorated in interpreter mode iff this holds at import time.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634
-# Window pass orientation: keys along the dot's M (see _window_probs_kernel); set from
-# benchmarks/kernels/tune_last_row_scores.py on the H200.
+# Launch knobs (block_n, num_warps, num_stages) per pass, from
+# benchmarks/kernels/tune_last_row_scores.py on an H200 (Llama-3-8B layer, 32 x 8K tokens).
+ONE_ROW_PASS = (128, 4, 2)  # w = 1: the only pass over the keys
+STATS_PASS = (32, 8, 2)  # w > 1: first pass, when the normalisers are not given
+WINDOW_PASS = (128, 4, 3)  # w > 1: the pass that aggregates the window's probabilities
+# Window pass orientation: keys along the dot's M (see _window_probs_kernel); measured 0.33 vs
+# 0.47 ms for the best tiles of each orientation in that sweep.
 KEYS_AS_M = True
 # Finite stand-in for -inf in running maxima: exp2(NEG_BIG - NEG_BIG) = 1, never NaN.
 NEG_BIG = tl.constexpr(-1.0e30)
@@ -571,9 +578,7 @@ def make_plan(
     check_chunk_size(chunk)
     if w_pad > 128:
         raise ValueError(f"window of {w_max} rows: at most 128 supported")
-    # From benchmarks/kernels/tune_last_row_scores.py on an H200 (Llama-3-8B layer, 256K
-    # tokens): 128-key tiles for the one-row pass, 32-key tiles next to the 128-row window tile.
-    block_n = min(chunk, block_n or (128 if w_pad == 1 else 32))
+    block_n = min(chunk, block_n or (ONE_ROW_PASS if w_pad == 1 else STATS_PASS)[0])
     rows = triton.next_power_of_2(group) * w_pad
     block_m = max(16, min(128, rows))
     return LaunchPlan(
@@ -715,12 +720,15 @@ def triton_compute_cuts(
         W_PAD=plan.w_pad,
         BLOCK_M=plan.block_m,
         NUM_M_TILES=plan.num_m_tiles,
-        BLOCK_N=plan.block_n,
         CHUNK=plan.chunk,
         DOT_FP32=dot_fp32,
-        num_warps=config.num_warps or 8,
-        num_stages=config.num_stages or 2,  # tuned; deeper rings did not help (H200)
     )
+    first_pass = ONE_ROW_PASS if plan.last_row else STATS_PASS
+    stats_knobs = dict(BLOCK_N=plan.block_n, num_warps=config.num_warps or first_pass[1],
+                       num_stages=config.num_stages or first_pass[2])  # fmt: skip
+    window_knobs = dict(BLOCK_N=min(plan.chunk, config.block_n or WINDOW_PASS[0]),
+                        num_warps=config.num_warps or WINDOW_PASS[1],
+                        num_stages=config.num_stages or WINDOW_PASS[2])  # fmt: skip
     grid = (r, hkv, plan.num_chunks)
     lse_given = window_lse is not None and not plan.last_row
     if lse_given:
@@ -731,7 +739,7 @@ def triton_compute_cuts(
         _stats_kernel[grid](
             query, key_cache, block_tables, prompt_lens, window_lens,
             ws["max"], ws["sum"], ws.get("sum2", dummy), ws["vals"],
-            num_rows=plan.num_rows, LAST_ROW=plan.last_row, **common,
+            num_rows=plan.num_rows, LAST_ROW=plan.last_row, **common, **stats_knobs,
         )  # fmt: skip
         # Our LSE is [R, Hq, W_PAD], log2 domain.
         lse, lse_scale = ws.get("lse", dummy), 1.0
@@ -749,7 +757,7 @@ def triton_compute_cuts(
             stride_lr=lse_strides[0], stride_lw=lse_strides[1], stride_lh=lse_strides[2],
             num_q_heads=hq, AGG_MAX=agg == "max", LSE_GIVEN=lse_given,
             KEYS_AS_M=KEYS_AS_M if config.keys_as_m is None else config.keys_as_m,
-            **common,
+            **common, **window_knobs,
         )  # fmt: skip
     hq_pad = triton.next_power_of_2(hq)
     _cut_kernel[(r,)](
