@@ -53,19 +53,12 @@ def _score_rows(step: StepContext, layer: int, rows: list[ScoringRow],
                 windows: dict[str, torch.Tensor], key_cache: torch.Tensor,
                 block_table: torch.Tensor, scale: float, agg: str, backend: str) -> None:
     max_window = max(row.window for row in rows)
-    first = windows[rows[0].req_id]
-    queries = first.new_zeros((len(rows), max_window, *first.shape[1:]))
-    for i, row in enumerate(rows):
-        queries[i, max_window - row.window:] = windows[row.req_id]
+    queries = _right_aligned(rows, [windows[row.req_id] for row in rows], max_window)
     lses = [window_store.get_lse(row.req_id, layer) for row in rows]
-    window_lse = None
+    have_lse = all(lse is not None for lse in lses)
+    window_lse = _right_aligned(rows, lses, max_window) if have_lse else None
     if max_window > 1:
-        window_normalisers["attention" if all(x is not None for x in lses) else "own"] += 1
-    if all(lse is not None for lse in lses):
-        window_lse = first.new_zeros((len(rows), max_window, first.shape[1]),
-                                     dtype=torch.float32)
-        for i, (row, lse) in enumerate(zip(rows, lses, strict=True)):
-            window_lse[i, max_window - row.window:] = lse
+        window_normalisers["attention" if have_lse else "own"] += 1
     device = block_table.device
     batch_rows = torch.tensor([row.batch_row for row in rows], device=device)
     cuts = compute_cuts(
@@ -85,3 +78,13 @@ def _score_rows(step: StepContext, layer: int, rows: list[ScoringRow],
     ).tolist()
     for row, cut in zip(rows, cuts, strict=True):
         step.cuts.setdefault(row.req_id, {})[layer] = int(cut)
+
+
+def _right_aligned(rows: list[ScoringRow], windows: list[torch.Tensor], max_window: int
+                   ) -> torch.Tensor:
+    """``[len(rows), max_window, ...]`` with each row's ``[window, ...]`` tensor at the end."""
+    first = windows[0]
+    stacked = first.new_zeros((len(rows), max_window, *first.shape[1:]))
+    for i, (row, window) in enumerate(zip(rows, windows, strict=True)):
+        stacked[i, max_window - row.window:] = window
+    return stacked
