@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from refreekv_vllm.ops import compute_cuts  # noqa: E402
 from refreekv_vllm.ops.launch_utils import cdiv, default_chunk_size  # noqa: E402
-from tests.ops.paged_cases import compare, make_case  # noqa: E402
+from tests.ops.paged_cases import compare, flash_attention_lse, make_case  # noqa: E402
 
 HQ, HKV, D, BS = 32, 8, 128, 16
 DTYPE = torch.bfloat16
@@ -172,19 +172,9 @@ def bytes_moved(n: int, r: int, w: int, chunk: int, lse_given: bool) -> tuple[in
 def window_lse_from_flash_attention(layer: dict, query: torch.Tensor) -> torch.Tensor:
     """``[R, w, Hq]`` softmax normalisers of the window rows, as vLLM's FlashAttention returns
     them during the prefill (each request's last w rows against its paged keys, causal)."""
-    from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
-    from vllm.vllm_flash_attn import flash_attn_varlen_func
-
     r, w = query.shape[:2]
-    n = int(layer["prompt_lens"].max())
-    rows = query.reshape(r * w, HQ, D)
-    _, lse = flash_attn_varlen_func(
-        q=rows, k=layer["key_cache"], v=layer["value_cache"], out=torch.empty_like(rows),
-        cu_seqlens_q=torch.arange(0, (r + 1) * w, w, dtype=torch.int32, device="cuda"),
-        max_seqlen_q=w, seqused_k=layer["prompt_lens"], max_seqlen_k=n, softmax_scale=D**-0.5,
-        causal=True, block_table=layer["block_tables"], fa_version=get_flash_attn_version() or 3,
-        return_softmax_lse=True,
-    )  # fmt: skip
+    lse = flash_attention_lse(query.reshape(r * w, HQ, D), [w] * r, layer["key_cache"],
+                              layer["value_cache"], layer["block_tables"], layer["prompt_lens"])
     return lse.T.reshape(r, w, HQ).contiguous()
 
 

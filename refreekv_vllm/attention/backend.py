@@ -12,6 +12,7 @@ step (no step context) both are exact pass-throughs.
 
 import sys
 from collections.abc import Callable
+from contextlib import nullcontext
 from types import ModuleType
 from typing import Any
 
@@ -79,6 +80,13 @@ def _scoring_step(attn_metadata: Any) -> StepContext | None:
     return step
 
 
+def _plain_softmax(impl: Any) -> bool:
+    """The attention's normaliser is the scorer's only without soft-capping, ALiBi and
+    attention sinks, which change the logits (the scorer's own logits have none of them)."""
+    return (not getattr(impl, "logits_soft_cap", 0) and getattr(impl, "alibi_slopes", None) is None
+            and getattr(impl, "sinks", None) is None)
+
+
 def _wrap(backend: type, impl: type, builder: type,
           key_view: Callable[[Any, torch.Tensor], torch.Tensor],
           kernel: Callable[[StepContext], str], lse_module: ModuleType | None = None) -> type:
@@ -99,13 +107,12 @@ def _wrap(backend: type, impl: type, builder: type,
                 return super().forward(layer, query, key, value, kv_cache, attn_metadata,
                                        output, *args, **kwargs)
             layer_index = extract_layer_index(layer.layer_name)
-            lse: list[torch.Tensor] = []
-            if lse_module is not None and wants_prefill_lse(step, layer_index):
-                with capturing_softmax_lse(lse_module, self.num_heads,
-                                           attn_metadata.num_actual_tokens) as lse:
-                    result = super().forward(layer, query, key, value, kv_cache, attn_metadata,
-                                             output, *args, **kwargs)
-            else:
+            keeping_lse = (
+                capturing_softmax_lse(lse_module, self.num_heads, attn_metadata.num_actual_tokens)
+                if lse_module is not None and _plain_softmax(self)
+                and wants_prefill_lse(step, layer_index)
+                else nullcontext([]))
+            with keeping_lse as lse:
                 result = super().forward(layer, query, key, value, kv_cache, attn_metadata,
                                          output, *args, **kwargs)
             capture_and_score(

@@ -32,7 +32,7 @@ def capturing_softmax_lse(module: ModuleType, num_heads: int, num_tokens: int
         if kwargs.get("return_softmax_lse"):
             results.append(None)
             return original(*args, **kwargs)
-        out, lse = original(*args, **kwargs, return_softmax_lse=True)
+        out, lse = original(*args, **{**kwargs, "return_softmax_lse": True})
         results.append(lse)
         return out
 

@@ -726,9 +726,13 @@ def triton_compute_cuts(
     first_pass = ONE_ROW_PASS if plan.last_row else STATS_PASS
     stats_knobs = dict(BLOCK_N=plan.block_n, num_warps=config.num_warps or first_pass[1],
                        num_stages=config.num_stages or first_pass[2])  # fmt: skip
-    window_knobs = dict(BLOCK_N=min(plan.chunk, config.block_n or WINDOW_PASS[0]),
+    # The window pass holds a [BLOCK_M, D] query tile and num_stages [BLOCK_N, D] key tiles in
+    # shared memory (tuned at D = 128): wider heads get shorter key tiles and a shallower ring.
+    wide = d_pad > 128
+    window_knobs = dict(BLOCK_N=min(plan.chunk, config.block_n
+                                    or max(32, WINDOW_PASS[0] * 128 // max(d_pad, 128))),
                         num_warps=config.num_warps or WINDOW_PASS[1],
-                        num_stages=config.num_stages or WINDOW_PASS[2])  # fmt: skip
+                        num_stages=config.num_stages or (2 if wide else WINDOW_PASS[2]))
     grid = (r, hkv, plan.num_chunks)
     lse_given = window_lse is not None and not plan.last_row
     if lse_given:

@@ -80,13 +80,13 @@ class WindowStore:
             per_layer[layer] = _Window(
                 rows.new_zeros((capture.window, *rows.shape[1:])),
                 torch.zeros(capture.window, dtype=torch.bool),
-                rows.new_zeros((capture.window, rows.shape[1]), dtype=torch.float32),
+                None if lse_rows is None else lse_rows.new_zeros((capture.window, rows.shape[1])),
                 torch.zeros(capture.window, dtype=torch.bool))
         window = per_layer[layer]
         window.queries[capture.window_slots] = rows
         window.filled[capture.window_slots] = True
-        if window.lse is not None and lse_rows is None:
-            window.lse = None
+        if lse_rows is None:
+            window.lse = None  # some row came without one: the kernel finds them all itself
         elif window.lse is not None:
             window.lse[capture.window_slots] = lse_rows
             window.lse_filled[capture.window_slots] = True

@@ -103,3 +103,15 @@ def test_a_chunk_without_normalisers_drops_them_for_the_window():
     assert store.get_lse("r", 3) is None
     store.drop("r")
     assert store.get("r", 3) is None
+
+
+def test_normalisers_are_kept_only_for_plain_softmax_attention():
+    """Soft-capping, ALiBi and sinks change FlashAttention's normaliser, not the scorer's logits."""
+    from refreekv_vllm.attention.backend import _plain_softmax
+
+    plain = types.SimpleNamespace(logits_soft_cap=0, alibi_slopes=None, sinks=None)
+    assert _plain_softmax(plain)
+    assert not _plain_softmax(types.SimpleNamespace(**{**vars(plain), "logits_soft_cap": 30.0}))
+    assert not _plain_softmax(types.SimpleNamespace(**{**vars(plain),
+                                                       "alibi_slopes": torch.ones(4)}))
+    assert not _plain_softmax(types.SimpleNamespace(**{**vars(plain), "sinks": torch.ones(4)}))

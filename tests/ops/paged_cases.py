@@ -188,6 +188,27 @@ def make_case(
     )
 
 
+def flash_attention_lse(rows: torch.Tensor, rows_per_request: list[int],
+                        key_cache: torch.Tensor, value_cache: torch.Tensor,
+                        block_tables: torch.Tensor, prompt_lens: torch.Tensor) -> torch.Tensor:
+    """``[Hq, len(rows)]`` softmax normalisers vLLM's FlashAttention returns for query ``rows``
+    (each request's last rows, concatenated) against its paged keys, causal, as in a prefill.
+    Needs a GPU and vLLM's ``vllm_flash_attn``."""
+    from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
+    from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+    counts = torch.tensor([0, *rows_per_request]).cumsum(0)
+    _, lse = flash_attn_varlen_func(
+        q=rows, k=key_cache, v=value_cache, out=torch.empty_like(rows),
+        cu_seqlens_q=counts.to(dtype=torch.int32, device=rows.device),
+        max_seqlen_q=max(rows_per_request), seqused_k=prompt_lens,
+        max_seqlen_k=int(prompt_lens.max()), softmax_scale=rows.shape[-1] ** -0.5, causal=True,
+        block_table=block_tables, fa_version=get_flash_attn_version() or 3,
+        return_softmax_lse=True,
+    )  # fmt: skip
+    return lse
+
+
 @dataclass
 class Comparison:
     max_rel_err: float = 0.0  # of the kept fraction 1 - ratio(j)

@@ -14,7 +14,13 @@ from refreekv_vllm.ops import (
     required_workspace_numel,
 )
 from tests.ops import paged_cases
-from tests.ops.paged_cases import PagedCase, compare, load_triton_kernels, make_case
+from tests.ops.paged_cases import (
+    PagedCase,
+    compare,
+    flash_attention_lse,
+    load_triton_kernels,
+    make_case,
+)
 
 HAS_TRITON = load_triton_kernels()
 CUDA = torch.cuda.is_available()
@@ -131,42 +137,50 @@ WINDOW_CONFIGS = [c for c in CONFIGS if c[3] > 1]
 def test_given_window_lse_replaces_the_first_pass(config, keys_as_m):
     """Window rows' normalisers handed in (as the prefill attention returns them): one pass
     over the keys, same cuts and curve, in both orientations of the window pass."""
-    from refreekv_vllm.ops.triton_last_row_scores import PassConfig, triton_compute_cuts
+    from refreekv_vllm.ops.triton_last_row_scores import (
+        PassConfig,
+        make_plan,
+        triton_compute_cuts,
+    )
 
     _require_interpreter("triton")
     case = _case(config, seed=20 + CONFIGS.index(config))
+    r, w_max, hq, d = case.query.shape
+    plan = make_plan(r, w_max, hq, case.key_cache.shape[2], d, case.max_len, case.query.device,
+                     chunk_size=32)  # fmt: skip
+    sections = plan.sections()
+    workspace = torch.full((sum(sections.values()),), float("nan"), device=DEVICE)
     curve = torch.full((case.num_reqs, case.max_len), -7.0, device=DEVICE)
     cuts = triton_compute_cuts(
         **case.kwargs(), curve_out=curve, max_prompt_len=case.max_len, chunk_size=32,
         window_lse=case.window_lse(), config=PassConfig(keys_as_m=keys_as_m),
+        workspace=workspace,
     )  # fmt: skip
     _check(case, cuts, curve)
+    # The first pass's statistics were never written: the keys were read once.
+    offset = 0
+    for name, size in sections.items():
+        if name in ("max", "sum", "lse"):
+            assert bool(workspace[offset : offset + size].isnan().all()), name
+        offset += size
 
 
 @needs_cuda
 def test_flash_attention_lse_feeds_the_window_pass():
     """vLLM's FlashAttention returns the normaliser the window pass expects (base e, scaled
     logits, ``[heads, tokens]``), read from the same paged cache."""
-    from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
-    from vllm.vllm_flash_attn import flash_attn_varlen_func
-
     case = _case((4, 128, torch.bfloat16, 32, "max", "NHD"), seed=31, lens=[300, 77, 1000, 20])
     w_max, n = case.query.shape[1], case.prompt_lens.tolist()
     rows = [min(w_max, length) for length in n]
     q = torch.cat([case.query[i, w_max - k:] for i, k in enumerate(rows)])
-    cu = torch.tensor([0, *torch.tensor(rows).cumsum(0).tolist()], dtype=torch.int32,
-                      device=DEVICE)  # fmt: skip
-    _, lse = flash_attn_varlen_func(
-        q=q, k=case.key_cache, v=case.kv_cache.transpose(1, 2)[..., 128:],
-        out=torch.empty_like(q), cu_seqlens_q=cu, max_seqlen_q=max(rows),
-        seqused_k=case.prompt_lens, max_seqlen_k=max(n), softmax_scale=128**-0.5, causal=True,
-        block_table=case.block_tables, fa_version=get_flash_attn_version() or 3,
-        return_softmax_lse=True,
-    )  # fmt: skip
+    lse = flash_attention_lse(q, rows, case.key_cache, case.kv_cache.transpose(1, 2)[..., 128:],
+                              case.block_tables, case.prompt_lens)  # fmt: skip
     assert lse.shape == (case.query.shape[2], q.shape[0])
     window_lse = torch.zeros(case.num_reqs, w_max, case.query.shape[2], device=DEVICE)
+    start = 0
     for i, k in enumerate(rows):
-        window_lse[i, w_max - k:] = lse[:, cu[i]:cu[i + 1]].T
+        window_lse[i, w_max - k:] = lse[:, start:start + k].T
+        start += k
     expected = case.window_lse()
     for i, k in enumerate(rows):
         torch.testing.assert_close(window_lse[i, w_max - k:], expected[i, w_max - k:],

@@ -1,0 +1,99 @@
+"""What the scorer hands the kernel: each request's window queries and their softmax
+normalisers, right-aligned and row for row, when the window ran over two prefill chunks and
+windows differ between requests. The kernels themselves are checked in tests/ops."""
+
+import pytest
+import torch
+
+from refreekv_vllm.attention import scoring
+from refreekv_vllm.config import RefreeKVConfig
+from refreekv_vllm.worker.step_context import ScoringRow, StepContext, WindowCapture, window_store
+
+HEADS, HEAD_SIZE, LAYER = 3, 4, 5
+
+
+def _query(step: int, num_tokens: int) -> torch.Tensor:
+    """Token t of step s carries 1000 s + 10 t + h in head h."""
+    t = torch.arange(num_tokens, dtype=torch.float32)[:, None, None]
+    h = torch.arange(HEADS, dtype=torch.float32)[None, :, None]
+    return (1000 * step + 10 * t + h).expand(num_tokens, HEADS, HEAD_SIZE).contiguous()
+
+
+def _lse(step: int, num_tokens: int) -> torch.Tensor:
+    """FlashAttention's layout, ``[heads, tokens]``: 1000 s + 100 t + h."""
+    h = torch.arange(HEADS, dtype=torch.float32)[:, None]
+    t = torch.arange(num_tokens, dtype=torch.float32)[None, :]
+    return 1000 * step + 100 * t + h
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    calls: list[dict] = []
+
+    def record(query, key_cache, block_tables, prompt_lens, window_lens, thresholds, **kwargs):
+        calls.append({"query": query.clone(), "window_lens": window_lens.tolist(),
+                      "window_lse": kwargs["window_lse"]})
+        return torch.full((query.shape[0],), 4, dtype=torch.int32)
+
+    monkeypatch.setattr(scoring, "compute_cuts", record)
+    yield calls
+    for req_id in ("a", "b"):
+        window_store.drop(req_id)
+
+
+def _steps(with_lse_in_first_chunk: bool = True) -> StepContext:
+    """Request a (window 4, 10 prompt tokens): positions 6-7 run in step 1 as tokens 3-4,
+    positions 8-9 in step 2 as tokens 0-1. Request b (window 2, 5 tokens): all in step 2,
+    its window is tokens 5-6. Both are scored in step 2."""
+    config = RefreeKVConfig()
+    key_cache = torch.zeros(4, 16, 1, HEAD_SIZE)
+    block_table = torch.zeros(2, 2, dtype=torch.int32)
+    first = StepContext(config=config, kernel="triton", captures=[
+        WindowCapture("a", 10, 4, token_indices=[3, 4], window_slots=[0, 1])])
+    scoring.capture_and_score(first, LAYER, _query(1, 5), key_cache, block_table, 1.0,
+                              "triton", _lse(1, 5) if with_lse_in_first_chunk else None)
+    second = StepContext(
+        config=config, kernel="triton",
+        captures=[WindowCapture("a", 10, 4, token_indices=[0, 1], window_slots=[2, 3]),
+                  WindowCapture("b", 5, 2, token_indices=[5, 6], window_slots=[0, 1])],
+        scoring=[ScoringRow("a", 0, 10, 4, "mean", 0.01), ScoringRow("b", 1, 5, 2, "mean", 0.01)])
+    scoring.capture_and_score(second, LAYER, _query(2, 7), key_cache, block_table, 1.0,
+                              "triton", _lse(2, 7))
+    return second
+
+
+def test_window_rows_and_normalisers_reach_the_kernel_aligned(recorded):
+    step = _steps()
+    (call,) = recorded
+    assert call["window_lens"] == [4, 2]
+    query, lse = call["query"], call["window_lse"]
+    assert query.shape == (2, 4, HEADS, HEAD_SIZE) and lse.shape == (2, 4, HEADS)
+    heads = torch.arange(HEADS, dtype=torch.float32)
+    # (step, token) of each window row, oldest first; b's rows sit at the right end.
+    a_rows, b_rows = [(1, 3), (1, 4), (2, 0), (2, 1)], [(2, 5), (2, 6)]
+    for req, rows in ((0, a_rows), (1, b_rows)):
+        for slot, (s, t) in enumerate(rows, start=4 - len(rows)):
+            torch.testing.assert_close(query[req, slot, :, 0], 1000 * s + 10 * t + heads)
+            torch.testing.assert_close(lse[req, slot], 1000 * s + 100 * t + heads)
+    assert step.cuts == {"a": {LAYER: 4}, "b": {LAYER: 4}}
+    assert scoring.window_normalisers["attention"] >= 1
+
+
+def test_a_chunk_without_normalisers_sends_none(recorded):
+    before = scoring.window_normalisers["own"]
+    _steps(with_lse_in_first_chunk=False)
+    (call,) = recorded
+    assert call["window_lse"] is None
+    assert scoring.window_normalisers["own"] == before + 1
+
+
+def test_only_the_triton_kernel_with_a_window_asks_for_normalisers():
+    config = RefreeKVConfig()
+    window = [WindowCapture("a", 10, 4, token_indices=[0], window_slots=[3])]
+    one_row = [WindowCapture("a", 10, 1, token_indices=[0], window_slots=[0])]
+    assert scoring.wants_prefill_lse(StepContext(config, "triton", captures=window), LAYER)
+    assert not scoring.wants_prefill_lse(StepContext(config, "cuda", captures=window), LAYER)
+    assert not scoring.wants_prefill_lse(StepContext(config, "triton", captures=one_row), LAYER)
+    frozen = config.frozen_layers[0]
+    assert not scoring.wants_prefill_lse(StepContext(config, "triton", captures=window), frozen)
+    assert not scoring.wants_prefill_lse(StepContext(config, "triton"), LAYER)
