@@ -104,18 +104,19 @@ def summarize(trace: dict, steps: int) -> dict:
             busy += hi - max(lo, end)
             end = hi
     span = intervals[-1][1] - intervals[0][0] if intervals else 0.0
+
+    def per_step(durations: list[float]) -> dict[str, float]:
+        return {"count": len(durations) / steps, "ms": sum(durations) / 1e3 / steps}
+
     heaviest = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:40]
     most_frequent = sorted(by_name.items(), key=lambda kv: -len(kv[1]))[:25]
     return {
         "steps": steps,
         "device_busy_ms_per_step": busy / 1e3 / steps,
         "device_span_ms_per_step": span / 1e3 / steps,
-        "per_step": {cat: {"count": len(d) / steps, "ms": sum(d) / 1e3 / steps}
-                     for cat, d in by_cat.items()},
-        "heaviest": [{"name": n, "count": len(d) / steps, "ms": sum(d) / 1e3 / steps}
-                     for n, d in heaviest],
-        "most_frequent": [{"name": n, "count": len(d) / steps, "ms": sum(d) / 1e3 / steps}
-                          for n, d in most_frequent],
+        "per_step": {cat: per_step(d) for cat, d in by_cat.items()},
+        "heaviest": [{"name": n, **per_step(d)} for n, d in heaviest],
+        "most_frequent": [{"name": n, **per_step(d)} for n, d in most_frequent],
     }
 
 

@@ -61,8 +61,9 @@ class StepContext:
 class _Window:
     queries: torch.Tensor  # [window, Hq, D]
     filled: torch.Tensor  # [window] bool
-    lse: torch.Tensor | None  # [window, Hq] fp32, None once some chunk came without it
-    lse_filled: torch.Tensor  # [window] bool
+    # [window, Hq] fp32, its rows filled along with the queries'; None once a chunk came
+    # without normalisers.
+    lse: torch.Tensor | None
 
 
 class WindowStore:
@@ -80,8 +81,7 @@ class WindowStore:
             per_layer[layer] = _Window(
                 rows.new_zeros((capture.window, *rows.shape[1:])),
                 torch.zeros(capture.window, dtype=torch.bool),
-                None if lse_rows is None else lse_rows.new_zeros((capture.window, rows.shape[1])),
-                torch.zeros(capture.window, dtype=torch.bool))
+                None if lse_rows is None else lse_rows.new_zeros((capture.window, rows.shape[1])))
         window = per_layer[layer]
         window.queries[capture.window_slots] = rows
         window.filled[capture.window_slots] = True
@@ -89,7 +89,6 @@ class WindowStore:
             window.lse = None  # some row came without one: the kernel finds them all itself
         elif window.lse is not None:
             window.lse[capture.window_slots] = lse_rows
-            window.lse_filled[capture.window_slots] = True
 
     def get(self, req_id: str, layer: int) -> torch.Tensor | None:
         """The whole window, or None if some of its tokens never ran (e.g. a prefix-cache hit
@@ -102,7 +101,7 @@ class WindowStore:
     def get_lse(self, req_id: str, layer: int) -> torch.Tensor | None:
         """``[window, Hq]`` normalisers of the whole window, or None if any row lacks one."""
         window = self._windows.get(req_id, {}).get(layer)
-        if window is None or window.lse is None or not bool(window.lse_filled.all()):
+        if window is None or window.lse is None or not bool(window.filled.all()):
             return None
         return window.lse
 
