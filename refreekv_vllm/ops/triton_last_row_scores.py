@@ -44,10 +44,7 @@ LOG2E = 1.4426950408889634
 # benchmarks/kernels/tune_last_row_scores.py on an H200 (Llama-3-8B layer, 32 x 8K tokens).
 ONE_ROW_PASS = (128, 4, 2)  # w = 1: the only pass over the keys
 STATS_PASS = (32, 8, 2)  # w > 1: first pass, when the normalisers are not given
-WINDOW_PASS = (128, 4, 3)  # w > 1: the pass that aggregates the window's probabilities
-# Window pass orientation: keys along the dot's M (see _window_probs_kernel); measured 0.33 vs
-# 0.47 ms for the best tiles of each orientation in that sweep.
-KEYS_AS_M = True
+WINDOW_PASS = (64, 4, 3)  # w > 1: the pass that aggregates the window's probabilities
 # Finite stand-in for -inf in running maxima: exp2(NEG_BIG - NEG_BIG) = 1, never NaN.
 NEG_BIG = tl.constexpr(-1.0e30)
 
@@ -89,24 +86,37 @@ def _load_query_tile(
 
 
 @triton.jit
-def _load_key_tile(
-    key_cache_ptr,  # [num_blocks, block_size, Hkv, D], any strides
-    block_table_row_ptr,  # [max_blocks] int32
-    kv_head,
-    pos,
-    pos_mask,
-    offs_d,
-    d_mask,
-    stride_kb,
-    stride_ks,
-    stride_kh,
-    stride_kd,
-    BLOCK_SIZE: tl.constexpr,
-):
-    blk = tl.load(block_table_row_ptr + pos // BLOCK_SIZE, mask=pos_mask, other=0).to(tl.int64)
-    off = blk * stride_kb + (pos % BLOCK_SIZE).to(tl.int64) * stride_ks + kv_head * stride_kh
-    ptrs = key_cache_ptr + off[:, None] + offs_d[None, :] * stride_kd
-    return tl.load(ptrs, mask=pos_mask[:, None] & d_mask[None, :], other=0.0)
+def _chunk_block_ids(block_table_row_ptr, chunk_start, chunk_end, BLOCK_SIZE: tl.constexpr,
+                     CHUNK_BLOCKS: tl.constexpr):  # fmt: skip
+    """Physical ids of the blocks holding ``[chunk_start, chunk_end)``, loaded once per chunk.
+
+    Keys addressed through these registers (see :func:`_gather_key_tile`) depend on no load
+    inside the key loop, so the pipeliner can keep several key tiles in flight: addresses from
+    a block-table load in the loop make it wait for every outstanding copy at each step.
+    """
+    first = chunk_start // BLOCK_SIZE
+    idx = first + tl.arange(0, CHUNK_BLOCKS)
+    return tl.load(block_table_row_ptr + idx, mask=idx <= (chunk_end - 1) // BLOCK_SIZE, other=0)
+
+
+@triton.jit
+def _gather_key_tile(
+    key_cache_ptr, chunk_blocks, chunk_start, kv_head, pos, pos_mask, offs_d, d_mask,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """``[BLOCK_N, D_PAD]`` keys at positions ``pos`` of the chunk (``MASKED=False``: all of
+    ``pos`` lie in the prompt)."""
+    local = pos // BLOCK_SIZE - chunk_start // BLOCK_SIZE
+    if MASKED:
+        local = tl.where(pos_mask, local, 0)
+    blk = tl.gather(chunk_blocks, local, 0)
+    off = blk.to(tl.int64) * stride_kb + (pos % BLOCK_SIZE).to(tl.int64) * stride_ks
+    ptrs = key_cache_ptr + (off + kv_head * stride_kh)[:, None] + offs_d[None, :] * stride_kd
+    if MASKED:
+        return tl.load(ptrs, mask=pos_mask[:, None] & d_mask[None, :], other=0.0)
+    else:
+        return tl.load(ptrs, mask=d_mask[None, :], other=0.0)
 
 
 @triton.jit
@@ -154,6 +164,7 @@ def _stats_kernel(
     NUM_M_TILES: tl.constexpr,
     BLOCK_N: tl.constexpr,
     CHUNK: tl.constexpr,
+    CHUNK_BLOCKS: tl.constexpr,
     LAST_ROW: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
@@ -168,7 +179,8 @@ def _stats_kernel(
         chunk_end = tl.minimum(chunk_start + CHUNK, n)
         offs_d = tl.arange(0, D_PAD).to(tl.int64)
         d_mask = offs_d < HEAD_DIM
-        bt_row = block_tables_ptr + req * stride_bt
+        chunk_blocks = _chunk_block_ids(block_tables_ptr + req * stride_bt, chunk_start,
+                                        chunk_end, BLOCK_SIZE, CHUNK_BLOCKS)  # fmt: skip
         for m_tile in tl.static_range(NUM_M_TILES):
             q, row_valid, head, win = _load_query_tile(
                 query_ptr, req, kv_head, m_tile, w_eff, w_max,
@@ -182,9 +194,9 @@ def _stats_kernel(
             for start in range(chunk_start, chunk_end, BLOCK_N):
                 pos = start + tl.arange(0, BLOCK_N)
                 pos_mask = pos < chunk_end
-                k = _load_key_tile(
-                    key_cache_ptr, bt_row, kv_head, pos, pos_mask, offs_d, d_mask,
-                    stride_kb, stride_ks, stride_kh, stride_kd, BLOCK_SIZE,
+                k = _gather_key_tile(
+                    key_cache_ptr, chunk_blocks, chunk_start, kv_head, pos, pos_mask, offs_d,
+                    d_mask, stride_kb, stride_ks, stride_kh, stride_kd, BLOCK_SIZE, True,
                 )  # fmt: skip
                 s = _logits(q, k, qk_scale, DOT_FP32)
                 valid = row_valid[:, None] & pos_mask[None, :] & (pos[None, :] <= last_pos[:, None])
@@ -240,6 +252,57 @@ def _combine_kernel(
 
 
 @triton.jit
+def _window_logits(
+    q, start, chunk_start, chunk_end, key_cache_ptr, chunk_blocks, kv_head, qk_scale, offs_d,
+    d_mask, stride_kb, stride_ks, stride_kh, stride_kd,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):  # fmt: skip
+    """``[BLOCK_N, BLOCK_M]`` log2-domain logits of one key tile against the window rows.
+
+    Keys go along the dot's M, so the reduction over a head's window rows stays inside a warp.
+    """
+    pos = start + tl.arange(0, BLOCK_N)
+    k = _gather_key_tile(
+        key_cache_ptr, chunk_blocks, chunk_start, kv_head, pos, pos < chunk_end, offs_d, d_mask,
+        stride_kb, stride_ks, stride_kh, stride_kd, BLOCK_SIZE, MASKED,
+    )  # fmt: skip
+    return _logits(k, q, qk_scale, DOT_FP32)
+
+
+@triton.jit
+def _window_tile_r(
+    logits, lse, last_pos, start, chunk_end, r_ptrs, slot_valid, inv_w, num_sink_tokens,
+    BLOCK_N: tl.constexpr, HEADS_PER_TILE: tl.constexpr, W_PAD: tl.constexpr,
+    AGG_MAX: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """Stores r of one key tile from its logits and returns its per-head sums.
+
+    Unmasked tiles hold no sink and only keys that every window row sees; padding rows carry
+    ``lse = +inf`` and so get probability 0 without a mask.
+    """
+    pos = start + tl.arange(0, BLOCK_N)
+    pos_mask = pos < chunk_end
+    log_p = logits - lse[None, :]
+    if MASKED:
+        seen = pos_mask[:, None] & (pos[:, None] <= last_pos[None, :])
+        log_p = tl.where(seen, log_p, float("-inf"))
+    log_p3 = tl.reshape(log_p, (BLOCK_N, HEADS_PER_TILE, W_PAD))
+    if AGG_MAX:  # noqa: SIM108 - constexpr branch, compiled out
+        # The largest probability is the exp of the largest log-probability: one exp per head.
+        agg = tl.exp2(tl.max(log_p3, axis=2))
+    else:
+        agg = tl.sum(tl.exp2(log_p3), axis=2) * inv_w
+    r = agg * agg  # [BLOCK_N, HEADS_PER_TILE]
+    if MASKED:
+        r = tl.where((pos >= num_sink_tokens)[:, None], r, 0.0)
+        tl.store(r_ptrs + pos[:, None], r, mask=slot_valid[None, :] & pos_mask[:, None])
+    else:
+        tl.store(r_ptrs + pos[:, None], r, mask=slot_valid[None, :])
+    return tl.sum(r, axis=0)
+
+
+@triton.jit
 def _window_probs_kernel(
     query_ptr,  # [R, W_MAX, Hq, D]
     key_cache_ptr,  # [num_blocks, block_size, Hkv, D]
@@ -277,9 +340,9 @@ def _window_probs_kernel(
     NUM_M_TILES: tl.constexpr,
     BLOCK_N: tl.constexpr,
     CHUNK: tl.constexpr,
+    CHUNK_BLOCKS: tl.constexpr,
     AGG_MAX: tl.constexpr,
     LSE_GIVEN: tl.constexpr,
-    KEYS_AS_M: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M % W_PAD == 0)
@@ -293,9 +356,20 @@ def _window_probs_kernel(
         w_eff = tl.maximum(tl.minimum(tl.minimum(tl.load(window_lens_ptr + req), w_max), n), 1)
         inv_w = 1.0 / w_eff.to(tl.float32)
         chunk_end = tl.minimum(chunk_start + CHUNK, n)
+        # Tiles [chunk_start, head_end) hold sinks and tiles from main_end on reach keys that
+        # some window rows must not see (or past the chunk): those two runs are masked.
+        head_end = tl.minimum(
+            chunk_start + tl.cdiv(tl.maximum(num_sink_tokens - chunk_start, 0), BLOCK_N) * BLOCK_N,
+            chunk_end,
+        )
+        seen_by_all_end = tl.minimum(chunk_end, n - w_eff + 1)
+        main_end = head_end + tl.maximum(seen_by_all_end - head_end, 0) // BLOCK_N * BLOCK_N
+        num_head_tiles = tl.cdiv(head_end - chunk_start, BLOCK_N)
+        num_masked_tiles = num_head_tiles + tl.cdiv(chunk_end - main_end, BLOCK_N)
         offs_d = tl.arange(0, D_PAD).to(tl.int64)
         d_mask = offs_d < HEAD_DIM
-        bt_row = block_tables_ptr + req * stride_bt
+        chunk_blocks = _chunk_block_ids(block_tables_ptr + req * stride_bt, chunk_start,
+                                        chunk_end, BLOCK_SIZE, CHUNK_BLOCKS)  # fmt: skip
         for m_tile in tl.static_range(NUM_M_TILES):
             q, row_valid, head, win = _load_query_tile(
                 query_ptr, req, kv_head, m_tile, w_eff, w_max,
@@ -308,43 +382,37 @@ def _window_probs_kernel(
             lse = lse_scale * tl.load(
                 lse_ptr + req * stride_lr + lse_row * stride_lw + head * stride_lh,
                 mask=row_valid, other=0.0)  # fmt: skip
+            lse = tl.where(row_valid, lse, float("inf"))
             slot = m_tile * HEADS_PER_TILE + tl.arange(0, HEADS_PER_TILE)
             slot_valid = slot < GROUP
             out_head = kv_head * GROUP + slot
-            r_row = r_ptr + (req * num_q_heads + out_head)[:, None] * n_scratch
+            r_ptrs = r_ptr + (req * num_q_heads + out_head)[None, :] * n_scratch
+            key_args = (chunk_start, chunk_end, key_cache_ptr, chunk_blocks, kv_head, qk_scale,
+                        offs_d, d_mask, stride_kb, stride_ks, stride_kh, stride_kd)
+            r_args = (r_ptrs, slot_valid, inv_w, num_sink_tokens)
+            # (Constexprs are passed one by one: packed into a tuple they stop being constexpr.)
             csum = tl.zeros([HEADS_PER_TILE], tl.float32)
-            for start in range(chunk_start, chunk_end, BLOCK_N):
-                pos = start + tl.arange(0, BLOCK_N)
-                pos_mask = pos < chunk_end
-                k = _load_key_tile(
-                    key_cache_ptr, bt_row, kv_head, pos, pos_mask, offs_d, d_mask,
-                    stride_kb, stride_ks, stride_kh, stride_kd, BLOCK_SIZE,
-                )  # fmt: skip
-                if KEYS_AS_M:
-                    # Keys along M: the reduction over a head's window rows runs inside a
-                    # warp (along the accumulator's N) instead of across warps.
-                    st = _logits(k, q, qk_scale, DOT_FP32)
-                    valid = (row_valid[None, :] & pos_mask[:, None]
-                             & (pos[:, None] <= last_pos[None, :]))  # fmt: skip
-                    pt = tl.where(valid, tl.exp2(st - lse[None, :]), 0.0)
-                    pt3 = tl.reshape(pt, (BLOCK_N, HEADS_PER_TILE, W_PAD))
-                    if AGG_MAX:  # noqa: SIM108 - constexpr branch, compiled out
-                        agg = tl.trans(tl.max(pt3, axis=2))
-                    else:
-                        agg = tl.trans(tl.sum(pt3, axis=2)) * inv_w
-                else:
-                    s = _logits(q, k, qk_scale, DOT_FP32)
-                    valid = (row_valid[:, None] & pos_mask[None, :]
-                             & (pos[None, :] <= last_pos[:, None]))  # fmt: skip
-                    p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
-                    p3 = tl.reshape(p, (HEADS_PER_TILE, W_PAD, BLOCK_N))
-                    if AGG_MAX:  # noqa: SIM108 - constexpr branch, compiled out
-                        agg = tl.max(p3, axis=1)
-                    else:
-                        agg = tl.sum(p3, axis=1) * inv_w
-                r = tl.where(pos[None, :] >= num_sink_tokens, agg * agg, 0.0)
-                tl.store(r_row + pos[None, :], r, mask=slot_valid[:, None] & pos_mask[None, :])
-                csum += tl.sum(r, axis=1)
+            if main_end > head_end:
+                # Each step issues the next tile's dot before reducing the current one, so the
+                # tensor cores work while the exps run.
+                logits = _window_logits(q, head_end, *key_args, BLOCK_SIZE, BLOCK_N, False,
+                                        DOT_FP32)  # fmt: skip
+                for start in range(head_end + BLOCK_N, main_end, BLOCK_N):
+                    next_logits = _window_logits(q, start, *key_args, BLOCK_SIZE, BLOCK_N, False,
+                                                 DOT_FP32)
+                    csum += _window_tile_r(logits, lse, last_pos, start - BLOCK_N, chunk_end,
+                                           *r_args, BLOCK_N, HEADS_PER_TILE, W_PAD, AGG_MAX,
+                                           False)  # fmt: skip
+                    logits = next_logits
+                csum += _window_tile_r(logits, lse, last_pos, main_end - BLOCK_N, chunk_end,
+                                       *r_args, BLOCK_N, HEADS_PER_TILE, W_PAD, AGG_MAX,
+                                           False)  # fmt: skip
+            for t in range(0, num_masked_tiles):
+                start = tl.where(t < num_head_tiles, chunk_start + t * BLOCK_N,
+                                 main_end + (t - num_head_tiles) * BLOCK_N)  # fmt: skip
+                logits = _window_logits(q, start, *key_args, BLOCK_SIZE, BLOCK_N, True, DOT_FP32)
+                csum += _window_tile_r(logits, lse, last_pos, start, chunk_end, *r_args,
+                                       BLOCK_N, HEADS_PER_TILE, W_PAD, AGG_MAX, True)  # fmt: skip
             tl.store(chunk_sum_ptr + (req * num_q_heads + out_head) * num_chunks + chunk, csum,
                      mask=slot_valid)  # fmt: skip
 
@@ -513,7 +581,6 @@ class PassConfig:
     block_n: int | None = None
     num_warps: int | None = None
     num_stages: int | None = None
-    keys_as_m: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -539,6 +606,12 @@ class LaunchPlan:
     @property
     def num_rows(self) -> int:
         return self.num_q_heads * self.w_pad
+
+    def chunk_blocks(self, block_size: int) -> int:
+        """Block-table entries a chunk can span (power of two, for the kernels' id vector)."""
+        if block_size & (block_size - 1) == 0:  # chunk starts are block-aligned
+            return max(1, self.chunk // block_size)
+        return triton.next_power_of_2(triton.cdiv(self.chunk, block_size) + 1)
 
     @property
     def n_scratch(self) -> int:
@@ -721,6 +794,7 @@ def triton_compute_cuts(
         BLOCK_M=plan.block_m,
         NUM_M_TILES=plan.num_m_tiles,
         CHUNK=plan.chunk,
+        CHUNK_BLOCKS=plan.chunk_blocks(bs),
         DOT_FP32=dot_fp32,
     )
     first_pass = ONE_ROW_PASS if plan.last_row else STATS_PASS
@@ -759,9 +833,7 @@ def triton_compute_cuts(
             query, key_cache, block_tables, prompt_lens, window_lens,
             lse, ws["vals"], ws["chunk_sum"], lse_scale=lse_scale,
             stride_lr=lse_strides[0], stride_lw=lse_strides[1], stride_lh=lse_strides[2],
-            num_q_heads=hq, AGG_MAX=agg == "max", LSE_GIVEN=lse_given,
-            KEYS_AS_M=KEYS_AS_M if config.keys_as_m is None else config.keys_as_m,
-            **common, **window_knobs,
+            num_q_heads=hq, AGG_MAX=agg == "max", LSE_GIVEN=lse_given, **common, **window_knobs,
         )  # fmt: skip
     hq_pad = triton.next_power_of_2(hq)
     _cut_kernel[(r,)](

@@ -110,6 +110,19 @@ def test_kernel_matches_reference(backend, config):
 
 
 @pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("w_max", [1, 8])
+def test_block_size_not_a_power_of_two(backend, w_max):
+    """Chunks that start inside a block: the kernels' per-chunk block ids cover them."""
+    case = make_case(
+        lens=[150, 61, 24, 25], num_q_heads=4, num_kv_heads=2, head_size=32, block_size=24,
+        w_max=w_max, windows=[w_max, 3, w_max, 1], thresholds=[0.01, 0.05, 0.2, 0.0],
+        device=DEVICE, seed=13,
+    )  # fmt: skip
+    cuts, curve = _run(case, backend, chunk_size=_chunk(backend))
+    _check(case, cuts, curve)
+
+
+@pytest.mark.parametrize("backend", _backends())
 def test_many_chunks_and_extreme_thresholds(backend):
     """Many chunks (several coarse tiles), T = 1 keeps only the last token, T = 0 keeps all."""
     case = make_case(
@@ -131,12 +144,18 @@ def test_fp32_query_with_bf16_cache(backend):
 WINDOW_CONFIGS = [c for c in CONFIGS if c[3] > 1]
 
 
+# (chunk_size, window-pass key tile, sink tokens): one tile per chunk; several tiles per chunk
+# with sinks in the first, unmasked tiles in the middle and the window's causal edge in the
+# last ones; more sinks than one tile holds; no sinks.
+TILE_RUNS = [(32, None, 4), (64, 16, 4), (64, 16, 20), (64, 16, 0)]
+
+
 @needs_triton
-@pytest.mark.parametrize("keys_as_m", [True, False], ids=["keys-as-m", "rows-as-m"])
+@pytest.mark.parametrize("tiles", TILE_RUNS, ids=lambda t: "chunk{}-tile{}-sinks{}".format(*t))
 @pytest.mark.parametrize("config", WINDOW_CONFIGS, ids=lambda c: "-".join(map(str, c)))
-def test_given_window_lse_replaces_the_first_pass(config, keys_as_m):
+def test_given_window_lse_replaces_the_first_pass(config, tiles):
     """Window rows' normalisers handed in (as the prefill attention returns them): one pass
-    over the keys, same cuts and curve, in both orientations of the window pass."""
+    over the keys, same cuts and curve, whichever tiles of a chunk need masks."""
     from refreekv_vllm.ops.triton_last_row_scores import (
         PassConfig,
         make_plan,
@@ -144,17 +163,17 @@ def test_given_window_lse_replaces_the_first_pass(config, keys_as_m):
     )
 
     _require_interpreter("triton")
-    case = _case(config, seed=20 + CONFIGS.index(config))
+    chunk, block_n, sinks = tiles
+    case = _case(config, seed=20 + CONFIGS.index(config), num_sink_tokens=sinks)
     r, w_max, hq, d = case.query.shape
     plan = make_plan(r, w_max, hq, case.key_cache.shape[2], d, case.max_len, case.query.device,
-                     chunk_size=32)  # fmt: skip
+                     chunk_size=chunk)  # fmt: skip
     sections = plan.sections()
     workspace = torch.full((sum(sections.values()),), float("nan"), device=DEVICE)
     curve = torch.full((case.num_reqs, case.max_len), -7.0, device=DEVICE)
     cuts = triton_compute_cuts(
-        **case.kwargs(), curve_out=curve, max_prompt_len=case.max_len, chunk_size=32,
-        window_lse=case.window_lse(), config=PassConfig(keys_as_m=keys_as_m),
-        workspace=workspace,
+        **case.kwargs(), curve_out=curve, max_prompt_len=case.max_len, chunk_size=chunk,
+        window_lse=case.window_lse(), config=PassConfig(block_n=block_n), workspace=workspace,
     )  # fmt: skip
     _check(case, cuts, curve)
     # The first pass's statistics were never written: the keys were read once.
