@@ -402,11 +402,11 @@ def _window_probs_kernel(
                                                  DOT_FP32)
                     csum += _window_tile_r(logits, lse, last_pos, start - BLOCK_N, chunk_end,
                                            *r_args, BLOCK_N, HEADS_PER_TILE, W_PAD, AGG_MAX,
-                                           False)  # fmt: skip
+                                       False)  # fmt: skip
                     logits = next_logits
                 csum += _window_tile_r(logits, lse, last_pos, main_end - BLOCK_N, chunk_end,
                                        *r_args, BLOCK_N, HEADS_PER_TILE, W_PAD, AGG_MAX,
-                                           False)  # fmt: skip
+                                       False)  # fmt: skip
             for t in range(0, num_masked_tiles):
                 start = tl.where(t < num_head_tiles, chunk_start + t * BLOCK_N,
                                  main_end + (t - num_head_tiles) * BLOCK_N)  # fmt: skip
