@@ -6,7 +6,7 @@ w = 32 with each aggregation (the window pass takes the prefill's normalisers, a
 Then, for the default knobs, the device time of each kernel (torch profiler) and the host time
 of one launch sequence while the GPU is busy. Run from the repository root on a GPU::
 
-    python benchmarks/kernels/tune_last_row_scores.py --n 8192 --reqs 32 --out tune.json
+    python benchmarks/kernels/tune_last_row_scores.py --out benchmarks/results/tune_scoring_gpu.json
 """
 
 from __future__ import annotations
