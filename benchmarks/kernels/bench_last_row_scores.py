@@ -43,7 +43,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from refreekv_vllm.ops import compute_cuts  # noqa: E402
-from refreekv_vllm.ops.launch_utils import cdiv, default_chunk_size  # noqa: E402
+from refreekv_vllm.ops.launch_utils import cdiv  # noqa: E402
+from refreekv_vllm.ops.triton_last_row_scores import make_plan  # noqa: E402
 from tests.ops.paged_cases import compare, flash_attention_lse, make_case  # noqa: E402
 
 HQ, HKV, D, BS = 32, 8, 128, 16
@@ -189,7 +190,7 @@ def bench_config(timer, layer, n, r, w, agg, copy_bw, prefill_ms, backends, gen)
         thresholds=torch.full((r,), 0.01, device="cuda"), num_sink_tokens=4, agg=agg,
         max_prompt_len=n,
     )  # fmt: skip
-    chunk = default_chunk_size(r, HKV, n, torch.device("cuda"))
+    chunk = make_plan(r, w, HQ, HKV, D, n, torch.device("cuda")).chunk  # the Triton launch's
     moved, k_once = bytes_moved(n, r, w, chunk, lse_given=False)
     rec = {"n": n, "w": w, "agg": agg, "num_reqs": r, "tokens": n * r, "chunk": chunk,
            "bytes_moved": moved, "k_bytes": k_once, "prefill_ms": prefill_ms}  # fmt: skip

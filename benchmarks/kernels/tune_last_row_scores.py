@@ -40,8 +40,8 @@ GRID = {
     ],
     (32, "mean"): [
         dict(chunk=chunk, block_n=bn, num_warps=nw, num_stages=ns)
-        for chunk in (None, 2048)
-        for bn, nw, ns in ((64, 4, 3), (64, 4, 4), (64, 8, 3), (64, 8, 4), (128, 8, 3),
+        for chunk in (None, 1024)
+        for bn, nw, ns in ((64, 4, 3), (64, 4, 4), (64, 8, 3), (64, 4, 2), (128, 8, 3),
                            (32, 4, 4))
     ],
     (32, "max"): [

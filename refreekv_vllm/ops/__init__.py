@@ -118,18 +118,17 @@ def required_workspace_numel(
     """
     if backend == "torch":
         return 0
-    from refreekv_vllm.ops.launch_utils import default_chunk_size
-
-    chunk = chunk_size or default_chunk_size(num_reqs, num_kv_heads, max_prompt_len, device)
     if backend == "cuda":
         from refreekv_vllm.ops._custom_ops import cuda_workspace_numel
+        from refreekv_vllm.ops.launch_utils import default_chunk_size
 
+        chunk = chunk_size or default_chunk_size(num_reqs, num_kv_heads, max_prompt_len, device)
         return cuda_workspace_numel(num_reqs, w_max, num_q_heads, max_prompt_len, chunk)
     if backend == "triton":
         from refreekv_vllm.ops.triton_last_row_scores import make_plan, workspace_numel
 
         return workspace_numel(make_plan(num_reqs, w_max, num_q_heads, num_kv_heads, head_size,
-                                         max_prompt_len, device, chunk))  # fmt: skip
+                                         max_prompt_len, device, chunk_size))  # fmt: skip
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
@@ -176,7 +175,7 @@ def compute_cuts(
         workspace: optional flat fp32 scratch (GPU backends) of at least
             :func:`required_workspace_numel` elements; allocated per call when omitted.
         chunk_size: keys per program of the GPU backends (power of two); default from
-            ``launch_utils.default_chunk_size``.
+            ``launch_utils.default_chunk_size`` (larger for the Triton window pass).
         window_lse: optional ``[R, W_MAX, num_q_heads]`` fp32 natural-log softmax normaliser
             of every query row (FlashAttention's ``softmax_lse`` of the prefill), aligned with
             ``query``. The Triton backend then reads the keys once instead of twice for

@@ -21,17 +21,24 @@ def _num_sms(device_index: int) -> int:
 
 
 def default_chunk_size(
-    num_reqs: int, num_kv_heads: int, max_prompt_len: int, device: torch.device
+    num_reqs: int,
+    num_kv_heads: int,
+    max_prompt_len: int,
+    device: torch.device,
+    largest: int = 1024,
 ) -> int:
-    """Keys per program: the largest of 1024/512/256 that still gives >= 4 programs per SM.
+    """Keys per program: the largest power of two from ``largest`` down to 512 that still
+    gives >= 4 programs per SM, else 256.
 
-    Larger chunks mean fewer per-chunk statistics for the cut search to scan; smaller ones
-    keep the GPU busy when few requests are scored.
+    Larger chunks mean fewer per-program setups and per-chunk statistics for the cut search to
+    scan; smaller ones keep the GPU busy when few requests are scored.
     """
     sms = _num_sms(device.index or 0) if device.type == "cuda" else 8
-    for chunk in (1024, 512):
+    chunk = largest
+    while chunk >= 512:
         if num_reqs * num_kv_heads * cdiv(max_prompt_len, chunk) >= 4 * sms:
             return chunk
+        chunk //= 2
     return 256
 
 

@@ -45,6 +45,12 @@ LOG2E = 1.4426950408889634
 ONE_ROW_PASS = (128, 4, 2)  # w = 1: the only pass over the keys
 STATS_PASS = (32, 8, 2)  # w > 1: first pass, when the normalisers are not given
 WINDOW_PASS = (64, 4, 3)  # w > 1: the pass that aggregates the window's probabilities
+# Largest chunk (keys per program) of the window pass: its per-program setup (query tile,
+# normalisers) is worth spreading over more keys than the one-row pass's.
+WINDOW_CHUNK = 2048
+# Cut search: (elements of r per middle-level step over all heads, keys per fine tile,
+# num_warps).
+CUT_SEARCH = (32768, 32, 8)
 # Finite stand-in for -inf in running maxima: exp2(NEG_BIG - NEG_BIG) = 1, never NaN.
 NEG_BIG = tl.constexpr(-1.0e30)
 
@@ -101,18 +107,33 @@ def _chunk_block_ids(block_table_row_ptr, chunk_start, chunk_end, BLOCK_SIZE: tl
 
 @triton.jit
 def _gather_key_tile(
-    key_cache_ptr, chunk_blocks, chunk_start, kv_head, pos, pos_mask, offs_d, d_mask,
+    key_cache_ptr, chunk_blocks, chunk_start, start, chunk_end, kv_head, offs_d, d_mask,
     stride_kb, stride_ks, stride_kh, stride_kd,
-    BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS_ALIGNED: tl.constexpr,
+    MASKED: tl.constexpr,
 ):  # fmt: skip
-    """``[BLOCK_N, D_PAD]`` keys at positions ``pos`` of the chunk (``MASKED=False``: all of
-    ``pos`` lie in the prompt)."""
-    local = pos // BLOCK_SIZE - chunk_start // BLOCK_SIZE
+    """``[BLOCK_N, D_PAD]`` keys at positions ``start + [0, BLOCK_N)`` of the chunk
+    (``MASKED=False``: all of them lie in the prompt)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    pos = start + offs_n
+    if BLOCKS_ALIGNED:
+        # Chunks start on a block boundary and tiles on a multiple of BLOCK_N (both powers of
+        # two): the per-key parts below are loop invariants, only a scalar changes per tile.
+        rel = start - chunk_start
+        local = rel // BLOCK_SIZE + offs_n // BLOCK_SIZE
+        if BLOCK_SIZE <= BLOCK_N:  # noqa: SIM108 - constexpr branch, compiled out
+            slot = offs_n % BLOCK_SIZE
+        else:
+            slot = rel % BLOCK_SIZE + offs_n
+    else:
+        local = pos // BLOCK_SIZE - chunk_start // BLOCK_SIZE
+        slot = pos % BLOCK_SIZE
+    pos_mask = pos < chunk_end
     if MASKED:
         local = tl.where(pos_mask, local, 0)
     blk = tl.gather(chunk_blocks, local, 0)
-    off = blk.to(tl.int64) * stride_kb + (pos % BLOCK_SIZE).to(tl.int64) * stride_ks
-    ptrs = key_cache_ptr + (off + kv_head * stride_kh)[:, None] + offs_d[None, :] * stride_kd
+    off = blk.to(tl.int64) * stride_kb + (slot.to(tl.int64) * stride_ks + kv_head * stride_kh)
+    ptrs = key_cache_ptr + off[:, None] + offs_d[None, :] * stride_kd
     if MASKED:
         return tl.load(ptrs, mask=pos_mask[:, None] & d_mask[None, :], other=0.0)
     else:
@@ -120,13 +141,12 @@ def _gather_key_tile(
 
 
 @triton.jit
-def _logits(q, k, qk_scale, DOT_FP32: tl.constexpr):
-    """``q @ k.T`` as fp32 logits in the log2 domain (scale * LOG2E folded in)."""
+def _dot(q, k, DOT_FP32: tl.constexpr):
+    """``q @ k.T`` in fp32 (unscaled)."""
     if DOT_FP32:
-        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+        return tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
     else:
-        s = tl.dot(q, tl.trans(k))
-    return s * qk_scale
+        return tl.dot(q, tl.trans(k))
 
 
 @triton.jit
@@ -165,6 +185,7 @@ def _stats_kernel(
     BLOCK_N: tl.constexpr,
     CHUNK: tl.constexpr,
     CHUNK_BLOCKS: tl.constexpr,
+    BLOCKS_ALIGNED: tl.constexpr,
     LAST_ROW: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
@@ -195,10 +216,11 @@ def _stats_kernel(
                 pos = start + tl.arange(0, BLOCK_N)
                 pos_mask = pos < chunk_end
                 k = _gather_key_tile(
-                    key_cache_ptr, chunk_blocks, chunk_start, kv_head, pos, pos_mask, offs_d,
-                    d_mask, stride_kb, stride_ks, stride_kh, stride_kd, BLOCK_SIZE, True,
+                    key_cache_ptr, chunk_blocks, chunk_start, start, chunk_end, kv_head, offs_d,
+                    d_mask, stride_kb, stride_ks, stride_kh, stride_kd,
+                    BLOCK_SIZE, BLOCK_N, BLOCKS_ALIGNED, True,
                 )  # fmt: skip
-                s = _logits(q, k, qk_scale, DOT_FP32)
+                s = _dot(q, k, DOT_FP32) * qk_scale  # log2 domain
                 valid = row_valid[:, None] & pos_mask[None, :] & (pos[None, :] <= last_pos[:, None])
                 s = tl.where(valid, s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -252,38 +274,37 @@ def _combine_kernel(
 
 
 @triton.jit
-def _window_logits(
-    q, start, chunk_start, chunk_end, key_cache_ptr, chunk_blocks, kv_head, qk_scale, offs_d,
-    d_mask, stride_kb, stride_ks, stride_kh, stride_kd,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+def _window_dots(
+    q, start, chunk_start, chunk_end, key_cache_ptr, chunk_blocks, kv_head, offs_d, d_mask,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS_ALIGNED: tl.constexpr,
+    MASKED: tl.constexpr, DOT_FP32: tl.constexpr,
 ):  # fmt: skip
-    """``[BLOCK_N, BLOCK_M]`` log2-domain logits of one key tile against the window rows.
+    """``[BLOCK_N, BLOCK_M]`` dot products of one key tile with the window rows.
 
     Keys go along the dot's M, so the reduction over a head's window rows stays inside a warp.
     """
-    pos = start + tl.arange(0, BLOCK_N)
     k = _gather_key_tile(
-        key_cache_ptr, chunk_blocks, chunk_start, kv_head, pos, pos < chunk_end, offs_d, d_mask,
-        stride_kb, stride_ks, stride_kh, stride_kd, BLOCK_SIZE, MASKED,
+        key_cache_ptr, chunk_blocks, chunk_start, start, chunk_end, kv_head, offs_d, d_mask,
+        stride_kb, stride_ks, stride_kh, stride_kd, BLOCK_SIZE, BLOCK_N, BLOCKS_ALIGNED, MASKED,
     )  # fmt: skip
-    return _logits(k, q, qk_scale, DOT_FP32)
+    return _dot(k, q, DOT_FP32)
 
 
 @triton.jit
 def _window_tile_r(
-    logits, lse, last_pos, start, chunk_end, r_ptrs, slot_valid, inv_w, num_sink_tokens,
+    dots, qk_scale, lse, last_pos, start, chunk_end, r_ptrs, slot_valid, inv_w, num_sink_tokens,
     BLOCK_N: tl.constexpr, HEADS_PER_TILE: tl.constexpr, W_PAD: tl.constexpr,
     AGG_MAX: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
-    """Stores r of one key tile from its logits and returns its per-head sums.
+    """Stores r of one key tile from its dot products and returns it (``[BLOCK_N, HEADS]``).
 
     Unmasked tiles hold no sink and only keys that every window row sees; padding rows carry
     ``lse = +inf`` and so get probability 0 without a mask.
     """
     pos = start + tl.arange(0, BLOCK_N)
     pos_mask = pos < chunk_end
-    log_p = logits - lse[None, :]
+    log_p = dots * qk_scale - lse[None, :]
     if MASKED:
         seen = pos_mask[:, None] & (pos[:, None] <= last_pos[None, :])
         log_p = tl.where(seen, log_p, float("-inf"))
@@ -299,7 +320,7 @@ def _window_tile_r(
         tl.store(r_ptrs + pos[:, None], r, mask=slot_valid[None, :] & pos_mask[:, None])
     else:
         tl.store(r_ptrs + pos[:, None], r, mask=slot_valid[None, :])
-    return tl.sum(r, axis=0)
+    return r
 
 
 @triton.jit
@@ -341,6 +362,7 @@ def _window_probs_kernel(
     BLOCK_N: tl.constexpr,
     CHUNK: tl.constexpr,
     CHUNK_BLOCKS: tl.constexpr,
+    BLOCKS_ALIGNED: tl.constexpr,
     AGG_MAX: tl.constexpr,
     LSE_GIVEN: tl.constexpr,
     DOT_FP32: tl.constexpr,
@@ -387,32 +409,25 @@ def _window_probs_kernel(
             slot_valid = slot < GROUP
             out_head = kv_head * GROUP + slot
             r_ptrs = r_ptr + (req * num_q_heads + out_head)[None, :] * n_scratch
-            key_args = (chunk_start, chunk_end, key_cache_ptr, chunk_blocks, kv_head, qk_scale,
-                        offs_d, d_mask, stride_kb, stride_ks, stride_kh, stride_kd)
+            key_args = (chunk_start, chunk_end, key_cache_ptr, chunk_blocks, kv_head, offs_d,
+                        d_mask, stride_kb, stride_ks, stride_kh, stride_kd)
             r_args = (r_ptrs, slot_valid, inv_w, num_sink_tokens)
             # (Constexprs are passed one by one: packed into a tuple they stop being constexpr.)
-            csum = tl.zeros([HEADS_PER_TILE], tl.float32)
-            if main_end > head_end:
-                # Each step issues the next tile's dot before reducing the current one, so the
-                # tensor cores work while the exps run.
-                logits = _window_logits(q, head_end, *key_args, BLOCK_SIZE, BLOCK_N, False,
-                                        DOT_FP32)  # fmt: skip
-                for start in range(head_end + BLOCK_N, main_end, BLOCK_N):
-                    next_logits = _window_logits(q, start, *key_args, BLOCK_SIZE, BLOCK_N, False,
-                                                 DOT_FP32)
-                    csum += _window_tile_r(logits, lse, last_pos, start - BLOCK_N, chunk_end,
-                                           *r_args, BLOCK_N, HEADS_PER_TILE, W_PAD, AGG_MAX,
-                                       False)  # fmt: skip
-                    logits = next_logits
-                csum += _window_tile_r(logits, lse, last_pos, main_end - BLOCK_N, chunk_end,
-                                       *r_args, BLOCK_N, HEADS_PER_TILE, W_PAD, AGG_MAX,
-                                       False)  # fmt: skip
+            # Per-thread partial sums, reduced across the CTA once after the loops.
+            r_acc = tl.zeros([BLOCK_N, HEADS_PER_TILE], tl.float32)
+            for start in range(head_end, main_end, BLOCK_N):
+                dots = _window_dots(q, start, *key_args, BLOCK_SIZE, BLOCK_N, BLOCKS_ALIGNED, False,
+                                    DOT_FP32)
+                r_acc += _window_tile_r(dots, qk_scale, lse, last_pos, start, chunk_end, *r_args,
+                                       BLOCK_N, HEADS_PER_TILE, W_PAD, AGG_MAX, False)  # fmt: skip
             for t in range(0, num_masked_tiles):
                 start = tl.where(t < num_head_tiles, chunk_start + t * BLOCK_N,
                                  main_end + (t - num_head_tiles) * BLOCK_N)  # fmt: skip
-                logits = _window_logits(q, start, *key_args, BLOCK_SIZE, BLOCK_N, True, DOT_FP32)
-                csum += _window_tile_r(logits, lse, last_pos, start, chunk_end, *r_args,
+                dots = _window_dots(q, start, *key_args, BLOCK_SIZE, BLOCK_N, BLOCKS_ALIGNED, True,
+                                    DOT_FP32)
+                r_acc += _window_tile_r(dots, qk_scale, lse, last_pos, start, chunk_end, *r_args,
                                        BLOCK_N, HEADS_PER_TILE, W_PAD, AGG_MAX, True)  # fmt: skip
+            csum = tl.sum(r_acc, axis=0)
             tl.store(chunk_sum_ptr + (req * num_q_heads + out_head) * num_chunks + chunk, csum,
                      mask=slot_valid)  # fmt: skip
 
@@ -452,6 +467,15 @@ def _squared_probs(
 
 
 @triton.jit
+def _starts_within_limit(after, r, base, limit, inv_hq):
+    """Per column j of ``r`` (``[HQ_PAD, N]``, the last columns of a range whose later mass
+    per head is ``after``): whether cutting at j keeps ``ratio <= T``."""
+    tail = after[:, None] + tl.cumsum(r, axis=1, reverse=True)
+    kept = tl.sum(tl.sqrt(tail), axis=0) * inv_hq
+    return base - kept <= limit
+
+
+@triton.jit
 def _cut_kernel(
     prompt_lens_ptr,  # [R] int32
     thresholds_ptr,  # [R] fp32
@@ -470,6 +494,7 @@ def _cut_kernel(
     HQ_PAD: tl.constexpr,
     CHUNK: tl.constexpr,
     C_TILE: tl.constexpr,
+    SUB_N: tl.constexpr,
     FINE_N: tl.constexpr,
     LAST_ROW: tl.constexpr,
     WRITE_CURVE: tl.constexpr,
@@ -512,56 +537,71 @@ def _cut_kernel(
         base = tl.sum(tl.sqrt(total)) * inv_hq
         limit = thr * base
 
-        # Coarse: last chunk whose first position still satisfies ratio <= T (backward scan).
+        # The ratio never decreases as the cut moves right, so each level scans backward and
+        # stops refining at the first step holding a start that keeps ratio <= T; the start of
+        # the range being refined always does (position m keeps everything).
+        # Coarse: the crossing chunk, and the mass after it.
         acc = tl.zeros([HQ_PAD], tl.float32)
+        after = tl.zeros([HQ_PAD], tl.float32)
         best_chunk = 0 * nc
+        found = 0 * nc
         num_tiles = tl.cdiv(nc, C_TILE)
         for it in range(0, num_tiles):
             cs = (num_tiles - 1 - it) * C_TILE + tl.arange(0, C_TILE)
             c_mask = cs < nc
             sums = _chunk_sums(req, cs, c_mask, heads, h_mask, lse, max_ptr, sum2_ptr,
                                chunk_sum_ptr, num_q_heads, num_chunks, LAST_ROW)  # fmt: skip
-            tail = acc[:, None] + tl.cumsum(sums, axis=1, reverse=True)
-            kept = tl.sum(tl.sqrt(tail), axis=0) * inv_hq
-            ok = (base - kept <= limit) & c_mask
-            best_chunk = tl.maximum(best_chunk, tl.max(tl.where(ok, cs, 0)))
+            ok = _starts_within_limit(acc, sums, base, limit, inv_hq) & c_mask
+            c_best = tl.max(tl.where(ok | (cs == 0), cs, -1))
+            first = (found == 0) & (c_best >= 0)
+            best_chunk = tl.where(first, c_best, best_chunk)
+            after = tl.where(first, acc + tl.sum(tl.where(cs[None, :] > c_best, sums, 0.0), 1),
+                             after)  # fmt: skip
+            found = tl.where(c_best >= 0, 1, found)
             acc += tl.sum(sums, axis=1)
 
-        # Mass after the crossing chunk.
-        acc = tl.zeros([HQ_PAD], tl.float32)
-        for c0 in range(0, nc, C_TILE):
-            cs = c0 + tl.arange(0, C_TILE)
-            c_mask = (cs < nc) & (cs > best_chunk)
-            acc += tl.sum(
-                _chunk_sums(req, cs, c_mask, heads, h_mask, lse, max_ptr, sum2_ptr,
-                            chunk_sum_ptr, num_q_heads, num_chunks, LAST_ROW),
-                axis=1,
-            )  # fmt: skip
-
-        # Fine: exact position inside the crossing chunk (backward scan).
+        # Middle: the crossing tile of FINE_N keys inside that chunk, from per-tile sums.
         chunk_lo = best_chunk * CHUNK
         lo = tl.maximum(chunk_lo, num_sink_tokens)
         hi = tl.minimum(chunk_lo + CHUNK, n)
-        best = lo
-        num_sub = tl.cdiv(hi - chunk_lo, FINE_N)
+        acc = after
+        best_tile = chunk_lo
+        found = 0 * nc
+        tiles = tl.arange(0, SUB_N // FINE_N)
+        num_sub = tl.cdiv(hi - chunk_lo, SUB_N)
         for it in range(0, num_sub):
-            pos = chunk_lo + (num_sub - 1 - it) * FINE_N + tl.arange(0, FINE_N)
-            p_mask = (pos >= lo) & (pos < hi)
-            r = _squared_probs(req, pos, p_mask, heads, h_mask, lse, vals_ptr, num_sink_tokens,
-                               num_q_heads, n_scratch, LAST_ROW)  # fmt: skip
-            tail = acc[:, None] + tl.cumsum(r, axis=1, reverse=True)
-            kept = tl.sum(tl.sqrt(tail), axis=0) * inv_hq
-            ok = (base - kept <= limit) & p_mask
-            best = tl.maximum(best, tl.max(tl.where(ok, pos, 0)))
-            acc += tl.sum(r, axis=1)
+            sub_lo = chunk_lo + (num_sub - 1 - it) * SUB_N
+            pos = sub_lo + tl.arange(0, SUB_N)
+            r = _squared_probs(req, pos, (pos >= lo) & (pos < hi), heads, h_mask, lse, vals_ptr,
+                               num_sink_tokens, num_q_heads, n_scratch, LAST_ROW)  # fmt: skip
+            sums = tl.sum(tl.reshape(r, (HQ_PAD, SUB_N // FINE_N, FINE_N)), axis=2)
+            # (A tile starting below lo holds only sinks there, whose r is 0.)
+            tile_lo = sub_lo + tiles * FINE_N
+            ok = _starts_within_limit(acc, sums, base, limit, inv_hq) & (tile_lo < hi)
+            t_best = tl.max(tl.where(ok | (tile_lo == chunk_lo), tiles, -1))
+            first = (found == 0) & (t_best >= 0)
+            best_tile = tl.where(first, sub_lo + t_best * FINE_N, best_tile)
+            after = tl.where(first, acc + tl.sum(tl.where(tiles[None, :] > t_best, sums, 0.0), 1),
+                             after)  # fmt: skip
+            found = tl.where(t_best >= 0, 1, found)
+            acc += tl.sum(sums, axis=1)
+
+        # Fine: the exact position inside the crossing tile.
+        # (Names differ from the loops' ones: Triton keeps one type per name across a loop.)
+        fine_pos = best_tile + tl.arange(0, FINE_N)
+        fine_mask = (fine_pos >= lo) & (fine_pos < hi)
+        fine_r = _squared_probs(req, fine_pos, fine_mask, heads, h_mask, lse, vals_ptr,
+                                num_sink_tokens, num_q_heads, n_scratch, LAST_ROW)  # fmt: skip
+        fine_ok = _starts_within_limit(after, fine_r, base, limit, inv_hq) & fine_mask
+        best = tl.maximum(lo, tl.max(tl.where(fine_ok, fine_pos, 0)))
         if (n > num_sink_tokens + 1) & (thr > 0):
             cut = best
 
         if WRITE_CURVE:
             acc = tl.zeros([HQ_PAD], tl.float32)
-            num_sub = tl.cdiv(n - num_sink_tokens, FINE_N)
+            num_sub = tl.cdiv(n - num_sink_tokens, SUB_N)
             for it in range(0, num_sub):
-                pos = n - (it + 1) * FINE_N + tl.arange(0, FINE_N)
+                pos = n - (it + 1) * SUB_N + tl.arange(0, SUB_N)
                 p_mask = pos >= num_sink_tokens
                 r = _squared_probs(req, pos, p_mask, heads, h_mask, lse, vals_ptr,
                                    num_sink_tokens, num_q_heads, n_scratch, LAST_ROW)  # fmt: skip
@@ -576,11 +616,14 @@ def _cut_kernel(
 
 @dataclass(frozen=True)
 class PassConfig:
-    """Launch knobs of the two key passes; ``None`` fields use the heuristic."""
+    """Launch knobs of the two key passes and of the cut search; ``None`` fields use the
+    heuristic."""
 
     block_n: int | None = None
     num_warps: int | None = None
     num_stages: int | None = None
+    cut_sub_n: int | None = None  # keys per step of the cut search's middle level
+    cut_fine_n: int | None = None  # keys of the tile its last step resolves
 
 
 @dataclass(frozen=True)
@@ -612,6 +655,10 @@ class LaunchPlan:
         if block_size & (block_size - 1) == 0:  # chunk starts are block-aligned
             return max(1, self.chunk // block_size)
         return triton.next_power_of_2(triton.cdiv(self.chunk, block_size) + 1)
+
+    def blocks_aligned(self, block_size: int) -> bool:
+        """Whether every chunk starts on a block boundary (see ``_gather_key_tile``)."""
+        return block_size & (block_size - 1) == 0 and self.chunk % block_size == 0
 
     @property
     def n_scratch(self) -> int:
@@ -647,7 +694,8 @@ def make_plan(
     """Heuristic tile choice (no autotuning): ``(head_size, group, window) -> tiles``."""
     group = num_q_heads // num_kv_heads
     w_pad = triton.next_power_of_2(w_max)
-    chunk = chunk_size or default_chunk_size(num_reqs, num_kv_heads, max_prompt_len, device)
+    chunk = chunk_size or default_chunk_size(num_reqs, num_kv_heads, max_prompt_len, device,
+                                              largest=WINDOW_CHUNK if w_pad > 1 else 1024)
     check_chunk_size(chunk)
     if w_pad > 128:
         raise ValueError(f"window of {w_max} rows: at most 128 supported")
@@ -795,6 +843,7 @@ def triton_compute_cuts(
         NUM_M_TILES=plan.num_m_tiles,
         CHUNK=plan.chunk,
         CHUNK_BLOCKS=plan.chunk_blocks(bs),
+        BLOCKS_ALIGNED=plan.blocks_aligned(bs),
         DOT_FP32=dot_fp32,
     )
     first_pass = ONE_ROW_PASS if plan.last_row else STATS_PASS
@@ -836,6 +885,8 @@ def triton_compute_cuts(
             num_q_heads=hq, AGG_MAX=agg == "max", LSE_GIVEN=lse_given, **common, **window_knobs,
         )  # fmt: skip
     hq_pad = triton.next_power_of_2(hq)
+    sub_n = config.cut_sub_n or max(16, min(plan.chunk, CUT_SEARCH[0] // hq_pad))
+    fine_n = min(sub_n, config.cut_fine_n or CUT_SEARCH[1])
     _cut_kernel[(r,)](
         prompt_lens, thresholds, ws["max"], ws["sum"], ws.get("sum2", dummy),
         ws.get("chunk_sum", dummy), ws["vals"], out,
@@ -843,7 +894,7 @@ def triton_compute_cuts(
         num_sink_tokens, hq, plan.num_chunks, plan.n_scratch,
         curve_out.stride(0) if curve_out is not None else 0,
         HQ_PAD=hq_pad, CHUNK=plan.chunk, C_TILE=max(16, min(64, 4096 // hq_pad)),
-        FINE_N=max(16, min(128, 8192 // hq_pad)), LAST_ROW=plan.last_row,
-        WRITE_CURVE=curve_out is not None, num_warps=8,
+        SUB_N=sub_n, FINE_N=fine_n, LAST_ROW=plan.last_row,
+        WRITE_CURVE=curve_out is not None, num_warps=CUT_SEARCH[2],
     )  # fmt: skip
     return out

@@ -122,6 +122,32 @@ def test_block_size_not_a_power_of_two(backend, w_max):
     _check(case, cuts, curve)
 
 
+# (block_size, chunk_size, key tile): blocks longer than a tile (tiles start inside a block);
+# blocks longer than a chunk (chunks start inside a block); one tile holds several blocks.
+BLOCK_RUNS = [(64, 128, 16), (64, 32, 16), (16, 64, 32)]
+
+
+@needs_triton
+@pytest.mark.parametrize("w_max", [1, 8])
+@pytest.mark.parametrize("blocks", BLOCK_RUNS, ids=lambda b: "block{}-chunk{}-tile{}".format(*b))
+def test_blocks_and_key_tiles_of_any_relative_size(blocks, w_max):
+    from refreekv_vllm.ops.triton_last_row_scores import PassConfig, triton_compute_cuts
+
+    _require_interpreter("triton")
+    block_size, chunk, block_n = blocks
+    case = make_case(
+        lens=[300, 129, 64, 17], num_q_heads=4, num_kv_heads=2, head_size=32,
+        block_size=block_size, w_max=w_max, windows=[w_max, 3, w_max, 1],
+        thresholds=[0.01, 0.05, 0.2, 0.0], device=DEVICE, seed=17,
+    )  # fmt: skip
+    curve = torch.full((case.num_reqs, case.max_len), -7.0, device=DEVICE)
+    cuts = triton_compute_cuts(
+        **case.kwargs(), curve_out=curve, max_prompt_len=case.max_len, chunk_size=chunk,
+        config=PassConfig(block_n=block_n),
+    )  # fmt: skip
+    _check(case, cuts, curve)
+
+
 @pytest.mark.parametrize("backend", _backends())
 def test_many_chunks_and_extreme_thresholds(backend):
     """Many chunks (several coarse tiles), T = 1 keeps only the last token, T = 0 keeps all."""
@@ -142,6 +168,29 @@ def test_fp32_query_with_bf16_cache(backend):
 
 
 WINDOW_CONFIGS = [c for c in CONFIGS if c[3] > 1]
+
+# (chunk_size, keys per middle step, keys per fine tile) of the cut search: several middle
+# steps of several tiles; one step of several tiles; one tile per step.
+CUT_LEVELS = [(64, 32, 8), (128, 128, 16), (32, 16, 16)]
+
+
+@needs_triton
+@pytest.mark.parametrize("levels", CUT_LEVELS, ids=lambda c: "chunk{}-sub{}-fine{}".format(*c))
+@pytest.mark.parametrize("config", [CONFIGS[2], CONFIGS[6]], ids=lambda c: "-".join(map(str, c)))
+def test_cut_search_levels(config, levels):
+    """The cut search narrows chunk -> tile -> position; every split of the levels gives the
+    reference's cut and curve."""
+    from refreekv_vllm.ops.triton_last_row_scores import PassConfig, triton_compute_cuts
+
+    _require_interpreter("triton")
+    chunk, sub_n, fine_n = levels
+    case = _case(config, seed=40 + CONFIGS.index(config), lens=[300, 5, 1, 150, 33, 4, 61, 200])
+    curve = torch.full((case.num_reqs, case.max_len), -7.0, device=DEVICE)
+    cuts = triton_compute_cuts(
+        **case.kwargs(), curve_out=curve, max_prompt_len=case.max_len, chunk_size=chunk,
+        config=PassConfig(cut_sub_n=sub_n, cut_fine_n=fine_n),
+    )  # fmt: skip
+    _check(case, cuts, curve)
 
 
 # (chunk_size, window-pass key tile, sink tokens): one tile per chunk; several tiles per chunk
