@@ -15,7 +15,8 @@ Contract: :func:`refreekv_vllm.policy.reference.layer_cut` applied to every requ
    prefill FlashAttention computes it anyway), step 1 and the combine are skipped: the keys
    are read once.
 3. ``_cut_kernel``, grid ``(R,)``: head-averaged tail norms at chunk boundaries (backward scan)
-   find the crossing chunk, then the exact cut inside it; optionally the whole ratio curve.
+   find the crossing chunk, tile sums inside it the crossing tile, then the exact cut inside
+   that; optionally the whole ratio curve.
 
 Scratch comes from one flat fp32 ``workspace`` (size: :func:`workspace_numel`); pass one in to
 avoid allocating per call (required under CUDA graphs).
