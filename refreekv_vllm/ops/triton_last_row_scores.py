@@ -477,6 +477,23 @@ def _starts_within_limit(after, r, base, limit, inv_hq):
 
 
 @triton.jit
+def _backward_step(sums, units, valid, always_ok, acc, after, found, base, limit, inv_hq):
+    """One step of a backward scan over ``units`` (the columns of ``sums``, ``[HQ_PAD, U]``,
+    whose later mass per head is ``acc``).
+
+    Returns the last unit whose start keeps ``ratio <= T`` (-1 if none; ``always_ok`` units
+    count as keeping it), whether this is the scan's first step to find one, the mass after
+    that unit (updated on the first find only), the found flag and the mass after the step.
+    """
+    ok = _starts_within_limit(acc, sums, base, limit, inv_hq) & valid
+    best = tl.max(tl.where(ok | always_ok, units, -1))
+    first = (found == 0) & (best >= 0)
+    after = tl.where(first, acc + tl.sum(tl.where(units[None, :] > best, sums, 0.0), 1), after)
+    found = tl.where(best >= 0, 1, found)
+    return best, first, after, found, acc + tl.sum(sums, axis=1)
+
+
+@triton.jit
 def _cut_kernel(
     prompt_lens_ptr,  # [R] int32
     thresholds_ptr,  # [R] fp32
@@ -552,14 +569,9 @@ def _cut_kernel(
             c_mask = cs < nc
             sums = _chunk_sums(req, cs, c_mask, heads, h_mask, lse, max_ptr, sum2_ptr,
                                chunk_sum_ptr, num_q_heads, num_chunks, LAST_ROW)  # fmt: skip
-            ok = _starts_within_limit(acc, sums, base, limit, inv_hq) & c_mask
-            c_best = tl.max(tl.where(ok | (cs == 0), cs, -1))
-            first = (found == 0) & (c_best >= 0)
+            c_best, first, after, found, acc = _backward_step(
+                sums, cs, c_mask, cs == 0, acc, after, found, base, limit, inv_hq)  # fmt: skip
             best_chunk = tl.where(first, c_best, best_chunk)
-            after = tl.where(first, acc + tl.sum(tl.where(cs[None, :] > c_best, sums, 0.0), 1),
-                             after)  # fmt: skip
-            found = tl.where(c_best >= 0, 1, found)
-            acc += tl.sum(sums, axis=1)
 
         # Middle: the crossing tile of FINE_N keys inside that chunk, from per-tile sums.
         chunk_lo = best_chunk * CHUNK
@@ -578,14 +590,10 @@ def _cut_kernel(
             sums = tl.sum(tl.reshape(r, (HQ_PAD, SUB_N // FINE_N, FINE_N)), axis=2)
             # (A tile starting below lo holds only sinks there, whose r is 0.)
             tile_lo = sub_lo + tiles * FINE_N
-            ok = _starts_within_limit(acc, sums, base, limit, inv_hq) & (tile_lo < hi)
-            t_best = tl.max(tl.where(ok | (tile_lo == chunk_lo), tiles, -1))
-            first = (found == 0) & (t_best >= 0)
+            t_best, first, after, found, acc = _backward_step(
+                sums, tiles, tile_lo < hi, tile_lo == chunk_lo, acc, after, found, base, limit,
+                inv_hq)  # fmt: skip
             best_tile = tl.where(first, sub_lo + t_best * FINE_N, best_tile)
-            after = tl.where(first, acc + tl.sum(tl.where(tiles[None, :] > t_best, sums, 0.0), 1),
-                             after)  # fmt: skip
-            found = tl.where(t_best >= 0, 1, found)
-            acc += tl.sum(sums, axis=1)
 
         # Fine: the exact position inside the crossing tile.
         # (Names differ from the loops' ones: Triton keeps one type per name across a loop.)
