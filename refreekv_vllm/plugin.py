@@ -17,9 +17,11 @@ def register() -> None:
     if _registered:
         return
     check_vllm_version()
+    from refreekv_vllm.core.kv_cache_layout import install_layout_hook
     from refreekv_vllm.entrypoints.validation import install_request_validation
 
     install_request_validation()
+    install_layout_hook()
     _record_load()
     _registered = True
 

@@ -168,6 +168,7 @@ def run_exactness(args, scratch: Path) -> dict:
         "physical_budget": physical_budget,
         "freed_vs_ideal": (1 - physical_budget) / (1 - ideal_budget) if ideal_budget < 1 else 1.0,
         "leaked_blocks": plain["leaked_blocks"] + pruned["leaked_blocks"],
+        "pruned_passkeys_found": pruned["pruned_passkeys_found"],
         "pruning_stats": pruned["stats"],
         # Layer scorings by the source of the window rows' softmax normalisers: "attention"
         # (the prefill's FlashAttention, one pass over the keys) or "own" (two passes).

@@ -1,14 +1,13 @@
-"""Scheduler host time per decode step: plain vLLM vs ReFreeKV's one KV cache group per layer.
+"""Scheduler host time per decode step: plain vLLM vs ReFreeKV's paged block pool.
 
     python benchmarks/integration/bench_scheduler_host.py   # results/scheduler_host_cpu.json
 
 vLLM's real ``Scheduler``, ``KVCacheManager`` and ``BlockPool`` (no model runs): a Llama-3-8B
 KV layout (32 layers, 8 KV heads, head size 128, block size 16, prefix caching on), 64 requests
 of 8,000 prompt tokens at T=0, stepped by hand through prefill, then ``--steps`` decode steps
-are timed (``schedule()`` + ``update_from_output()``; mean, median and worst step). Three
-schedulers in the same process: plain vLLM (one group), ReFreeKV (one group per layer) and
-ReFreeKV with the coordinator shortcuts switched off (vLLM's per-group path). Reported as ratios
-of mean step times to plain vLLM's (median over interleaved rounds).
+are timed (``schedule()`` + ``update_from_output()``; mean, median and worst step). Two
+schedulers in the same process: plain vLLM and ReFreeKV (vLLM's one KV cache group over
+per-layer pages). Reported as the ratio of mean step times (median over interleaved rounds).
 """
 
 import argparse
@@ -37,8 +36,8 @@ def build(kind: str, num_requests: int, prompt_len: int, model_dir: Path):
     from vllm.v1.kv_cache_interface import FullAttentionSpec
     from vllm.v1.structured_output import StructuredOutputManager
 
-    from refreekv_vllm.core import scheduler as refreekv_scheduler
-    from refreekv_vllm.core.kv_cache_spec import LayerFullAttentionSpec
+    from refreekv_vllm.core.kv_cache_layout import paged_kv_cache_config
+    from refreekv_vllm.core.scheduler import RefreeKVScheduler
 
     max_model_len = prompt_len + 320
     vllm_config = VllmConfig(
@@ -48,35 +47,21 @@ def build(kind: str, num_requests: int, prompt_len: int, model_dir: Path):
             max_num_seqs=256, max_num_batched_tokens=8192, max_model_len=max_model_len,
             enable_chunked_prefill=True, is_encoder_decoder=False),
         cache_config=CacheConfig(block_size=BLOCK_SIZE, enable_prefix_caching=True))
-    spec = dict(block_size=BLOCK_SIZE, num_kv_heads=8, head_size=128, dtype=torch.bfloat16)
-    name = "model.layers.{}.self_attn.attn".format
-    if kind == "plain":
-        specs = {name(i): FullAttentionSpec(**spec) for i in range(NUM_LAYERS)}
-    else:
-        specs = {name(i): LayerFullAttentionSpec(**spec, refreekv_layer=i)
-                 for i in range(NUM_LAYERS)}
-    groups = get_kv_cache_groups(vllm_config, specs)
-    blocks_per_layer = num_requests * (max_model_len // BLOCK_SIZE + 2) + 64
-    layers_per_group = len(groups[0].layer_names)
-    num_blocks = blocks_per_layer * (NUM_LAYERS // layers_per_group)
+    spec = FullAttentionSpec(block_size=BLOCK_SIZE, num_kv_heads=8, head_size=128,
+                             dtype=torch.bfloat16)
+    groups = get_kv_cache_groups(
+        vllm_config, {f"model.layers.{i}.self_attn.attn": spec for i in range(NUM_LAYERS)})
+    num_blocks = num_requests * (max_model_len // BLOCK_SIZE + 2) + 64
     kv_cache_config = get_kv_cache_config_from_groups(
-        vllm_config, groups, groups[0].kv_cache_spec.page_size_bytes * num_blocks
-        * layers_per_group)
+        vllm_config, groups, spec.page_size_bytes * NUM_LAYERS * num_blocks)
+    if kind == "refreekv":
+        kv_cache_config = paged_kv_cache_config(kv_cache_config)
     vllm_config.cache_config.num_gpu_blocks = kv_cache_config.num_blocks
     kwargs = dict(vllm_config=vllm_config, kv_cache_config=kv_cache_config,
                   structured_output_manager=StructuredOutputManager(vllm_config),
                   include_finished_set=False, log_stats=True, block_size=BLOCK_SIZE,
                   hash_block_size=BLOCK_SIZE)
-    if kind == "plain":
-        return Scheduler(**kwargs)
-    if kind == "refreekv_per_group_path":
-        adopt = refreekv_scheduler.adopt_coordinator
-        refreekv_scheduler.adopt_coordinator = lambda coordinator: False
-        try:
-            return refreekv_scheduler.RefreeKVScheduler(**kwargs)
-        finally:
-            refreekv_scheduler.adopt_coordinator = adopt
-    return refreekv_scheduler.RefreeKVScheduler(**kwargs)
+    return (Scheduler if kind == "plain" else RefreeKVScheduler)(**kwargs)
 
 
 def time_decode_steps(scheduler, num_requests: int, prompt_len: int, steps: int) -> dict:
@@ -134,19 +119,17 @@ def main() -> None:
 
     init_none_hash(sha256)
     model_dir = prepare_tiny_llama()
-    kinds = ("plain", "refreekv", "refreekv_per_group_path")
+    kinds = ("plain", "refreekv")
     rounds: dict[str, list[dict]] = {kind: [] for kind in kinds}
-    groups = {}
-    for _ in range(args.rounds):  # interleaved, so that machine noise hits all three alike
+    for _ in range(args.rounds):  # interleaved, so that machine noise hits both alike
         for kind in kinds:
             scheduler = build(kind, args.num_requests, args.prompt_len, model_dir)
             rounds[kind].append(time_decode_steps(scheduler, args.num_requests,
                                                   args.prompt_len, args.steps))
-            groups[kind] = len(scheduler.kv_cache_config.kv_cache_groups)
             del scheduler
     results = {kind: {stat: statistics.median(r[stat] for r in rounds[kind])
                       for stat in ("mean_ms", "median_ms", "max_ms")}
-               | {"kv_cache_groups": groups[kind], "rounds": rounds[kind]} for kind in kinds}
+               | {"rounds": rounds[kind]} for kind in kinds}
     plain = results["plain"]["mean_ms"]
     summary = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
@@ -156,13 +139,12 @@ def main() -> None:
                      f"rounds; medians over rounds of each round's mean step time"),
         "results": results,
         "refreekv_vs_plain": results["refreekv"]["mean_ms"] / plain,
-        "per_group_path_vs_plain": results["refreekv_per_group_path"]["mean_ms"] / plain,
         "command": "python benchmarks/integration/bench_scheduler_host.py",
     }
-    print(f"{'scheduler':28} {'groups':>6} {'mean ms':>8} {'median':>8} {'max':>8} {'x plain':>8}")
+    print(f"{'scheduler':10} {'mean ms':>8} {'median':>8} {'max':>8} {'x plain':>8}")
     for kind, r in results.items():
-        print(f"{kind:28} {r['kv_cache_groups']:6d} {r['mean_ms']:8.2f} {r['median_ms']:8.2f} "
-              f"{r['max_ms']:8.2f} {r['mean_ms'] / plain:8.2f}")
+        print(f"{kind:10} {r['mean_ms']:8.2f} {r['median_ms']:8.2f} {r['max_ms']:8.2f} "
+              f"{r['mean_ms'] / plain:8.2f}")
     out = Path(args.out_dir) / "scheduler_host_cpu.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2))

@@ -1,15 +1,19 @@
-"""Attention backends that wrap vLLM's own: same kernels, same names, plus two duties.
+"""Attention backends that wrap vLLM's own: same kernels, same names, plus three duties.
 
-- The metadata builder hands attention a view of each pruned request without its gap blocks,
-  and builds once per step for all layers without a gap (``metadata_sharing``).
-- The impl, after the wrapped forward wrote this step's keys, scores the requests whose prompt
-  ends in this step (``scoring.capture_and_score``), with the forward's softmax normaliser of
-  the window rows where FlashAttention provides it (``prefill_lse``).
+- The first layer's KV write of a step computes every layer's pages, gap-free block table,
+  sequence lengths and slot mapping (``worker/layer_tables.py``); each layer then writes its KV
+  to its own pages and attends over its own view.
+- After the wrapped forward, the impl scores the requests whose prompt ends in this step
+  (``scoring.capture_and_score``), with the forward's softmax normaliser of the window rows
+  where FlashAttention provides it (``prefill_lse``).
 
-They keep the wrapped backend's ``get_name()`` because vLLM branches on it. Outside a pruning
-step (no step context) both are exact pass-throughs.
+All of it reads and writes persistent buffers only, so decode steps run in vLLM's full CUDA
+graphs: the Python here runs when a graph is captured and in eager/piecewise steps, never at
+replay. They keep the wrapped backend's ``get_name()`` because vLLM branches on it. Before the
+KV cache exists (memory profiling) they are exact pass-throughs.
 """
 
+import copy
 import sys
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -17,60 +21,11 @@ from types import ModuleType
 from typing import Any
 
 import torch
-from vllm.model_executor.models.utils import extract_layer_index
 
-from refreekv_vllm.attention.gaps import skip_gaps
-from refreekv_vllm.attention.metadata_sharing import (
-    build_key,
-    current_share,
-    shared_buffer_like,
-)
 from refreekv_vllm.attention.prefill_lse import capturing_softmax_lse
 from refreekv_vllm.attention.scoring import capture_and_score, wants_prefill_lse
-from refreekv_vllm.worker.step_context import StepContext, get_step_context
-
-
-class GapSkippingBuilderMixin:
-    def __init__(self, kv_cache_spec: Any, layer_names: list[str], vllm_config: Any,
-                 device: torch.device) -> None:
-        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        layers = {extract_layer_index(name) for name in layer_names}
-        # ReFreeKV engines have one KV cache group, hence one builder, per layer. The override is
-        # process-wide, so a plain engine in the same process gets this class too: pass through.
-        self.refreekv_layer = layers.pop() if len(layers) == 1 else None
-        self.refreekv_block_size = kv_cache_spec.block_size
-        # FA3 + full CUDA graphs: the builder's scheduler-metadata buffer (metadata_sharing).
-        own = getattr(self, "scheduler_metadata", None)
-        self._refreekv_own_schedule = own if isinstance(own, torch.Tensor) else None
-
-    def build(self, common_prefix_len: int, common_attn_metadata: Any, *args: Any,
-              **kwargs: Any) -> Any:
-        if self.refreekv_layer is None:
-            return super().build(common_prefix_len, common_attn_metadata, *args, **kwargs)
-        step = get_step_context()
-        gaps = step.gaps.get(self.refreekv_layer) if step is not None else None
-        share = current_share()
-        if gaps or share is None or not self.supports_update_block_table:
-            if gaps:
-                common_attn_metadata = skip_gaps(common_attn_metadata, gaps,
-                                                 self.refreekv_block_size)
-            self._use_schedule_buffer(shared=False)
-            return super().build(common_prefix_len, common_attn_metadata, *args, **kwargs)
-        key = build_key(self, common_prefix_len, common_attn_metadata, args, kwargs)
-        if key in share.builds:
-            return self.update_block_table(share.builds[key],
-                                           common_attn_metadata.block_table_tensor,
-                                           common_attn_metadata.slot_mapping)
-        self._use_schedule_buffer(shared=not share.shared_buffer_written)
-        share.shared_buffer_written = True
-        metadata = super().build(common_prefix_len, common_attn_metadata, *args, **kwargs)
-        share.builds[key] = metadata
-        return metadata
-
-    def _use_schedule_buffer(self, shared: bool) -> None:
-        own = self._refreekv_own_schedule
-        if own is not None:
-            self.scheduler_metadata = shared_buffer_like(own) if shared else own
+from refreekv_vllm.worker.layer_tables import LayerTables
+from refreekv_vllm.worker.step_context import StepContext, get_layer_tables, get_step_context
 
 
 def _scoring_step(attn_metadata: Any) -> StepContext | None:
@@ -87,26 +42,85 @@ def _plain_softmax(impl: Any) -> bool:
             and getattr(impl, "sinks", None) is None)
 
 
-def _wrap(backend: type, impl: type, builder: type,
-          key_view: Callable[[Any, torch.Tensor], torch.Tensor],
-          kernel: Callable[[StepContext], str], lse_module: ModuleType | None = None) -> type:
-    """Subclass a vLLM backend: gap-skipping builder, impl that scores after its forward.
-    ``key_view(impl, kv_cache)`` gives the layer's ``[num_blocks, block_size, num_kv_heads,
-    head_size]`` key view; ``kernel(step)`` the scoring backend; ``lse_module`` the module whose
-    ``flash_attn_varlen_func`` the forward calls (``prefill_lse``), if any."""
+def _layer_metadata(tables: LayerTables, layer: int, attn_metadata: Any) -> Any:
+    """The layer's own view: its pages without the gaps, its sequence lengths. Everything else
+    (including FlashAttention 3's scheduler metadata, computed from the logical lengths, an upper
+    bound of every layer's) is shared."""
+    num_reqs = attn_metadata.seq_lens.shape[0]
+    metadata = copy.copy(attn_metadata)
+    metadata.block_table = tables.table(layer, num_reqs)
+    metadata.seq_lens = tables.layer_seq_lens(layer, num_reqs)
+    return metadata
 
-    class Builder(GapSkippingBuilderMixin, builder):
-        pass
+
+def _cpu_layer_metadata(impl: Any, tables: LayerTables, layer: int, attn_metadata: Any,
+                        dtype: torch.dtype) -> Any:
+    """As :func:`_layer_metadata`. The CPU backend writes the KV inside its forward, from the
+    metadata's slot mapping: the first layer computes every layer's view there, and each layer
+    gets its own slots. The CPU kernel's work split is planned on the host from the sequence
+    lengths, so a batch with gaps gets a plan per layer."""
+    if layer == 0:
+        tables.compute(attn_metadata.block_table, attn_metadata.seq_lens,
+                       attn_metadata.slot_mapping)
+    slots = tables.layer_slots(layer, attn_metadata.slot_mapping.shape[0])
+    metadata = _layer_metadata(tables, layer, attn_metadata)
+    metadata.slot_mapping = slots
+    if tables.batch_has_gaps and metadata.scheduler_metadata is not None:
+        from vllm import _custom_ops as ops
+        from vllm import envs
+
+        metadata.scheduler_metadata = ops.cpu_attn_get_scheduler_metadata(
+            num_reqs=metadata.seq_lens.shape[0], num_heads=impl.num_heads,
+            num_kv_heads=impl.num_kv_heads, head_dim=impl.head_size,
+            seq_lens=metadata.seq_lens, dtype=dtype,
+            query_start_loc=metadata.query_start_loc, causal=metadata.causal,
+            sliding_window_size=-1, isa=impl.isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
+            dynamic_causal=metadata.dynamic_causal)
+    return metadata
+
+
+def _wrap(backend: type, impl: type,
+          key_view: Callable[[Any, torch.Tensor], torch.Tensor],
+          kernel: Callable[[StepContext], str],
+          layer_metadata: Callable[[Any, LayerTables, int, Any, torch.dtype], Any],
+          lse_module: ModuleType | None = None) -> type:
+    """Subclass a vLLM backend's impl. ``key_view(impl, kv_cache)`` gives the layer's
+    ``[num_pages, block_size, num_kv_heads, head_size]`` key view; ``kernel(step)`` the scoring
+    backend; ``layer_metadata(impl, tables, layer, metadata, dtype)`` a layer's attention
+    metadata;
+    ``lse_module`` the module whose ``flash_attn_varlen_func`` the forward calls
+    (``prefill_lse``), if any."""
 
     class Impl(impl):
+        def do_kv_cache_update(self, layer: Any, key: torch.Tensor, value: torch.Tensor,
+                               kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+            tables = get_layer_tables()
+            if tables is None:
+                return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+            from vllm.forward_context import get_forward_context
+
+            metadata = get_forward_context().attn_metadata
+            if metadata is None:
+                return None  # a dummy run: vLLM's slots are block ids, not pages
+            if layer.layer_name == tables.first_layer_name:
+                metadata = metadata[layer.layer_name]
+                tables.compute(metadata.block_table, metadata.seq_lens, slot_mapping)
+            slots = tables.layer_slots(tables.layer_of[layer.layer_name], slot_mapping.shape[0])
+            return super().do_kv_cache_update(layer, key, value, kv_cache, slots)
+
         def forward(self, layer: Any, query: torch.Tensor, key: torch.Tensor,
                     value: torch.Tensor, kv_cache: torch.Tensor, attn_metadata: Any,
                     output: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            tables = get_layer_tables()
+            if tables is None or attn_metadata is None:
+                return super().forward(layer, query, key, value, kv_cache, attn_metadata,
+                                       output, *args, **kwargs)
+            layer_index = tables.layer_of[layer.layer_name]
+            attn_metadata = layer_metadata(self, tables, layer_index, attn_metadata, query.dtype)
             step = _scoring_step(attn_metadata)
             if step is None:
                 return super().forward(layer, query, key, value, kv_cache, attn_metadata,
                                        output, *args, **kwargs)
-            layer_index = extract_layer_index(layer.layer_name)
             keeping_lse = (
                 capturing_softmax_lse(lse_module, self.num_heads, attn_metadata.num_actual_tokens)
                 if lse_module is not None and _plain_softmax(self)
@@ -126,39 +140,30 @@ def _wrap(backend: type, impl: type, builder: type,
         def get_impl_cls() -> type:
             return Impl
 
-        @staticmethod
-        def get_builder_cls() -> type:
-            return Builder
-
     return Backend
 
 
 def _cpu_backend() -> type:
-    from vllm.v1.attention.backends.cpu_attn import (
-        CPUAttentionBackend,
-        CPUAttentionBackendImpl,
-        CPUAttentionMetadataBuilder,
-    )
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
     from refreekv_vllm.ops.cpu_keys import key_view_from_cpu_attn_kv_cache
 
-    return _wrap(CPUAttentionBackend, CPUAttentionBackendImpl, CPUAttentionMetadataBuilder,
+    return _wrap(CPUAttentionBackend, CPUAttentionBackendImpl,
                  lambda impl, kv_cache: key_view_from_cpu_attn_kv_cache(kv_cache, impl.isa),
-                 lambda step: "torch")
+                 lambda step: "torch", _cpu_layer_metadata)
 
 
 def _flash_attn_backend() -> type:
-    from vllm.v1.attention.backends.flash_attn import (
-        FlashAttentionBackend,
-        FlashAttentionImpl,
-        FlashAttentionMetadataBuilder,
-    )
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend, FlashAttentionImpl
 
     from refreekv_vllm.ops import key_view_from_flash_kv_cache
 
-    return _wrap(FlashAttentionBackend, FlashAttentionImpl, FlashAttentionMetadataBuilder,
+    return _wrap(FlashAttentionBackend, FlashAttentionImpl,
                  lambda impl, kv_cache: key_view_from_flash_kv_cache(kv_cache, impl.head_size),
-                 lambda step: step.kernel, lse_module=sys.modules[FlashAttentionImpl.__module__])
+                 lambda step: step.kernel,
+                 lambda impl, tables, layer, metadata, dtype: _layer_metadata(tables, layer,
+                                                                              metadata),
+                 lse_module=sys.modules[FlashAttentionImpl.__module__])
 
 
 def __getattr__(name: str) -> type:

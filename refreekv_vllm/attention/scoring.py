@@ -33,8 +33,9 @@ def capture_and_score(step: StepContext, layer: int, query: torch.Tensor,
     if layer in config.frozen_layers:
         return
     for capture in step.captures:
-        lse_rows = None if prefill_lse is None else prefill_lse[:, capture.token_indices].T
-        window_store.put(capture, layer, query[capture.token_indices], lse_rows)
+        tokens = slice(capture.token_indices.start, capture.token_indices.stop)
+        lse_rows = None if prefill_lse is None else prefill_lse[:, tokens].T
+        window_store.put(capture, layer, query[tokens], lse_rows)
     windows = {row.req_id: window_store.get(row.req_id, layer)
                for row in step.scoring if row.fixed_cut is None}
     rows = [row for row in step.scoring if windows.get(row.req_id) is not None]
@@ -45,7 +46,7 @@ def capture_and_score(step: StepContext, layer: int, query: torch.Tensor,
         _score_rows(step, layer, [row for row in rows if row.window_agg == agg], windows,
                     key_cache, block_table, scale, agg, backend)
     if step.observe_scoring is not None:
-        # tolist() in _score_rows waited for the device, so this is the scoring's real time.
+        # Host time of the launches (the cuts stay on the device until the step ends).
         step.observe_scoring(time.perf_counter() - started)
 
 
@@ -59,15 +60,15 @@ def _score_rows(step: StepContext, layer: int, rows: list[ScoringRow],
     window_lse = _right_aligned(rows, lses, max_window) if have_lse else None
     if max_window > 1:
         window_normalisers["attention" if have_lse else "own"] += 1
-    device = block_table.device
-    batch_rows = torch.tensor([row.batch_row for row in rows], device=device)
+    batch_rows, prompt_lens, window_lens, thresholds = _row_inputs(step, rows,
+                                                                   block_table.device)
     cuts = compute_cuts(
         queries,
         key_cache,
         block_table[batch_rows],
-        torch.tensor([row.num_prompt_tokens for row in rows], dtype=torch.int32, device=device),
-        torch.tensor([row.window for row in rows], dtype=torch.int32, device=device),
-        torch.tensor([row.threshold for row in rows], dtype=torch.float32, device=device),
+        prompt_lens,
+        window_lens,
+        thresholds,
         num_sink_tokens=step.config.num_sink_tokens,
         scale=scale,
         agg=agg,
@@ -75,9 +76,24 @@ def _score_rows(step: StepContext, layer: int, rows: list[ScoringRow],
         # Bounds the kernels' scratch by this step's prompts, not the block table's width.
         max_prompt_len=max(row.num_prompt_tokens for row in rows),
         window_lse=window_lse,
-    ).tolist()
-    for row, cut in zip(rows, cuts, strict=True):
-        step.cuts.setdefault(row.req_id, {})[layer] = int(cut)
+    )
+    step.cuts.append((layer, [row.req_id for row in rows], cuts))
+
+
+def _row_inputs(step: StepContext, rows: list[ScoringRow], device: torch.device
+                ) -> tuple[torch.Tensor, ...]:
+    """Batch rows, prompt lengths, windows and thresholds of ``rows`` on the device: built once
+    per step (every layer scores the same rows), without a blocking host-to-device copy."""
+    key = tuple(row.req_id for row in rows)
+    if key not in step.row_inputs:
+        host = (torch.tensor([row.batch_row for row in rows], dtype=torch.int64),
+                torch.tensor([row.num_prompt_tokens for row in rows], dtype=torch.int32),
+                torch.tensor([row.window for row in rows], dtype=torch.int32),
+                torch.tensor([row.threshold for row in rows], dtype=torch.float32))
+        if device.type != "cpu":
+            host = tuple(t.pin_memory().to(device, non_blocking=True) for t in host)
+        step.row_inputs[key] = host
+    return step.row_inputs[key]
 
 
 def _right_aligned(rows: list[ScoringRow], windows: list[torch.Tensor], max_window: int

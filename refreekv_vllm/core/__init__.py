@@ -1,4 +1,6 @@
-"""Engine-core side of ReFreeKV: cut state, gap-block release and the scheduler that drives them.
+"""Engine-core side of ReFreeKV: the per-layer page layout and pool, cut state, and the scheduler
+that drives them.
 
-``kv_cache_spec`` (the per-layer spec) and ``support`` (startup checks) are shared with the worker.
+``kv_cache_layout`` (the paged layout) and ``support`` (startup checks) are shared with the
+worker.
 """

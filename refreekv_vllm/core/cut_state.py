@@ -29,9 +29,9 @@ class SkipReason(str, Enum):
 @dataclass(frozen=True, slots=True)
 class PrunedRequest:
     report: CutReport
-    # Per model layer, the block ids released for it.
+    # Per model layer, the blocks whose page of that layer the request released.
     released_block_ids: tuple[tuple[int, ...], ...]
-    # Released blocks whose ref_cnt reached 0 at release time.
+    # Pages that went back to the pool at release time (not held by another request).
     num_freed_blocks: int
 
 
@@ -41,9 +41,10 @@ class CutStats:
 
     requests_pruned: int
     requests_skipped: dict[str, int]  # SkipReason value -> count
+    # Layer pages (one layer x block_size tokens) released by pruned requests.
     blocks_released: int
-    # Released blocks whose ref_cnt reached 0 at release time (shared prefix blocks are
-    # freed later, by whichever request lets go last, and are not counted here).
+    # Released pages that went back to the pool at release time (pages of blocks shared with
+    # other requests go back later, once every holder pruned them, and are not counted here).
     blocks_freed: int
     # Sum over layers of gap tokens (cut - num_sink_tokens) of pruned requests.
     tokens_pruned: int
@@ -113,8 +114,9 @@ class CutState:
         assert len(released_block_ids) == len(report.cuts)
         released = tuple(tuple(ids) for ids in released_block_ids)
         if envs.REFREEKV_DEBUG_ACCOUNTING:
-            flat = [i for ids in released for i in ids]
-            assert len(set(flat)) == len(flat), f"request {req_id}: a block released twice"
+            for layer, ids in enumerate(released):
+                assert len(set(ids)) == len(ids), (
+                    f"request {req_id}: a block's layer-{layer} page released twice")
         self._reported.add(req_id)
         self._recent_block_budgets.append(self._block_budget(report, released))
         self._recent_reports.append(report)

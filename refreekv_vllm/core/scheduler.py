@@ -1,4 +1,8 @@
-"""RefreeKV schedulers: release the gap blocks that the worker's cut reports name.
+"""RefreeKV schedulers: give back the gap pages that the worker's cut reports name.
+
+vLLM's scheduler, KV cache manager and coordinator run unchanged over one KV cache group; its
+block pool is a :class:`PagedBlockPool`, whose blocks hold one page per layer. A cut report
+releases, for every layer, that layer's pages of the blocks inside the request's gap.
 
 Use ``--scheduler-cls refreekv_vllm.core.scheduler.make_scheduler``; the factory picks the sync or
 async variant the way vLLM's ``SchedulerConfig.get_scheduler_cls`` would.
@@ -18,16 +22,17 @@ from vllm.v1.kv_cache_interface import KVCacheConfig
 from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request, RequestStatus
 
+from refreekv_vllm import envs
 from refreekv_vllm.config import RefreeKVConfig, RequestSettings, pruning_settings
-from refreekv_vllm.core.block_freeing import release_gap_blocks
-from refreekv_vllm.core.coordinator import adopt as adopt_coordinator
 from refreekv_vllm.core.cut_state import CutState, CutStats, SkipReason
-from refreekv_vllm.core.kv_cache_spec import layer_index_of_group
+from refreekv_vllm.core.kv_cache_layout import num_pages
+from refreekv_vllm.core.paged_block_pool import PagedBlockPool
 from refreekv_vllm.core.prefix_hits import capped_hit_tokens, trim_hit
 from refreekv_vllm.core.support import check_supported
 from refreekv_vllm.metrics.prometheus import SchedulerMetrics
 from refreekv_vllm.outputs import CutReport, get_cut_reports
 from refreekv_vllm.policy.budget import freeable_block_range, paper_budget
+from refreekv_vllm.worker.layer_tables import SCHEDULER_OUTPUT_ATTR
 
 
 class RefreeKVSchedulerMixin:
@@ -44,23 +49,29 @@ class RefreeKVSchedulerMixin:
         self._refreekv_config = RefreeKVConfig.from_additional_config(
             vllm_config.additional_config)
         super().__init__(vllm_config, kv_cache_config, *args, **kwargs)  # type: ignore[call-arg]
-        first_spec = kv_cache_config.kv_cache_groups[0].kv_cache_spec
-        self._refreekv_block_size: int = first_spec.block_size
-        # model layer index -> KV cache group id
-        self._refreekv_group_of_layer: dict[int, int] = {
-            layer: group_id
-            for group_id, layer in enumerate(layer_index_of_group(kv_cache_config))
-        }
-        self._refreekv_state = CutState(self._refreekv_block_size, first_spec.page_size_bytes)
-        adopt_coordinator(self.kv_cache_manager.coordinator)  # before cache_blocks is capped
+        (group,) = kv_cache_config.kv_cache_groups
+        spec = group.kv_cache_spec
+        self._refreekv_block_size: int = spec.block_size
+        self._refreekv_num_layers = len(group.layer_names)
+        self._refreekv_pool = PagedBlockPool.adopt(
+            self.kv_cache_manager.block_pool, num_pages(kv_cache_config),
+            self._refreekv_num_layers)
+        self._refreekv_state = CutState(self._refreekv_block_size, spec.page_size_bytes)
         self._cap_cache_blocks()
         self._cap_prefix_hits()
+        self._unprune_before_free()
         model_config = vllm_config.model_config
         self._refreekv_metrics = SchedulerMetrics(
             model_config.served_model_name if model_config is not None else "",
             self._refreekv_config.threshold, self._refreekv_config.window,
-            num_layers=len(self._refreekv_group_of_layer),
+            num_layers=self._refreekv_num_layers,
             skip_reasons=[reason.value for reason in SkipReason])
+
+    def schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
+        output = super().schedule(*args, **kwargs)  # type: ignore[misc]
+        # Workers mirror the pages of every block handed out in this schedule().
+        setattr(output, SCHEDULER_OUTPUT_ATTR, self._refreekv_pool.page_pool.take_updates())
+        return output
 
     def refreekv_stats(self) -> CutStats:
         return self._refreekv_state.stats()
@@ -71,14 +82,12 @@ class RefreeKVSchedulerMixin:
     def update_from_output(
         self, scheduler_output: SchedulerOutput, model_runner_output: ModelRunnerOutput
     ) -> dict[int, EngineCoreOutputs]:
-        # The worker stops reading a request's gap blocks from the step after the one that
-        # reported its cuts; under async scheduling that step may already be scheduled, but the
-        # released blocks can be handed out again by the next schedule() at the earliest.
-        # Release before super(): the request's state is still the one it was scheduled with,
-        # and the cache cap is in place before super() appends the sampled token (the async
-        # scheduler calls cache_blocks right there). A request finishing in this step is then
-        # freed by super(); freeing its null_block entries again is harmless (ref_cnt of the
-        # null_block is not maintained and it is never queued).
+        # A report rides on the output of the first step whose attention skipped the gaps;
+        # under async scheduling the next step may already be scheduled, but the released
+        # pages can be handed out again by the next schedule() at the earliest. Release before
+        # super(): the request's state is still the one it was scheduled with, and the cache
+        # cap is in place before super() appends the sampled token (the async scheduler calls
+        # cache_blocks right there). A request finishing in this step is then freed by super().
         reports = get_cut_reports(model_runner_output)
         if reports:
             before = self._refreekv_state.stats()
@@ -126,10 +135,10 @@ class RefreeKVSchedulerMixin:
                 # Freed wholesale (finished, aborted, preempted) since it was scheduled.
                 state.record_skip(SkipReason.NOT_RUNNING)
                 continue
-            if len(report.cuts) != len(self._refreekv_group_of_layer):
+            if len(report.cuts) != self._refreekv_num_layers:
                 raise ValueError(
                     f"cut report for {req_id} has {len(report.cuts)} layers, the KV cache has "
-                    f"{len(self._refreekv_group_of_layer)} groups")
+                    f"{self._refreekv_num_layers}")
             if report.prunes:
                 # From the next step on the worker attends without the gaps: KV written from
                 # then on must never be published, whatever this scheduler releases.
@@ -145,23 +154,19 @@ class RefreeKVSchedulerMixin:
             self._release_gaps(report)
 
     def _release_gaps(self, report: CutReport) -> None:
-        block_pool = self.kv_cache_manager.block_pool
+        pool = self._refreekv_pool
+        manager = self.kv_cache_manager.coordinator.single_type_managers[0]
+        blocks = manager.req_to_blocks.get(report.req_id, [])
         released: list[list[int]] = []
+        num_freed = 0
         for layer, cut in enumerate(report.cuts):
             block_range = freeable_block_range(
                 cut, report.num_sink_tokens, self._refreekv_block_size)
-            released.append(
-                release_gap_blocks(
-                    self.kv_cache_manager,
-                    report.req_id,
-                    self._refreekv_group_of_layer[layer],
-                    block_range,
-                )
-                if block_range
-                else []
-            )
-        num_freed = sum(
-            block_pool.blocks[block_id].ref_cnt == 0 for ids in released for block_id in ids)
+            layer_blocks = blocks[block_range.start:block_range.stop]
+            released.append([block.block_id for block in layer_blocks])
+            num_freed += sum(pool.release_layer_page(block, layer) for block in layer_blocks)
+        if envs.REFREEKV_DEBUG_ACCOUNTING:
+            pool.check_accounting()
         self._refreekv_state.record_report(report, released, num_freed)
 
     def _publish_metrics(self, before: CutStats, reports: Mapping[str, CutReport]) -> None:
@@ -205,6 +210,27 @@ class RefreeKVSchedulerMixin:
 
         coordinator.cache_blocks = capped_cache_blocks
 
+
+    def _unprune_before_free(self) -> None:
+        """A request that lets go of a block it shares must first withdraw its pruned layers
+        from the block's count (``PagedBlockPool.unprune_layer_page``); every path that frees a
+        request's blocks (finish, abort, preemption) goes through ``KVCacheManager.free``."""
+        manager = self.kv_cache_manager
+        free = manager.free
+        pool = self._refreekv_pool
+        state = self._refreekv_state
+
+        def unpruned_free(request: Request) -> None:
+            pruned = state.pruned(request.request_id)
+            if pruned is not None:
+                for layer, block_ids in enumerate(pruned.released_block_ids):
+                    for block_id in block_ids:
+                        pool.unprune_layer_page(pool.blocks[block_id], layer)
+            free(request)
+            if envs.REFREEKV_DEBUG_ACCOUNTING:
+                pool.check_accounting()
+
+        manager.free = unpruned_free
 
     def _cap_prefix_hits(self) -> None:
         """Shorten prefix-cache hits of requests that will be pruned so that their observation

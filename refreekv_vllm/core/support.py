@@ -8,7 +8,7 @@ from __future__ import annotations
 from vllm.config import VllmConfig
 from vllm.v1.kv_cache_interface import KVCacheConfig
 
-from refreekv_vllm.core.kv_cache_spec import LayerFullAttentionSpec
+from refreekv_vllm.core.kv_cache_layout import is_paged_layout, layout_problems
 
 
 def check_supported(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | None = None) -> None:
@@ -53,10 +53,6 @@ def _config_problems(vllm_config: VllmConfig) -> list[str]:
         problems.append(
             f"--kv-cache-dtype {vllm_config.cache_config.cache_dtype}: quantized KV caches "
             "are not supported; use --kv-cache-dtype auto")
-    if vllm_config.scheduler_config.disable_hybrid_kv_cache_manager:
-        problems.append(
-            "--disable-hybrid-kv-cache-manager: one KV cache group per layer needs the hybrid "
-            "KV cache manager; remove the option")
     model_config = vllm_config.model_config
     if model_config is not None:
         if model_config.use_mla:
@@ -71,27 +67,16 @@ def _config_problems(vllm_config: VllmConfig) -> list[str]:
 
 
 def _kv_cache_problems(kv_cache_config: KVCacheConfig) -> list[str]:
-    problems: list[str] = []
-    block_sizes: set[int] = set()
-    for group_id, group in enumerate(kv_cache_config.kv_cache_groups):
-        spec = group.kv_cache_spec
-        where = f"KV cache group {group_id} ({', '.join(group.layer_names)})"
-        if not isinstance(spec, LayerFullAttentionSpec):
-            problems.append(
-                f"{where} has a {type(spec).__name__}: only dense full-attention models are "
-                "supported (no sliding-window, hybrid or MLA models), with the refreekv "
-                "worker (--worker-cls) giving every layer its own group")
-            continue
-        if spec.sliding_window is not None:
-            problems.append(f"{where} uses a sliding window ({spec.sliding_window})")
-        if spec.attention_chunk_size is not None:
-            problems.append(
-                f"{where} uses chunked local attention ({spec.attention_chunk_size})")
-        if spec.non_causal:
-            problems.append(f"{where} attends non-causally")
-        if len(group.layer_names) != 1:
-            problems.append(f"{where} holds {len(group.layer_names)} layers instead of one")
-        block_sizes.add(spec.block_size)
-    if len(block_sizes) > 1:
-        problems.append(f"KV cache groups have different block sizes {sorted(block_sizes)}")
+    """The scheduler's layout: one group of dense full-attention layers over per-layer pages."""
+    if len(kv_cache_config.kv_cache_groups) != 1:
+        return layout_problems(kv_cache_config)
+    spec = kv_cache_config.kv_cache_groups[0].kv_cache_spec
+    problems = []
+    if spec.non_causal:
+        problems.append("the model attends non-causally")
+    if not is_paged_layout(kv_cache_config):
+        problems.append(
+            "the KV cache is not laid out in per-layer pages: the engine must run the refreekv "
+            "worker (--worker-cls refreekv_vllm.worker.worker.RefreeKVWorker) with refreekv "
+            "enabled in --additional-config")
     return problems

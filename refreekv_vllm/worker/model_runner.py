@@ -1,31 +1,37 @@
-"""Model-runner mixin: plans each step's scoring and gap skipping, and reports cuts.
+"""Model-runner mixin: per-layer pages, scoring plans and cut reports.
 
 The cut of a request is computed in the step that runs its last prompt chunk (by the attention
-layers, see ``attention/scoring.py``). From the next step on, attention skips the whole blocks
-inside each layer's gap, and the scheduler releases the same blocks to the pool after reading the
-cut report attached to this step's ``ModelRunnerOutput``. Slot mappings and RoPE positions stay
-logical: new tokens are written after the prompt, never into a gap.
+layers, see ``attention/scoring.py``); the cuts stay on the device and are read once that step
+has finished (no stall of the host). The first step that starts after that commits them: from
+it on, each layer's attention skips the whole blocks of the request's gap in that layer
+(``worker/layer_tables.py``), and the cut report rides on that step's ``ModelRunnerOutput`` so
+that the scheduler gives the gap's pages back. Slot mappings and RoPE positions stay logical:
+new tokens are written after the prompt, never into a gap.
 """
 
 from collections import deque
-from dataclasses import fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from vllm.model_executor.models.utils import extract_layer_index
+import torch
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
 
-from refreekv_vllm.attention.metadata_sharing import sharing_metadata
 from refreekv_vllm.config import RefreeKVConfig, RequestSettings, pruning_settings
-from refreekv_vllm.core.kv_cache_spec import LayerFullAttentionSpec
+from refreekv_vllm.core.kv_cache_layout import is_paged_layout
 from refreekv_vllm.metrics.prometheus import WorkerMetrics
 from refreekv_vllm.outputs import CutReport, attach_cut_reports
 from refreekv_vllm.policy.budget import freeable_block_range, paper_budget
-from refreekv_vllm.worker.block_tables import StackedBlockTables, stackable
+from refreekv_vllm.worker.layer_tables import (
+    SCHEDULER_OUTPUT_ATTR,
+    GapMirroringBlockTable,
+    LayerTables,
+)
 from refreekv_vllm.worker.step_context import (
     ScoringRow,
     StepContext,
     WindowCapture,
+    set_layer_tables,
     set_step_context,
     window_store,
 )
@@ -36,57 +42,63 @@ RECORDS_KEPT = 1024  # per-request records served by GET /v1/refreekv/requests/{
 DEFAULT_GPU_KERNEL = "triton"
 
 
+@dataclass
+class _PendingCuts:
+    """A scoring step whose cuts are on their way to the host."""
+    step: StepContext
+    cuts: torch.Tensor | None  # host copy of the step's cut tensors, concatenated
+    ready: torch.cuda.Event | None  # None: already on the host
+    age: int = 0
+
+
 class RefreeKVModelRunnerMixin:
     """Mixed in front of vLLM's ``GPUModelRunner`` or ``CPUModelRunner`` (V1)."""
 
     refreekv_config: RefreeKVConfig
-    # req_id -> model layer -> (first_block, end_block) skipped by attention.
-    _refreekv_gaps: dict[str, dict[int, tuple[int, int]]]
+    _refreekv_tables: LayerTables | None
     _refreekv_no_prune: set[str]
     _refreekv_step: StepContext | None
     _refreekv_kernel: str
+    _refreekv_pending: list[_PendingCuts]
+    _refreekv_reports: dict[str, CutReport]
 
     def init_refreekv(self, config: RefreeKVConfig) -> None:
         self.refreekv_config = config
-        self._refreekv_gaps = {}
+        self._refreekv_tables = None
         self._refreekv_no_prune = set()
         self._refreekv_step = None
         self._refreekv_kernel = resolve_kernel(config.kernel, self.device)
+        self._refreekv_pending = []
+        self._refreekv_reports = {}
         self._refreekv_metrics = WorkerMetrics(self.model_config.served_model_name)
         self.refreekv_records: deque[dict[str, Any]] = deque(maxlen=RECORDS_KEPT)
 
     def get_kv_cache_spec(self) -> dict[str, KVCacheSpec]:
-        # One KV cache group per layer: each layer owns its blocks and can release its own gap.
-        return per_layer_specs(super().get_kv_cache_spec())
+        specs = super().get_kv_cache_spec()
+        check_dense_specs(specs)
+        return specs
 
-    def initialize_kv_cache(self, kv_cache_config: Any, *args: Any, **kwargs: Any) -> None:
-        super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
-        tables = self.input_batch.block_table
-        # The CPU runner keeps host and "device" buffers as one tensor and maps slots with its
-        # own kernel; stacking only pays off (and only runs) on CUDA.
-        if self.device.type == "cuda" and stackable(tables) is None:
-            self.input_batch.block_table = StackedBlockTables(tables)
-
-    def _get_slot_mappings(self, num_tokens_padded: int, num_reqs_padded: int,
-                           num_tokens_unpadded: int, ubatch_slices: Any = None):  # noqa: ANN202
-        tables = self.input_batch.block_table
-        if not isinstance(tables, StackedBlockTables) or ubatch_slices is not None:
-            return super()._get_slot_mappings(num_tokens_padded, num_reqs_padded,
-                                              num_tokens_unpadded, ubatch_slices)
-        # vLLM pads each group's slot mapping with its own fill; one fill covers all groups.
-        tables.pad_slot_mappings(num_tokens_unpadded, num_tokens_padded)
-        by_group = {group: tables.slot_mappings.gpu[group, :num_tokens_padded]
-                    for group in range(len(self.kv_cache_config.kv_cache_groups))}
-        by_layer = {name: by_group[group]
-                    for group, kv_cache_group in enumerate(self.kv_cache_config.kv_cache_groups)
-                    for name in kv_cache_group.layer_names}
-        return by_group, by_layer
-
-    def _build_attention_metadata(self, *args: Any, **kwargs: Any):  # noqa: ANN202
-        if kwargs.get("ubatch_slices") is not None:
-            return super()._build_attention_metadata(*args, **kwargs)
-        with sharing_metadata():
-            return super()._build_attention_metadata(*args, **kwargs)
+    def initialize_kv_cache(self, kv_cache_config: Any, is_profiling: bool = False,
+                            *args: Any, **kwargs: Any) -> None:
+        self._refreekv_tables = None
+        set_layer_tables(None)
+        super().initialize_kv_cache(kv_cache_config, is_profiling, *args, **kwargs)
+        if is_profiling:
+            return  # vLLM's own minimal cache for memory profiling: attention passes through
+        if not is_paged_layout(kv_cache_config):
+            raise RuntimeError(
+                "ReFreeKV's worker got a KV cache layout without per-layer pages: start the "
+                "engine with the refreekv scheduler (refreekv-serve or "
+                "refreekv_vllm.offline.refreekv_llm_kwargs) so that the engine core builds it")
+        first = self.input_batch.block_table[0]
+        tables = LayerTables(
+            self.kv_cache_config, max_reqs=first.block_table.cpu.shape[0],
+            max_blocks=first.block_table.cpu.shape[1], max_tokens=first.slot_mapping.cpu.shape[0],
+            device=self.device, pin_memory=self.device.type == "cuda")
+        GapMirroringBlockTable.adopt(self.input_batch.block_table, tables)
+        tables.warm_up(first.block_table.gpu, first.slot_mapping.gpu)
+        self._refreekv_tables = tables
+        set_layer_tables(tables)
 
     def _update_states(self, scheduler_output: Any):  # noqa: ANN201
         cached = scheduler_output.scheduled_cached_reqs
@@ -102,11 +114,18 @@ class RefreeKVModelRunnerMixin:
             self._refreekv_no_prune.add(req_id)
         for new_req in scheduler_output.scheduled_new_reqs:
             self._forget(new_req.req_id)
-        return super()._update_states(scheduler_output)
+        result = super()._update_states(scheduler_output)
+        tables = self._refreekv_tables
+        if tables is not None:
+            tables.apply_page_rows(getattr(scheduler_output, SCHEDULER_OUTPUT_ATTR, None))
+        self._commit_finished_scoring()
+        return result
 
     def _forget(self, req_id: str) -> None:
-        self._refreekv_gaps.pop(req_id, None)
         window_store.drop(req_id)
+        for pending in self._refreekv_pending:
+            pending.step.scoring = [row for row in pending.step.scoring if row.req_id != req_id]
+        self._refreekv_reports.pop(req_id, None)
 
     def _prepare_inputs(self, scheduler_output: Any, num_scheduled_tokens: np.ndarray):
         result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
@@ -116,9 +135,9 @@ class RefreeKVModelRunnerMixin:
         return result
 
     def _determine_batch_execution_and_padding(self, *args: Any, **kwargs: Any):  # noqa: ANN202
-        # A FULL CUDA graph replays attention with the captured (uncompacted) block tables and
-        # without running our Python: steps that score or skip gaps run attention eagerly
-        # (PIECEWISE). vLLM rules FULL graphs out when cascade attention is requested.
+        # A FULL CUDA graph replays attention without running our Python: steps that score run
+        # attention eagerly (PIECEWISE). vLLM rules FULL graphs out when cascade attention is
+        # requested. Decode steps, pruned or not, keep vLLM's FULL graphs.
         if self._refreekv_step is not None:
             if "use_cascade_attn" in kwargs:
                 kwargs["use_cascade_attn"] = True
@@ -131,24 +150,24 @@ class RefreeKVModelRunnerMixin:
         batch = self.input_batch
         step = StepContext(config, self._refreekv_kernel,
                            observe_scoring=self._refreekv_metrics.scoring_seconds.observe)
-        token_start = 0
-        for row, req_id in enumerate(batch.req_ids):
-            scheduled = int(num_scheduled_tokens[row])
-            computed = int(batch.num_computed_tokens_cpu[row])
-            num_prompt = int(batch.num_prompt_tokens[row])
-            gaps = self._refreekv_gaps.get(req_id)
-            if gaps:
-                for layer, (first, end) in gaps.items():
-                    step.gaps.setdefault(layer, []).append((row, first, end))
-            elif (computed < num_prompt and req_id not in self._refreekv_no_prune
-                  and num_prompt > config.num_sink_tokens + 1):
-                params = self.requests[req_id].sampling_params
-                settings = pruning_settings(
-                    config, params.extra_args if params is not None else None)
-                if settings is not None:
-                    self._plan_prefill(step, req_id, row, token_start, computed, scheduled,
-                                       num_prompt, settings)
-            token_start += scheduled
+        num_reqs = len(num_scheduled_tokens)
+        computed_all = batch.num_computed_tokens_cpu[:num_reqs]
+        prompt_all = batch.num_prompt_tokens[:num_reqs]
+        prefilling = np.flatnonzero((computed_all < prompt_all)
+                                    & (prompt_all > config.num_sink_tokens + 1))
+        if not len(prefilling):
+            return step
+        token_starts = np.cumsum(num_scheduled_tokens) - num_scheduled_tokens
+        for row in prefilling.tolist():
+            req_id = batch.req_ids[row]
+            if req_id in self._refreekv_no_prune:
+                continue
+            params = self.requests[req_id].sampling_params
+            settings = pruning_settings(config, params.extra_args if params is not None else None)
+            if settings is not None:
+                self._plan_prefill(step, req_id, row, int(token_starts[row]),
+                                   int(computed_all[row]), int(num_scheduled_tokens[row]),
+                                   int(prompt_all[row]), settings)
         return step
 
     def _plan_prefill(self, step: StepContext, req_id: str, row: int, token_start: int,
@@ -170,8 +189,8 @@ class RefreeKVModelRunnerMixin:
         if first < end:
             step.captures.append(WindowCapture(
                 req_id=req_id, num_prompt_tokens=num_prompt, window=window,
-                token_indices=[token_start + p - computed for p in range(first, end)],
-                window_slots=[p - window_start for p in range(first, end)]))
+                token_indices=range(token_start + first - computed, token_start + end - computed),
+                window_slots=range(first - window_start, end - window_start)))
         if last_chunk:
             step.scoring.append(ScoringRow(req_id=req_id, batch_row=row,
                                            num_prompt_tokens=num_prompt, window=window,
@@ -183,17 +202,51 @@ class RefreeKVModelRunnerMixin:
         step = self._refreekv_step
         self._refreekv_step = None
         set_step_context(None)
-        if step is None or not step.scoring:
-            return output
-        reports = self._commit_cuts(step)
-        # Under async scheduling the ModelRunnerOutput sits inside vLLM's async wrapper.
-        attach_cut_reports(getattr(output, "_model_runner_output", output), reports)
+        if step is not None and step.scoring:
+            self._refreekv_pending.append(self._cuts_to_host(step))
+        if self._refreekv_reports:
+            # Under async scheduling the ModelRunnerOutput sits inside vLLM's async wrapper.
+            attach_cut_reports(getattr(output, "_model_runner_output", output),
+                               self._refreekv_reports)
+            self._refreekv_reports = {}
         return output
 
-    def _commit_cuts(self, step: StepContext) -> dict[str, CutReport]:
+    def _cuts_to_host(self, step: StepContext) -> _PendingCuts:
+        """Start the copy of the step's cuts to the host without waiting for it."""
+        if not step.cuts:
+            return _PendingCuts(step, None, None)
+        cuts = torch.cat([layer_cuts for _, _, layer_cuts in step.cuts])
+        if cuts.device.type == "cpu":
+            return _PendingCuts(step, cuts, None)
+        host = torch.empty(cuts.shape, dtype=cuts.dtype, pin_memory=True)
+        host.copy_(cuts, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return _PendingCuts(step, host, ready)
+
+    def _commit_finished_scoring(self) -> None:
+        """Commit the cuts of scoring steps that have finished on the device (or, after two
+        steps, wait for them): set the gaps the attention skips from this step on and queue
+        the cut reports for this step's output."""
+        waiting: list[_PendingCuts] = []
+        for pending in self._refreekv_pending:
+            if pending.ready is not None and not pending.ready.query() and pending.age < 2:
+                pending.age += 1
+                waiting.append(pending)
+                continue
+            if pending.ready is not None:
+                pending.ready.synchronize()
+            self._refreekv_reports.update(self._commit_cuts(pending))
+        self._refreekv_pending = waiting
+
+    def _commit_cuts(self, pending: _PendingCuts) -> dict[str, CutReport]:
+        step = pending.step
         config = self.refreekv_config
         block_size = self.cache_config.block_size
         num_layers = self.model_config.get_num_layers(self.parallel_config)
+        cuts_by_request = step.cuts_by_request(
+            None if pending.cuts is None else pending.cuts.tolist())
+        tables = self._refreekv_tables
         reports: dict[str, CutReport] = {}
         for row in step.scoring:
             window_store.drop(row.req_id)
@@ -202,18 +255,18 @@ class RefreeKVModelRunnerMixin:
                 # that its budget is the one it is named after.
                 cuts = (row.fixed_cut,) * num_layers
             else:
-                layer_cuts = step.cuts.get(row.req_id, {})
+                layer_cuts = cuts_by_request.get(row.req_id, {})
                 cuts = tuple(layer_cuts.get(layer, config.num_sink_tokens)
                              for layer in range(num_layers))
-            gaps = {}
+            gaps = np.zeros((num_layers, 2), dtype=np.int32)
             for layer, cut in enumerate(cuts):
                 blocks = freeable_block_range(cut, config.num_sink_tokens, block_size)
                 if len(blocks):
                     gaps[layer] = (blocks.start, blocks.stop)
-            if gaps:
-                self._refreekv_gaps[row.req_id] = gaps
-            self.refreekv_records.append(request_record(
-                row, cuts, gaps, config, block_size))
+            batch_row = self.input_batch.req_id_to_index.get(row.req_id)
+            if tables is not None and batch_row is not None and gaps.any():
+                tables.set_gaps(batch_row, gaps)
+            self.refreekv_records.append(request_record(row, cuts, gaps, config, block_size))
             reports[row.req_id] = CutReport(
                 req_id=row.req_id, num_prompt_tokens=row.num_prompt_tokens,
                 num_sink_tokens=config.num_sink_tokens, cuts=cuts)
@@ -228,27 +281,21 @@ def resolve_kernel(kernel: str, device: Any) -> str:
     return DEFAULT_GPU_KERNEL if kernel == "auto" else kernel
 
 
-def per_layer_specs(specs: dict[str, KVCacheSpec]) -> dict[str, KVCacheSpec]:
-    """Bind each full-attention layer's spec to its layer index (one KV cache group each)."""
-    bound: dict[str, KVCacheSpec] = {}
+def check_dense_specs(specs: dict[str, KVCacheSpec]) -> None:
     for name, spec in specs.items():
         if type(spec) is not FullAttentionSpec or spec.sliding_window is not None \
                 or spec.attention_chunk_size is not None:
             raise ValueError(f"ReFreeKV supports dense full-attention layers only; layer {name} "
                              f"has {type(spec).__name__}")
-        init_fields = {f.name: getattr(spec, f.name) for f in fields(spec) if f.init}
-        bound[name] = LayerFullAttentionSpec(**init_fields,
-                                             refreekv_layer=extract_layer_index(name))
-    return bound
 
 
-def request_record(row: ScoringRow, cuts: tuple[int, ...], gaps: dict[int, tuple[int, int]],
+def request_record(row: ScoringRow, cuts: tuple[int, ...], gaps: np.ndarray,
                    config: RefreeKVConfig, block_size: int) -> dict[str, Any]:
     """What one request's pruning did, for the per-request endpoint."""
     m = config.num_sink_tokens
     num_prompt_tokens = row.num_prompt_tokens
     prompt_blocks = -(-num_prompt_tokens // block_size)
-    skipped = sum(end - first for first, end in gaps.values())
+    skipped = int((gaps[:, 1] - gaps[:, 0]).sum())
     fixed = row.fixed_cut is not None
     return {
         "request_id": row.req_id,

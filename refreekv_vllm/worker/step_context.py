@@ -5,12 +5,18 @@ There is one runner per worker process, so a module-level "current step" is enou
 vLLM's own forward context is.
 """
 
+from __future__ import annotations
+
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from refreekv_vllm.config import RefreeKVConfig
+
+if TYPE_CHECKING:
+    from refreekv_vllm.worker.layer_tables import LayerTables
 
 
 @dataclass
@@ -19,10 +25,10 @@ class WindowCapture:
     req_id: str
     num_prompt_tokens: int
     window: int
-    token_indices: list[int]
-    """Indices into this step's flattened tokens."""
-    window_slots: list[int]
-    """Row of the window each token fills (0 = oldest)."""
+    token_indices: range
+    """Indices into this step's flattened tokens (consecutive)."""
+    window_slots: range
+    """Rows of the window these tokens fill (consecutive, 0 = oldest)."""
 
 
 @dataclass
@@ -45,16 +51,30 @@ class StepContext:
     """Scoring backend resolved for this device: "torch" on CPU, "cuda" or "triton" on GPUs."""
     captures: list[WindowCapture] = field(default_factory=list)
     scoring: list[ScoringRow] = field(default_factory=list)
-    gaps: dict[int, list[tuple[int, int, int]]] = field(default_factory=dict)
-    """Model layer -> ``(batch_row, first_block, end_block)`` of blocks attention must skip."""
-    cuts: dict[str, dict[int, int]] = field(default_factory=dict)
-    """Filled during the forward pass: request -> model layer -> cut."""
+    cuts: list[tuple[int, list[str], torch.Tensor]] = field(default_factory=list)
+    """Filled during the forward pass: ``(model layer, request ids, [len(ids)] int32 cuts on
+    the device)``; read once, after the step's sampling synchronised."""
     observe_scoring: Callable[[float], None] | None = None
-    """Receives the seconds one layer's scoring took."""
+    """Receives the host seconds one layer's scoring launch took."""
+    row_inputs: dict[tuple[str, ...], tuple[torch.Tensor, ...]] = field(default_factory=dict)
+    """Per set of scored requests, their per-request inputs on the device (see scoring)."""
 
     @property
     def active(self) -> bool:
-        return bool(self.captures or self.scoring or self.gaps)
+        return bool(self.captures or self.scoring)
+
+    def cuts_by_request(self, values: list[int] | None) -> dict[str, dict[int, int]]:
+        """request -> model layer -> cut, from ``values``: the step's cut tensors concatenated
+        (in ``self.cuts`` order) and read back to the host."""
+        if not self.cuts or values is None:
+            return {}
+        by_request: dict[str, dict[int, int]] = {}
+        position = 0
+        for layer, req_ids, _ in self.cuts:
+            for req_id in req_ids:
+                by_request.setdefault(req_id, {})[layer] = int(values[position])
+                position += 1
+        return by_request
 
 
 @dataclass
@@ -83,12 +103,13 @@ class WindowStore:
                 torch.zeros(capture.window, dtype=torch.bool),
                 None if lse_rows is None else lse_rows.new_zeros((capture.window, rows.shape[1])))
         window = per_layer[layer]
-        window.queries[capture.window_slots] = rows
-        window.filled[capture.window_slots] = True
+        slots = slice(capture.window_slots.start, capture.window_slots.stop)
+        window.queries[slots] = rows
+        window.filled[slots] = True
         if lse_rows is None:
             window.lse = None  # some row came without one: the kernel finds them all itself
         elif window.lse is not None:
-            window.lse[capture.window_slots] = lse_rows
+            window.lse[slots] = lse_rows
 
     def get(self, req_id: str, layer: int) -> torch.Tensor | None:
         """The whole window, or None if some of its tokens never ran (e.g. a prefix-cache hit
@@ -110,6 +131,7 @@ class WindowStore:
 
 
 _current: StepContext | None = None
+_layer_tables: LayerTables | None = None
 window_store = WindowStore()
 
 
@@ -120,3 +142,13 @@ def set_step_context(context: StepContext | None) -> None:
 
 def get_step_context() -> StepContext | None:
     return _current
+
+
+def set_layer_tables(tables: LayerTables | None) -> None:
+    """The runner's per-layer tables, once its paged KV cache exists (None while profiling)."""
+    global _layer_tables
+    _layer_tables = tables
+
+
+def get_layer_tables() -> LayerTables | None:
+    return _layer_tables

@@ -77,18 +77,18 @@ def test_an_exception_still_restores_the_function():
     assert module.flash_attn_varlen_func is original
 
 
-def _capture(slots: list[int]) -> WindowCapture:
+def _capture(slots: range) -> WindowCapture:
     return WindowCapture(req_id="r", num_prompt_tokens=100, window=4,
-                         token_indices=list(range(len(slots))), window_slots=slots)
+                         token_indices=range(len(slots)), window_slots=slots)
 
 
 def test_window_normalisers_follow_their_rows_over_chunks():
     store = WindowStore()
     q_early, q_late = torch.randn(3, NUM_HEADS, 8), torch.randn(1, NUM_HEADS, 8)
     lse_early, lse_late = torch.randn(3, NUM_HEADS), torch.randn(1, NUM_HEADS)
-    store.put(_capture([0, 1, 2]), layer=5, rows=q_early, lse_rows=lse_early)
+    store.put(_capture(range(0, 3)), layer=5, rows=q_early, lse_rows=lse_early)
     assert store.get_lse("r", 5) is None  # one row still missing
-    store.put(_capture([3]), layer=5, rows=q_late, lse_rows=lse_late)
+    store.put(_capture(range(3, 4)), layer=5, rows=q_late, lse_rows=lse_late)
     torch.testing.assert_close(store.get("r", 5), torch.cat([q_early, q_late]))
     torch.testing.assert_close(store.get_lse("r", 5), torch.cat([lse_early, lse_late]))
     assert store.get_lse("r", 6) is None
@@ -96,9 +96,9 @@ def test_window_normalisers_follow_their_rows_over_chunks():
 
 def test_a_chunk_without_normalisers_drops_them_for_the_window():
     store = WindowStore()
-    store.put(_capture([0, 1]), layer=3, rows=torch.randn(2, NUM_HEADS, 8),
+    store.put(_capture(range(0, 2)), layer=3, rows=torch.randn(2, NUM_HEADS, 8),
               lse_rows=torch.randn(2, NUM_HEADS))
-    store.put(_capture([2, 3]), layer=3, rows=torch.randn(2, NUM_HEADS, 8), lse_rows=None)
+    store.put(_capture(range(2, 4)), layer=3, rows=torch.randn(2, NUM_HEADS, 8), lse_rows=None)
     assert store.get("r", 3) is not None
     assert store.get_lse("r", 3) is None
     store.drop("r")

@@ -49,13 +49,13 @@ def _steps(with_lse_in_first_chunk: bool = True) -> StepContext:
     key_cache = torch.zeros(4, 16, 1, HEAD_SIZE)
     block_table = torch.zeros(2, 2, dtype=torch.int32)
     first = StepContext(config=config, kernel="triton", captures=[
-        WindowCapture("a", 10, 4, token_indices=[3, 4], window_slots=[0, 1])])
+        WindowCapture("a", 10, 4, token_indices=range(3, 5), window_slots=range(0, 2))])
     scoring.capture_and_score(first, LAYER, _query(1, 5), key_cache, block_table, 1.0,
                               "triton", _lse(1, 5) if with_lse_in_first_chunk else None)
     second = StepContext(
         config=config, kernel="triton",
-        captures=[WindowCapture("a", 10, 4, token_indices=[0, 1], window_slots=[2, 3]),
-                  WindowCapture("b", 5, 2, token_indices=[5, 6], window_slots=[0, 1])],
+        captures=[WindowCapture("a", 10, 4, token_indices=range(0, 2), window_slots=range(2, 4)),
+                  WindowCapture("b", 5, 2, token_indices=range(5, 7), window_slots=range(0, 2))],
         scoring=[ScoringRow("a", 0, 10, 4, "mean", 0.01), ScoringRow("b", 1, 5, 2, "mean", 0.01)])
     scoring.capture_and_score(second, LAYER, _query(2, 7), key_cache, block_table, 1.0,
                               "triton", _lse(2, 7))
@@ -75,7 +75,9 @@ def test_window_rows_and_normalisers_reach_the_kernel_aligned(recorded):
         for slot, (s, t) in enumerate(rows, start=4 - len(rows)):
             torch.testing.assert_close(query[req, slot, :, 0], 1000 * s + 10 * t + heads)
             torch.testing.assert_close(lse[req, slot], 1000 * s + 100 * t + heads)
-    assert step.cuts == {"a": {LAYER: 4}, "b": {LAYER: 4}}
+    ((layer, req_ids, cuts),) = step.cuts
+    assert (layer, req_ids) == (LAYER, ["a", "b"])
+    assert step.cuts_by_request(cuts.tolist()) == {"a": {LAYER: 4}, "b": {LAYER: 4}}
     assert scoring.window_normalisers["attention"] >= 1
 
 
@@ -89,8 +91,8 @@ def test_a_chunk_without_normalisers_sends_none(recorded):
 
 def test_only_the_triton_kernel_with_a_window_asks_for_normalisers():
     config = RefreeKVConfig()
-    window = [WindowCapture("a", 10, 4, token_indices=[0], window_slots=[3])]
-    one_row = [WindowCapture("a", 10, 1, token_indices=[0], window_slots=[0])]
+    window = [WindowCapture("a", 10, 4, token_indices=range(0, 1), window_slots=range(3, 4))]
+    one_row = [WindowCapture("a", 10, 1, token_indices=range(0, 1), window_slots=range(0, 1))]
     assert scoring.wants_prefill_lse(StepContext(config, "triton", captures=window), LAYER)
     assert not scoring.wants_prefill_lse(StepContext(config, "cuda", captures=window), LAYER)
     assert not scoring.wants_prefill_lse(StepContext(config, "triton", captures=one_row), LAYER)

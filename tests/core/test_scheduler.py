@@ -1,5 +1,5 @@
 """The RefreeKV schedulers, stepped by hand: vLLM's real Scheduler/AsyncScheduler, KVCacheManager
-and BlockPool, per-layer KV cache groups; the worker is replaced by hand-built ModelRunnerOutputs
+and BlockPool over per-layer pages; the worker is replaced by hand-built ModelRunnerOutputs
 carrying cut reports."""
 
 import pickle
@@ -11,21 +11,23 @@ from vllm.config import KVTransferConfig, ModelConfig, SpeculativeConfig, VllmCo
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.kv_cache_interface import (
-    FullAttentionSpec,
     KVCacheConfig,
     KVCacheGroupSpec,
+    KVCacheTensor,
     SlidingWindowSpec,
 )
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 from vllm.v1.request import Request, RequestStatus
 from vllm.v1.structured_output import StructuredOutputManager
 
+from refreekv_vllm.core.page_pool import NO_PAGE
 from refreekv_vllm.core.scheduler import (
     RefreeKVAsyncScheduler,
     RefreeKVScheduler,
     make_scheduler,
 )
 from refreekv_vllm.outputs import CutReport, attach_cut_reports, get_cut_reports
+from refreekv_vllm.worker.layer_tables import SCHEDULER_OUTPUT_ATTR
 from tests.core.utils import (
     BLOCK_SIZE,
     NUM_LAYERS,
@@ -34,15 +36,18 @@ from tests.core.utils import (
     layer_spec,
     make_request,
     make_vllm_config,
-    per_layer_kv_cache_config,
+    paged_config,
+    vllm_kv_cache_config,
 )
 
-NUM_BLOCKS = 200
+NUM_BLOCKS = 50  # full blocks: 200 pages of 4 layers, page 0 reserved
+NUM_PAGES = NUM_BLOCKS * NUM_LAYERS - 1
 SAMPLED_TOKEN = 7
-PROMPT = list(range(1000, 1040))  # 40 tokens, 10 blocks per layer
+PROMPT = list(range(1000, 1040))  # 40 tokens: 10 blocks, 40 pages
 # Layers 0-1 frozen; layer 2 frees blocks 1-4 ([4, 20)); layer 3 frees blocks 1-7 ([4, 32)).
 CUTS = (4, 4, 21, 33)
-NUM_GAP_BLOCKS = 4 + 7
+GAPS = {2: range(1, 5), 3: range(1, 8)}
+NUM_GAP_PAGES = 4 + 7
 
 
 def engine_core_kwargs(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> dict:
@@ -61,7 +66,7 @@ def new_scheduler(tiny_llama_dir) -> Callable[..., RefreeKVScheduler]:
             num_blocks: int = NUM_BLOCKS) -> RefreeKVScheduler:
         vllm_config = make_vllm_config(tiny_llama_dir, enable_prefix_caching=enable_prefix_caching)
         vllm_config.scheduler_config.async_scheduling = async_scheduling
-        kv_cache_config = per_layer_kv_cache_config(vllm_config, num_blocks)
+        kv_cache_config = paged_config(vllm_config, num_blocks)
         return make_scheduler(**engine_core_kwargs(vllm_config, kv_cache_config))
 
     return new
@@ -101,20 +106,31 @@ def run_until_done(scheduler: RefreeKVScheduler) -> None:
     raise AssertionError("requests did not finish")
 
 
-def num_free(scheduler: RefreeKVScheduler) -> int:
-    return scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
+def free_pages(scheduler: RefreeKVScheduler) -> int:
+    """Pages that are free or held only as prefix-cache entries (what vLLM may allocate)."""
+    pool = scheduler.kv_cache_manager.block_pool
+    return pool.page_pool.num_free_pages + NUM_LAYERS * len(pool._holding)
 
 
 def assert_pool_idle(scheduler: RefreeKVScheduler) -> None:
     pool = scheduler.kv_cache_manager.block_pool
-    assert pool.get_num_free_blocks() == pool.num_gpu_blocks - 1
+    usable = pool.page_pool.num_usable_pages
+    assert free_pages(scheduler) == usable
+    assert pool.get_num_free_blocks() == usable // NUM_LAYERS
     assert all(b.ref_cnt == 0 for b in pool.blocks if not b.is_null)
+    pool.check_accounting()
+    assert not pool._pruned_by
     assert scheduler._refreekv_state.num_tracked_requests() == 0
 
 
-def row(scheduler: RefreeKVScheduler, request: Request, group_id: int) -> list:
-    managers = scheduler.kv_cache_manager.coordinator.single_type_managers
-    return managers[group_id].req_to_blocks.get(request.request_id, [])
+def row(scheduler: RefreeKVScheduler, request: Request) -> list:
+    manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+    return manager.req_to_blocks.get(request.request_id, [])
+
+
+def pages(scheduler: RefreeKVScheduler, request: Request, layer: int) -> list[int]:
+    pool = scheduler.kv_cache_manager.block_pool.page_pool
+    return [int(pool.pages[b.block_id, layer]) for b in row(scheduler, request)]
 
 
 # The worker -> scheduler payload.
@@ -160,7 +176,7 @@ def test_factory_works_where_vllm_expects_a_class(tiny_llama_dir):
 
         scheduler_cls = vllm_config.scheduler_config.get_scheduler_cls()  # as EngineCore does
         scheduler = scheduler_cls(**engine_core_kwargs(
-            vllm_config, per_layer_kv_cache_config(vllm_config, NUM_BLOCKS)))
+            vllm_config, paged_config(vllm_config, NUM_BLOCKS)))
 
         assert type(scheduler) is expected
         assert isinstance(scheduler, AsyncScheduler) == async_scheduling
@@ -185,13 +201,11 @@ def _kv_connector(c: VllmConfig) -> None:
      "--decode-context-parallel-size"),
     (_kv_connector, "--kv-transfer-config"),
     (lambda c: setattr(c.cache_config, "cache_dtype", "fp8"), "--kv-cache-dtype"),
-    (lambda c: setattr(c.scheduler_config, "disable_hybrid_kv_cache_manager", True),
-     "--disable-hybrid-kv-cache-manager"),
     (lambda c: setattr(c.model_config, "disable_cascade_attn", False), "--disable-cascade-attn"),
-], ids=["spec-decode", "tp", "pp", "dcp", "kv-connector", "fp8", "no-hma", "cascade"])
+], ids=["spec-decode", "tp", "pp", "dcp", "kv-connector", "fp8", "cascade"])
 def test_unsupported_configs_are_refused(tiny_llama_dir, mutate, match):
     vllm_config = make_vllm_config(tiny_llama_dir)
-    kv_cache_config = per_layer_kv_cache_config(vllm_config, NUM_BLOCKS)
+    kv_cache_config = paged_config(vllm_config, NUM_BLOCKS)
     mutate(vllm_config)
     with pytest.raises(ValueError, match=match):
         make_scheduler(**engine_core_kwargs(vllm_config, kv_cache_config))
@@ -199,65 +213,85 @@ def test_unsupported_configs_are_refused(tiny_llama_dir, mutate, match):
 
 def test_mla_is_refused(tiny_llama_dir, monkeypatch):
     vllm_config = make_vllm_config(tiny_llama_dir)
-    kv_cache_config = per_layer_kv_cache_config(vllm_config, NUM_BLOCKS)
+    kv_cache_config = paged_config(vllm_config, NUM_BLOCKS)
     monkeypatch.setattr(ModelConfig, "use_mla", property(lambda self: True))
     with pytest.raises(ValueError, match="MLA"):
         make_scheduler(**engine_core_kwargs(vllm_config, kv_cache_config))
 
 
-def _group(spec) -> KVCacheGroupSpec:
-    return KVCacheGroupSpec([layer_name(0)], spec)
+def _one_group(spec, num_layers: int = NUM_LAYERS) -> list[KVCacheGroupSpec]:
+    return [KVCacheGroupSpec([layer_name(i) for i in range(num_layers)], spec)]
 
 
-@pytest.mark.parametrize(("groups", "match"), [
-    ([KVCacheGroupSpec([layer_name(i) for i in range(NUM_LAYERS)], FullAttentionSpec(
-        block_size=BLOCK_SIZE, num_kv_heads=2, head_size=8, dtype=layer_spec(0).dtype))],
-     "has a FullAttentionSpec"),
-    ([_group(SlidingWindowSpec(block_size=BLOCK_SIZE, num_kv_heads=2, head_size=8,
-                               dtype=layer_spec(0).dtype, sliding_window=8))],
-     "has a SlidingWindowSpec"),
-    ([_group(layer_spec(0, sliding_window=8))], "sliding window"),
-], ids=["one-shared-group", "sliding-window-model", "sliding-window-spec"])
-def test_unsupported_kv_cache_layouts_are_refused(tiny_llama_dir, groups, match):
+@pytest.mark.parametrize(("layout", "match"), [
+    (lambda c: vllm_kv_cache_config(c, NUM_BLOCKS), "not laid out in per-layer pages"),
+    (lambda c: KVCacheConfig(NUM_BLOCKS, [], _one_group(layer_spec()) * 2),
+     "2 KV cache groups"),
+    (lambda c: KVCacheConfig(NUM_BLOCKS, [], _one_group(SlidingWindowSpec(
+        block_size=BLOCK_SIZE, num_kv_heads=2, head_size=8, dtype=layer_spec().dtype,
+        sliding_window=8)) + _one_group(layer_spec())), "sliding-window or hybrid"),
+    (lambda c: KVCacheConfig(NUM_BLOCKS, [KVCacheTensor(1024, [layer_name(0)])],
+                             _one_group(layer_spec(), num_layers=1)), "per-layer pages"),
+], ids=["vllm-layout", "two-groups", "sliding-window-model", "one-layer"])
+def test_unsupported_kv_cache_layouts_are_refused(tiny_llama_dir, layout, match):
     vllm_config = make_vllm_config(tiny_llama_dir)
-    kv_cache_config = KVCacheConfig(num_blocks=NUM_BLOCKS, kv_cache_tensors=[],
-                                    kv_cache_groups=groups)
     with pytest.raises(ValueError, match=match):
-        make_scheduler(**engine_core_kwargs(vllm_config, kv_cache_config))
+        make_scheduler(**engine_core_kwargs(vllm_config, layout(vllm_config)))
 
 
-# Releasing gap blocks.
+# Releasing gap pages.
 
 
 @pytest.mark.parametrize("enable_prefix_caching", [True, False])
-def test_report_releases_gap_blocks_and_finishing_balances_the_pool(
+def test_report_releases_gap_pages_and_finishing_balances_the_pool(
         new_scheduler, enable_prefix_caching):
     scheduler = new_scheduler(enable_prefix_caching=enable_prefix_caching)
     request = make_request(PROMPT, max_tokens=6)
     scheduler.add_request(request)
     step = schedule(scheduler)
-    assert num_free(scheduler) == NUM_BLOCKS - 1 - NUM_LAYERS * 10
-    gap_rows = {g: [row(scheduler, request, g)[i] for i in gap]
-                for g, gap in [(2, range(1, 5)), (3, range(1, 8))]}
+    assert free_pages(scheduler) == NUM_PAGES - NUM_LAYERS * 10
+    block_ids, rows = getattr(step[0], SCHEDULER_OUTPUT_ATTR)  # what the workers mirror
+    assert sorted(block_ids.tolist()) == sorted(b.block_id for b in row(scheduler, request))
+    assert (rows > 0).all() and len(set(rows.ravel().tolist())) == rows.size
 
     update(scheduler, step, [report(request)])
 
-    assert num_free(scheduler) == NUM_BLOCKS - 1 - NUM_LAYERS * 10 + NUM_GAP_BLOCKS
-    for group_id, blocks in gap_rows.items():
-        assert all(b.ref_cnt == 0 for b in blocks)
-        assert [b.is_null for b in row(scheduler, request, group_id)] == [
-            0 < i <= len(blocks) for i in range(10)]
+    assert free_pages(scheduler) == NUM_PAGES - NUM_LAYERS * 10 + NUM_GAP_PAGES
+    for layer in range(NUM_LAYERS):
+        gap = GAPS.get(layer, range(0))
+        assert [p == NO_PAGE for p in pages(scheduler, request, layer)] == [
+            i in gap for i in range(10)]
+    # The blocks themselves stay the request's: the other layers still use them.
+    assert all(b.ref_cnt == 1 and not b.is_null for b in row(scheduler, request))
     stats = scheduler.refreekv_stats()
     page_size = scheduler.kv_cache_config.kv_cache_groups[0].kv_cache_spec.page_size_bytes
     assert (stats.requests_pruned, stats.blocks_released, stats.blocks_freed) == (
-        1, NUM_GAP_BLOCKS, NUM_GAP_BLOCKS)
+        1, NUM_GAP_PAGES, NUM_GAP_PAGES)
     assert stats.tokens_pruned == (21 - 4) + (33 - 4)
-    assert stats.bytes_freed == NUM_GAP_BLOCKS * page_size
+    assert stats.bytes_freed == NUM_GAP_PAGES * page_size
     assert stats.recent_block_budgets == pytest.approx(((40 + 40 + 24 + 12) / 160,))
+    scheduler.kv_cache_manager.block_pool.check_accounting()
 
     run_until_done(scheduler)
     assert request.status == RequestStatus.FINISHED_LENGTH_CAPPED
     assert_pool_idle(scheduler)
+
+
+@pytest.mark.parametrize("prunes", [True, False])
+def test_freed_pages_admit_more_requests(new_scheduler, prunes):
+    # 20 full blocks (79 pages): a second 10-block prompt fits beside the first one only once
+    # the first gave back pages (layers 2-3 free blocks 1-8: 16 pages).
+    scheduler = new_scheduler(num_blocks=20)
+    first, second = make_request(PROMPT, max_tokens=4), make_request(PROMPT[::-1], max_tokens=4)
+    scheduler.add_request(first)
+    step = schedule(scheduler)
+    scheduler.add_request(second)
+    update(scheduler, step, [report(first, (4, 4, 37, 37) if prunes else (4,) * NUM_LAYERS)])
+    scheduler_output, _ = schedule(scheduler)
+    assert (second.request_id in scheduler_output.num_scheduled_tokens) == prunes
+    if prunes:
+        assert scheduler.kv_cache_manager.block_pool.get_usage() == pytest.approx(
+            (40 - 16 + 4 + 40) / 79)
 
 
 def test_request_finishing_in_its_reporting_step(new_scheduler):
@@ -268,11 +302,11 @@ def test_request_finishing_in_its_reporting_step(new_scheduler):
     run_step(scheduler, [report(request)])
 
     assert request.is_finished()
-    assert scheduler.refreekv_stats().blocks_released == NUM_GAP_BLOCKS
+    assert scheduler.refreekv_stats().blocks_released == NUM_GAP_PAGES
     assert_pool_idle(scheduler)
 
 
-def test_prefix_hits_on_released_blocks(new_scheduler):
+def test_pruned_blocks_stop_being_prefix_hits(new_scheduler):
     scheduler = new_scheduler()
     first = make_request(PROMPT)
     second = make_request(PROMPT, extra_args={"refreekv_enabled": False})
@@ -282,18 +316,41 @@ def test_prefix_hits_on_released_blocks(new_scheduler):
     scheduler.add_request(second)
     scheduler_output, _ = schedule(scheduler)
 
-    # 36 of 40 prompt tokens hit in every group, released gap blocks included (an opted-out
-    # request keeps vLLM's full hit).
-    assert scheduler_output.num_scheduled_tokens[second.request_id] == 4
-    assert not any(b.is_null for g in range(NUM_LAYERS) for b in row(scheduler, second, g))
+    # Block 0 (sinks) is whole in every layer; block 1 lost pages, so the hit ends there.
+    assert scheduler_output.num_scheduled_tokens[second.request_id] == 40 - 4
+    assert all(NO_PAGE not in pages(scheduler, second, layer) for layer in range(NUM_LAYERS))
+
+
+def test_shared_blocks_keep_their_pages_until_every_holder_pruned(new_scheduler):
+    scheduler = new_scheduler()
+    first = make_request(PROMPT, max_tokens=4)
+    second = make_request(PROMPT, max_tokens=4, extra_args={"refreekv_window": 4})
+    scheduler.add_request(first)
+    run_step(scheduler)  # first's prompt is cached; second hits 36 of its 40 tokens
+    scheduler.add_request(second)
+    run_step(scheduler, [report(first)])
+    shared = row(scheduler, first)[1:8]
+    assert all(b.ref_cnt == 2 for b in shared) and row(scheduler, second)[1:8] == shared
+    assert scheduler.refreekv_stats().blocks_freed == 0  # second still reads every layer
+
+    run_step(scheduler, [report(second, (4, 4, 21, 4))])  # second prunes layer 2 only
+    pool = scheduler.kv_cache_manager.block_pool.page_pool
+    assert all(pool.pages[b.block_id, 2] == NO_PAGE for b in shared[:4])
+    assert all(pool.pages[b.block_id, 3] != NO_PAGE for b in shared)
+
+    scheduler.finish_requests(second.request_id, RequestStatus.FINISHED_ABORTED)
+    # Only first holds them now, and it pruned layer 3 of blocks 1-7.
+    assert all(pool.pages[b.block_id, 3] == NO_PAGE for b in shared)
+    run_until_done(scheduler)
+    assert_pool_idle(scheduler)
 
 
 def test_prefix_hits_stop_before_the_observation_window(new_scheduler):
     scheduler = new_scheduler()
-    first = make_request(PROMPT)
+    first = make_request(PROMPT, extra_args={"refreekv_enabled": False})
     second = make_request(PROMPT, extra_args={"refreekv_window": 10})
     scheduler.add_request(first)
-    run_step(scheduler, [report(first)])
+    run_step(scheduler)
 
     scheduler.add_request(second)
     scheduler_output, _ = schedule(scheduler)
@@ -310,14 +367,14 @@ def test_reports_for_gone_or_reported_requests_are_skipped(new_scheduler):
     step = schedule(scheduler)
     scheduler.finish_requests(aborted.request_id, RequestStatus.FINISHED_ABORTED)
     update(scheduler, step, [report(aborted), report(pruned)])
-    free_after_first_report = num_free(scheduler)
+    free_after_first_report = free_pages(scheduler)
 
     run_step(scheduler, [report(pruned)])  # a second report for the same life
 
     stats = scheduler.refreekv_stats()
     assert stats.requests_pruned == 1
     assert stats.requests_skipped == {"not_running": 1, "already_reported": 1}
-    assert num_free(scheduler) == free_after_first_report - NUM_LAYERS  # one decode block each
+    assert free_pages(scheduler) == free_after_first_report - NUM_LAYERS  # one decode block
     run_until_done(scheduler)
     assert_pool_idle(scheduler)
 
@@ -327,11 +384,11 @@ def test_report_without_a_whole_gap_block(new_scheduler):
     request = make_request(PROMPT)
     scheduler.add_request(request)
     step = schedule(scheduler)
-    free_before = num_free(scheduler)
+    free_before = free_pages(scheduler)
 
     update(scheduler, step, [report(request, cuts=(4, 4, 7, 4))])  # gap [4, 7) < one block
 
-    assert num_free(scheduler) == free_before
+    assert free_pages(scheduler) == free_before
     assert scheduler.refreekv_stats().requests_skipped == {"no_gap": 1}
     assert scheduler.refreekv_stats().recent_block_budgets == (1.0,)
 
@@ -353,11 +410,11 @@ def test_opted_out_requests_are_not_pruned(new_scheduler, extra_args):
     request = make_request(PROMPT, extra_args=extra_args)
     scheduler.add_request(request)
     step = schedule(scheduler)
-    free_before = num_free(scheduler)
+    free_before = free_pages(scheduler)
 
     update(scheduler, step, [report(request)])
 
-    assert num_free(scheduler) == free_before
+    assert free_pages(scheduler) == free_before
     assert scheduler.refreekv_stats().requests_skipped == {"opted_out": 1}
     run_until_done(scheduler)
     assert_pool_idle(scheduler)
@@ -367,7 +424,7 @@ def test_server_wide_disable_opts_every_request_out(tiny_llama_dir):
     vllm_config = make_vllm_config(tiny_llama_dir)
     vllm_config.additional_config = {"refreekv": {"enabled": False}}
     scheduler = make_scheduler(**engine_core_kwargs(
-        vllm_config, per_layer_kv_cache_config(vllm_config, NUM_BLOCKS)))
+        vllm_config, paged_config(vllm_config, NUM_BLOCKS)))
     request = make_request(PROMPT)
     scheduler.add_request(request)
     run_step(scheduler, [report(request)])
@@ -387,14 +444,14 @@ def test_preempted_pruned_request_is_not_pruned_again(new_scheduler):
     # Preempts every running request through Scheduler._preempt_request.
     assert scheduler.reset_prefix_cache(reset_running_requests=True)
     assert request.status == RequestStatus.PREEMPTED
-    assert num_free(scheduler) == NUM_BLOCKS - 1
+    assert free_pages(scheduler) == NUM_PAGES
 
     step = schedule(scheduler)  # resumed: prompt and outputs recomputed with full KV
-    assert all(not b.is_null for g in range(NUM_LAYERS) for b in row(scheduler, request, g))
-    free_before = num_free(scheduler)
+    assert all(NO_PAGE not in pages(scheduler, request, layer) for layer in range(NUM_LAYERS))
+    free_before = free_pages(scheduler)
     update(scheduler, step, [report(request)])
 
-    assert num_free(scheduler) == free_before
+    assert free_pages(scheduler) == free_before
     stats = scheduler.refreekv_stats()
     assert (stats.requests_pruned, stats.requests_skipped) == (1, {"preempted": 1})
     run_until_done(scheduler)
@@ -402,8 +459,8 @@ def test_preempted_pruned_request_is_not_pruned_again(new_scheduler):
 
 
 def test_pruned_request_preempted_for_lack_of_blocks(new_scheduler):
-    # Room for both prompts (76 blocks over 4 layers) but not for both first decode blocks.
-    scheduler = new_scheduler(num_blocks=81)
+    # Room for both prompts (19 blocks) but not for both first decode blocks.
+    scheduler = new_scheduler(num_blocks=20)
     other, pruned = make_request(PROMPT[4:], max_tokens=8), make_request(PROMPT, max_tokens=8)
     scheduler.add_request(other)
     scheduler.add_request(pruned)
@@ -420,7 +477,8 @@ def test_pruned_request_preempted_for_lack_of_blocks(new_scheduler):
         was_waiting = pruned.status == RequestStatus.PREEMPTED
         step = schedule(scheduler)
         if was_waiting and pruned.status == RequestStatus.RUNNING:  # resumed in this step
-            assert not any(b.is_null for g in range(NUM_LAYERS) for b in row(scheduler, pruned, g))
+            assert all(NO_PAGE not in pages(scheduler, pruned, layer)
+                       for layer in range(NUM_LAYERS))
             update(scheduler, step, [report(pruned, one_block_gap)])
         else:
             update(scheduler, step)
@@ -435,9 +493,8 @@ PROMPT_22 = list(range(2000, 2022))  # 5 full prompt blocks; block 5 is complete
 CUTS_22 = (4, 4, 12, 16)
 
 
-def hashed_indices(scheduler: RefreeKVScheduler, request: Request, group_id: int) -> list[int]:
-    return [i for i, b in enumerate(row(scheduler, request, group_id))
-            if not b.is_null and b.block_hash is not None]
+def hashed_indices(scheduler: RefreeKVScheduler, request: Request) -> list[int]:
+    return [i for i, b in enumerate(row(scheduler, request)) if b.block_hash is not None]
 
 
 @pytest.mark.parametrize("prunes", [True, False], ids=["pruned", "kept-all"])
@@ -450,12 +507,10 @@ def test_decode_blocks_of_a_pruned_request_are_never_published(new_scheduler, pr
         run_step(scheduler)
     assert request.num_computed_tokens == 33 and not request.is_finished()
 
-    for group_id in range(NUM_LAYERS):
-        if prunes:
-            kept = [i for i in range(5) if not row(scheduler, request, group_id)[i].is_null]
-            assert hashed_indices(scheduler, request, group_id) == kept
-        else:
-            assert hashed_indices(scheduler, request, group_id) == list(range(8))
+    if prunes:  # blocks 1-3 lost pages (layers 2-3), blocks 5-7 hold pruned-context KV
+        assert hashed_indices(scheduler, request) == [0, 4]
+    else:
+        assert hashed_indices(scheduler, request) == list(range(8))
 
 
 def test_async_scheduler_never_publishes_decode_blocks_of_a_pruned_request(new_scheduler):
@@ -471,10 +526,9 @@ def test_async_scheduler_never_publishes_decode_blocks_of_a_pruned_request(new_s
             in_flight.append(schedule(scheduler))
         update(scheduler, in_flight.popleft(), reports)
         reports = []
-        for group_id in range(NUM_LAYERS):
-            assert all(i < 5 for i in hashed_indices(scheduler, request, group_id))
+        assert all(i < 5 for i in hashed_indices(scheduler, request))
         if request.num_computed_tokens == 33:
-            assert hashed_indices(scheduler, request, NUM_LAYERS - 1) == [0, 4]
+            assert hashed_indices(scheduler, request) == [0, 4]
 
     assert request.is_finished()
     assert scheduler.refreekv_stats().requests_pruned == 1

@@ -1,6 +1,6 @@
-"""Builders for real vLLM scheduler-side objects on a tiny pool: per-layer KV cache groups made
-by vLLM's own ``get_kv_cache_groups``, block size 4, the 4-layer tiny Llama's config (no weights
-are loaded)."""
+"""Builders for real vLLM scheduler-side objects on a tiny pool: vLLM's own KV cache layout for a
+4-layer dense model (``get_kv_cache_groups``), turned into ReFreeKV's per-layer page layout,
+block size 4, the 4-layer tiny Llama's config (no weights are loaded)."""
 
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ from vllm.v1.core.kv_cache_utils import (
     get_request_block_hasher,
     init_none_hash,
 )
-from vllm.v1.kv_cache_interface import KVCacheConfig
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig
 from vllm.v1.request import Request
 
-from refreekv_vllm.core.kv_cache_spec import LayerFullAttentionSpec
+from refreekv_vllm.core.kv_cache_layout import paged_kv_cache_config
 
 BLOCK_SIZE = 4
 NUM_LAYERS = 4
@@ -34,20 +34,27 @@ def layer_name(layer: int) -> str:
     return f"model.layers.{layer}.self_attn.attn"
 
 
-def layer_spec(layer: int, **overrides: object) -> LayerFullAttentionSpec:
+def layer_spec(**overrides: object) -> FullAttentionSpec:
     fields = dict(block_size=BLOCK_SIZE, num_kv_heads=2, head_size=8, dtype=torch.float32)
     fields.update(overrides)
-    return LayerFullAttentionSpec(**fields, refreekv_layer=layer)  # type: ignore[arg-type]
+    return FullAttentionSpec(**fields)  # type: ignore[arg-type]
 
 
-def per_layer_kv_cache_config(
+def vllm_kv_cache_config(
     vllm_config: VllmConfig, num_blocks: int, num_layers: int = NUM_LAYERS
 ) -> KVCacheConfig:
-    """The KV cache layout vLLM derives from the worker's per-layer specs."""
-    specs = {layer_name(i): layer_spec(i) for i in range(num_layers)}
+    """The layout vLLM derives from the worker's specs: ``num_blocks`` blocks of all layers."""
+    specs = {layer_name(i): layer_spec() for i in range(num_layers)}
     groups = get_kv_cache_groups(vllm_config, specs)
     page_size = groups[0].kv_cache_spec.page_size_bytes
-    return get_kv_cache_config_from_groups(vllm_config, groups, page_size * num_blocks)
+    return get_kv_cache_config_from_groups(vllm_config, groups,
+                                           page_size * num_layers * num_blocks)
+
+
+def paged_config(vllm_config: VllmConfig, num_blocks: int,
+                 num_layers: int = NUM_LAYERS) -> KVCacheConfig:
+    """What ReFreeKV's engine core hands the scheduler: ``num_blocks * num_layers`` pages."""
+    return paged_kv_cache_config(vllm_kv_cache_config(vllm_config, num_blocks, num_layers))
 
 
 def make_vllm_config(

@@ -1,0 +1,74 @@
+"""Markdown table and PNG plot of a serving benchmark result (``run_serving.py``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+COLUMNS = [("output_tok_s", "out tok/s", "{:.1f}"), ("request_s", "req/s", "{:.2f}"),
+           ("ttft_p50_ms", "TTFT p50 ms", "{:.0f}"), ("ttft_p99_ms", "TTFT p99 ms", "{:.0f}"),
+           ("tpot_p50_ms", "TPOT p50 ms", "{:.2f}"), ("tpot_p99_ms", "TPOT p99 ms", "{:.2f}"),
+           ("peak_running", "peak running", "{:.0f}"), ("mean_running", "mean running", "{:.1f}"),
+           ("preemptions", "preempt.", "{:.0f}"), ("peak_kv_usage", "peak KV", "{:.2f}"),
+           ("physical_budget", "budget b", "{:.3f}")]
+VARIANT_LABELS = {"plain": "plain vLLM", "default": "ReFreeKV default", "t0": "ReFreeKV T = 0"}
+
+
+def _cell(value: Any, fmt: str) -> str:
+    return "–" if value is None else fmt.format(value)
+
+
+def write_markdown(result: dict[str, Any], path: Path) -> None:
+    lines = [f"# Serving: plain vLLM vs ReFreeKV ({result['device']})", "",
+             f"`{result['command']}` — vLLM {result['vllm_version']}, plugin "
+             f"{result['plugin_commit']}. {result['note']}.", "",
+             "## Ratios (ReFreeKV / plain vLLM, same run)", "",
+             "| ratio | default rule | T = 0 |", "|---|---|---|"]
+    for key, value in result["summary"].items():
+        lines.append(f"| `{key}` | {_cell(value, '{:.3f}')} | "
+                     f"{_cell(result['summary_t0'].get(key), '{:.3f}')} |")
+    for model in result["models"].values():
+        lines += ["", f"## {model['model']}", "",
+                  f"Server flags (both servers): `{' '.join(model['server_flags'])}`", "",
+                  "| workload | server | " + " | ".join(label for _, label, _ in COLUMNS)
+                  + " |", "|---|---|" + "---|" * len(COLUMNS)]
+        for key, run in model["runs"].items():
+            if key.startswith("health/"):
+                continue
+            workload, variant = key.split("/")
+            cells = [_cell(run.get(name), fmt) for name, _, fmt in COLUMNS]
+            lines.append(f"| {workload} | {VARIANT_LABELS[variant]} | " + " | ".join(cells)
+                         + " |")
+        lines += ["", "Workloads: " + "; ".join(
+            f"{name}: {w['num_prompts']} {w['kind']} prompts"
+            + (f" of {w['min_tokens']}-{w['max_tokens']} tokens" if w["kind"] == "long" else "")
+            + f", {w['output_tokens'][0]}-{w['output_tokens'][1]} output tokens, "
+            + (f"concurrency {w['max_concurrency']}" if w["max_concurrency"] else "all at once")
+            for name, w in model["workloads"].items())]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k, v in result["summary"].items() if k.endswith("_ratio") and v is not None]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.4
+    for offset, (summary, label) in enumerate(((result["summary"], "default rule"),
+                                               (result["summary_t0"], "T = 0"))):
+        values = [summary.get(k) or 0.0 for k in keys]
+        ax.bar([i + (offset - 0.5) * width for i in range(len(keys))], values, width,
+               label=label)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(keys)))
+    ax.set_xticklabels([k.removesuffix("_ratio") for k in keys], rotation=30, ha="right",
+                       fontsize=8)
+    ax.set_ylabel("ReFreeKV / plain vLLM")
+    ax.set_title(f"Serving ratios, {result['device']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,305 @@
+"""Serving benchmark: plain vLLM and ReFreeKV behind the OpenAI server, same model, flags and KV
+memory, same workloads over HTTP with streaming.
+
+    python -m benchmarks.serving.run_serving --device cuda --out benchmarks/results
+    python -m benchmarks.serving.run_serving --device cpu --quick --out /tmp/serving
+
+For every model both servers are started with identical flags (plain vLLM with no plugin
+loaded); each workload then runs against plain vLLM once and against ReFreeKV twice, at its
+default rule and at T = 0 (``vllm_xargs``), each run with its own ``cache_salt`` so that no run
+hits another's prefix cache. Requests are sent by vLLM's own load generator
+(``vllm.benchmarks.serve`` with its ``custom`` JSONL dataset, ``ignore_eos``); what it does not
+measure — running requests over time, preemptions, KV usage, ReFreeKV's physical budget — is
+sampled from each server's ``/metrics`` during the run. Results: ``serving_<device>.json`` with
+per-run numbers and a ``summary`` of plugin / plain ratios, a markdown table and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks.integration.engine_run import LLAMA3_8B_CONFIG
+from benchmarks.serving.server import (
+    PLAIN_SERVER,
+    REFREEKV_SERVER,
+    MetricsSampler,
+    RunningServer,
+    launch,
+    wait_healthy,
+)
+from benchmarks.serving.workloads import Workload, write_workload
+
+REPO = Path(__file__).resolve().parents[2]
+@dataclass(frozen=True)
+class Run:
+    """One workload against one server: how it is sent."""
+    workload: Workload
+    max_concurrency: int | None  # None: all at once (a burst)
+
+
+@dataclass
+class ModelSetup:
+    name: str
+    model_dir: Path
+    server_flags: list[str]
+    runs: list[Run]
+    dummy_weights: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def smollm2_setup(device: str, quick: bool) -> ModelSetup:
+    from refreekv_vllm.models import prepare_smollm2
+
+    # SmolLM2-135M: 30 layers x K,V x 3 KV heads x 64 x bf16 = 23,040 bytes per token.
+    bytes_per_token = 30 * 2 * 3 * 64 * 2
+    if quick:  # minutes on two CPU cores: a pool of 4 prompts, a burst of 6
+        pool_tokens = 1024
+        runs = [Run(Workload("long_c1", "long", 1, 150, 250, (8, 8), seed=1), 1),
+                Run(Workload("long_c8", "long", 2, 150, 250, (8, 8), seed=2), 2),
+                Run(Workload("long_burst", "long", 6, 200, 250, (8, 8), seed=3), None),
+                Run(Workload("chat", "chat", 2, output_tokens=(8, 8), seed=4), 2)]
+    else:
+        pool_tokens = 65536
+        runs = [Run(Workload("long_c1", "long", 8, 1000, 7000, (128, 256), seed=1), 1),
+                Run(Workload("long_c8", "long", 32, 1000, 7000, (128, 256), seed=2), 8),
+                Run(Workload("long_burst", "long", 240, 1000, 6000, (256, 256), seed=3), None),
+                Run(Workload("chat", "chat", 128, output_tokens=(384, 512), seed=4), 32)]
+    flags = ["--dtype", "bfloat16", "--kv-cache-memory-bytes", str(pool_tokens * bytes_per_token)]
+    if device == "cpu":
+        flags += ["--enforce-eager", "--block-size", "32", "--max-model-len", "2048"]
+    else:
+        flags += ["--max-model-len", "8192", "--gpu-memory-utilization", "0.3"]
+    return ModelSetup("SmolLM2-135M-Instruct", prepare_smollm2(), flags, runs,
+                      extra={"kv_pool_tokens": pool_tokens})
+
+
+def llama8b_setup(work_dir: Path) -> ModelSetup:
+    """Llama-3-8B's shape with dummy weights, SmolLM2's tokenizer (its ids fit the vocab)."""
+    from refreekv_vllm.models import prepare_smollm2
+
+    model_dir = work_dir / "llama3-8b-shape"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / "config.json").write_text(json.dumps(LLAMA3_8B_CONFIG))
+    for path in prepare_smollm2().iterdir():
+        if path.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            (model_dir / path.name).write_bytes(path.read_bytes())
+    # 8B shape: 32 layers x K,V x 8 KV heads x 128 x bf16 = 131,072 bytes per token.
+    pool_tokens = 300_000
+    flags = ["--dtype", "bfloat16", "--max-model-len", "8192", "--load-format", "dummy",
+             "--kv-cache-memory-bytes", str(pool_tokens * 131072),
+             "--gpu-memory-utilization", "0.45"]
+    runs = [Run(Workload("8b_c8", "long", 32, 1000, 6000, (256, 256), seed=5), 8),
+            Run(Workload("8b_c64", "long", 128, 1000, 6000, (256, 256), seed=6), 64)]
+    return ModelSetup("Llama-3-8B shape (dummy weights)", model_dir, flags, runs,
+                      dummy_weights=True, extra={"kv_pool_tokens": pool_tokens})
+
+
+def bench_args(server: RunningServer, setup: ModelSetup, run: Run, dataset: Path,
+               extra_body: dict[str, Any]) -> list[str]:
+    args = ["--backend", "openai-chat", "--endpoint", "/v1/chat/completions",
+            "--base-url", server.base_url, "--model", str(setup.model_dir),
+            "--served-model-name", setup.name, "--tokenizer", str(setup.model_dir),
+            "--dataset-name", "custom", "--dataset-path", str(dataset),
+            "--num-prompts", str(run.workload.num_prompts), "--custom-output-len", "-1",
+            "--ignore-eos", "--temperature", "0", "--seed", str(run.workload.seed),
+            "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
+            "--extra-body", json.dumps(extra_body), "--disable-tqdm", "--num-warmups", "0"]
+    if run.max_concurrency is not None:
+        args += ["--max-concurrency", str(run.max_concurrency)]
+    return args
+
+
+def run_workload(server: RunningServer, setup: ModelSetup, run: Run, dataset: Path,
+                 xargs: dict[str, Any] | None) -> dict[str, Any]:
+    from vllm.benchmarks.serve import add_cli_args, main
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    extra_body: dict[str, Any] = {"cache_salt": uuid.uuid4().hex}
+    if xargs:
+        extra_body["vllm_xargs"] = xargs
+    parser = FlexibleArgumentParser()
+    add_cli_args(parser)
+    args = parser.parse_args(bench_args(server, setup, run, dataset, extra_body))
+    with MetricsSampler(server) as sampler:
+        result = main(args)
+    budget_count = sampler.delta("refreekv:request_block_budget_count")
+    return {
+        "completed": result["completed"],
+        "failed": result.get("failed", 0),
+        "duration_s": result["duration"],
+        "output_tok_s": result["output_throughput"],
+        "request_s": result["request_throughput"],
+        "ttft_p50_ms": result["median_ttft_ms"], "ttft_p99_ms": result["p99_ttft_ms"],
+        "tpot_p50_ms": result["median_tpot_ms"], "tpot_p99_ms": result["p99_tpot_ms"],
+        "itl_p50_ms": result["median_itl_ms"],
+        "peak_running": sampler.peak("vllm:num_requests_running"),
+        "mean_running": sampler.time_mean("vllm:num_requests_running"),
+        "preemptions": sampler.delta("vllm:num_preemptions_total"),
+        "peak_kv_usage": sampler.peak("vllm:kv_cache_usage_perc"),
+        "kv_usage_after": sampler.samples[-1][1].get("vllm:kv_cache_usage_perc", 0.0),
+        "requests_pruned": sampler.delta("refreekv:requests_pruned_total"),
+        "physical_budget": (sampler.delta("refreekv:request_block_budget_sum") / budget_count
+                            if budget_count else None),
+        "errors": sorted({e for e in result.get("errors", []) if e})[:5],
+    }
+
+
+ENGINES = {
+    # Plain vLLM: the plugin is not even loaded (VLLM_PLUGINS names no installed plugin).
+    "plain": (PLAIN_SERVER, {"VLLM_PLUGINS": "none"}, [("plain", None)]),
+    "refreekv": (REFREEKV_SERVER, {}, [("default", None), ("t0", {"refreekv_threshold": 0.0})]),
+}
+PLAIN_RUNNER_NOTE = ("plain vLLM runs with its defaults (on GPUs the V2 model runner for dense "
+                     "models); ReFreeKV runs vLLM's V1 model runner")
+
+
+def bench_model(setup: ModelSetup, work_dir: Path, datasets: dict[str, Path], *,
+                sequential_start: bool) -> dict[str, Any]:
+    servers: dict[str, RunningServer] = {}
+    results: dict[str, dict[str, Any]] = {}
+    try:
+        for engine, (command, env, _) in ENGINES.items():
+            log = work_dir / f"{setup.model_dir.name}-{engine}.log"
+            flags = [*setup.server_flags, "--served-model-name", setup.name]
+            servers[engine] = launch([*command, "--model", str(setup.model_dir), *flags], log, env)
+            if sequential_start:
+                wait_healthy(servers[engine])
+        for server in servers.values():
+            wait_healthy(server)
+        for run in setup.runs:
+            for engine, (_, _, variants) in ENGINES.items():
+                for variant, xargs in variants:
+                    key = f"{run.workload.name}/{variant}"
+                    print(f"[serving] {setup.name}: {key}", flush=True)
+                    results[key] = run_workload(servers[engine], setup, run,
+                                                datasets[run.workload.name], xargs)
+                    print(f"[serving]   {json.dumps(results[key])}", flush=True)
+        for engine, server in servers.items():
+            results[f"health/{engine}"] = {"healthy": server.get("/health") is not None}
+    finally:
+        for server in servers.values():
+            server.stop()
+    return {"model": setup.name, "dummy_weights": setup.dummy_weights,
+            "server_flags": setup.server_flags, **setup.extra,
+            "workloads": {run.workload.name: {**asdict(run.workload),
+                                              "max_concurrency": run.max_concurrency}
+                          for run in setup.runs},
+            "runs": results}
+
+
+def ratio(runs: dict[str, Any], workload: str, variant: str, metric: str) -> float | None:
+    plugin, plain = runs.get(f"{workload}/{variant}"), runs.get(f"{workload}/plain")
+    if not plugin or not plain or not plain[metric]:
+        return None
+    return plugin[metric] / plain[metric]
+
+
+def summarise(models: dict[str, dict[str, Any]], variant: str) -> dict[str, Any]:
+    small = models.get("smollm2", {}).get("runs", {})
+    large = models.get("llama8b", {}).get("runs", {})
+    summary = {
+        "c1_decode_ratio": ratio(small, "long_c1", variant, "output_tok_s"),
+        "c8_throughput_ratio": ratio(small, "long_c8", variant, "output_tok_s"),
+        "burst_throughput_ratio": ratio(small, "long_burst", variant, "output_tok_s"),
+        "burst_concurrency_ratio": ratio(small, "long_burst", variant, "peak_running"),
+        "chat_throughput_ratio": ratio(small, "chat", variant, "output_tok_s"),
+        "overhead_8b_c8_throughput_ratio": ratio(large, "8b_c8", variant, "output_tok_s"),
+        "overhead_8b_c64_throughput_ratio": ratio(large, "8b_c64", variant, "output_tok_s"),
+        "overhead_8b_ttft_ratio": ratio(large, "8b_c8", variant, "ttft_p50_ms"),
+    }
+    burst = small.get(f"long_burst/{variant}")
+    summary["burst_physical_budget"] = burst["physical_budget"] if burst else None
+    return summary
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name()
+    import os
+
+    import cpuinfo
+
+    return f"{cpuinfo.get_cpu_info().get('brand_raw', platform.machine())}, {os.cpu_count()} cores"
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, check=True,
+                              capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def write_reports(result: dict[str, Any], out_dir: Path, stem: str) -> None:
+    from benchmarks.serving.report import write_markdown, write_plot
+
+    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    write_markdown(result, out_dir / f"{stem}.md")
+    write_plot(result, out_dir / f"{stem}.png")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--quick", action="store_true", help="tiny workloads (CPU smoke test)")
+    parser.add_argument("--models", default=None,
+                        help="comma list of smollm2,llama8b (default: both on cuda, smollm2 "
+                             "on cpu)")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--work-dir", type=Path, default=None)
+    parser.add_argument("--sequential-start", action="store_true",
+                        help="start the second server only once the first is healthy")
+    args = parser.parse_args(argv)
+    cpu = args.device == "cpu"
+    wanted = (args.models or ("smollm2" if cpu else "smollm2,llama8b")).split(",")
+    work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="refreekv-serving-"))
+    work_dir.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    models: dict[str, dict[str, Any]] = {}
+    for key in wanted:
+        setup = smollm2_setup(args.device, args.quick) if key == "smollm2" \
+            else llama8b_setup(work_dir)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(setup.model_dir)
+        datasets = {run.workload.name: write_workload(tokenizer, run.workload, work_dir)
+                    for run in setup.runs}
+        models[key] = bench_model(setup, work_dir, datasets,
+                                  sequential_start=args.sequential_start or cpu)
+    import vllm
+
+    result = {
+        "command": "python -m benchmarks.serving.run_serving " + " ".join(
+            sys.argv[1:] if argv is None else argv),
+        "device": device_name(args.device),
+        "vllm_version": vllm.__version__,
+        "plugin_commit": git_commit(),
+        "quick": args.quick,
+        "note": PLAIN_RUNNER_NOTE,
+        "wall_s": round(time.time() - started, 1),
+        "summary": summarise(models, "default"),
+        "summary_t0": summarise(models, "t0"),
+        "models": models,
+    }
+    stem = f"serving_{'gpu' if args.device == 'cuda' else 'cpu'}"
+    write_reports(result, args.out, stem)
+    print(json.dumps({"summary": result["summary"], "summary_t0": result["summary_t0"]},
+                     indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""OpenAI-compatible vLLM servers for benchmarks and tests: start one on a loopback port, wait
+until it is healthy, sample its ``/metrics`` while a workload runs, stop it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+STARTUP_TIMEOUT_S = 900
+PLAIN_SERVER = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+REFREEKV_SERVER = [sys.executable, "-m", "refreekv_vllm.entrypoints.serve"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class RunningServer:
+    process: subprocess.Popen
+    base_url: str
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def get(self, path: str, timeout: float = 10) -> str:
+        with urllib.request.urlopen(self.base_url + path, timeout=timeout) as response:
+            return response.read().decode()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+def launch(command: list[str], log_path: Path, env: dict[str, str] | None = None
+           ) -> RunningServer:
+    """Start ``command`` (a server command line without ``--port``) on a free port."""
+    port = free_port()
+    with open(log_path, "w") as log_file:  # the child keeps its own copy of the descriptor
+        process = subprocess.Popen([*command, "--port", str(port)], stdout=log_file,
+                                   stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                   start_new_session=True)
+    return RunningServer(process, f"http://127.0.0.1:{port}", log_path)
+
+
+def wait_healthy(server: RunningServer, timeout_s: float = STARTUP_TIMEOUT_S) -> RunningServer:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"server exited with {server.process.returncode}:\n"
+                               f"{server.log()[-5000:]}")
+        try:
+            server.get("/health", timeout=2)
+            return server
+        except OSError:
+            time.sleep(2)
+    server.stop()
+    raise RuntimeError(f"server not healthy after {timeout_s:.0f} s:\n{server.log()[-5000:]}")
+
+
+def start_server(command: list[str], log_path: Path, env: dict[str, str] | None = None
+                 ) -> RunningServer:
+    return wait_healthy(launch(command, log_path, env))
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text exposition -> metric sample name -> value summed over label sets."""
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name_and_labels, _, value = line.rpartition(" ")
+        name = name_and_labels.split("{", 1)[0]
+        try:
+            values[name] = values.get(name, 0.0) + float(value)
+        except ValueError:
+            continue
+    return values
+
+
+@dataclass
+class MetricsSampler:
+    """Polls ``/metrics`` in a thread: running requests and KV usage over time."""
+    server: RunningServer
+    interval_s: float = 0.1
+    samples: list[tuple[float, dict[str, float]]] = field(default_factory=list)
+
+    def __enter__(self) -> MetricsSampler:
+        self._stop = threading.Event()
+        self.samples.append((time.monotonic(), self._read()))
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.samples.append((time.monotonic(), self._read()))
+
+    def _read(self) -> dict[str, float]:
+        return parse_metrics(self.server.get("/metrics"))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.samples.append((time.monotonic(), self._read()))
+            except OSError:
+                continue
+
+    def delta(self, name: str) -> float:
+        return self.samples[-1][1].get(name, 0.0) - self.samples[0][1].get(name, 0.0)
+
+    def peak(self, name: str) -> float:
+        return max(values.get(name, 0.0) for _, values in self.samples)
+
+    def time_mean(self, name: str) -> float:
+        """Mean over the sampled period, each sample weighted by the time until the next."""
+        total = weighted = 0.0
+        for (t0, values), (t1, _) in zip(self.samples, self.samples[1:], strict=False):
+            weighted += values.get(name, 0.0) * (t1 - t0)
+            total += t1 - t0
+        return weighted / total if total else 0.0

@@ -1,0 +1,102 @@
+"""Per-layer KV pages behind vLLM's blocks (docs/design.md §1).
+
+vLLM's scheduler sees one KV cache group: a block id covers ``block_size`` tokens in every layer.
+Physically each block is ``num_layers`` *pages*, one per layer, drawn from a single pool that all
+layers share, so that a layer can give back its page of a block while the other layers keep
+theirs. This module is that pool: which page each block holds in each layer, and the free pages.
+It knows nothing of vLLM; ``paged_block_pool`` ties it to vLLM's block life cycle.
+
+Page 0 is reserved: vLLM's null block (block 0, also the workers' padding entry) maps to it in
+every layer and nothing is ever written there.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+NO_PAGE = -1
+RESERVED_PAGE = 0
+
+
+class PagePool:
+    """``num_pages`` pages shared by ``num_layers`` layers behind ``num_blocks`` block ids."""
+
+    def __init__(self, num_pages: int, num_layers: int, num_blocks: int) -> None:
+        if num_pages < 2 or num_layers < 1 or num_blocks < 2:
+            raise ValueError(f"need at least 2 pages, 1 layer and 2 blocks, got {num_pages}, "
+                             f"{num_layers}, {num_blocks}")
+        self.num_pages = num_pages
+        self.num_layers = num_layers
+        # pages[block, layer]: the page holding that layer's tokens of the block, or NO_PAGE.
+        self.pages = np.full((num_blocks, num_layers), NO_PAGE, dtype=np.int32)
+        self.pages[0] = RESERVED_PAGE
+        # Free pages as a stack: _free[:_num_free]. Highest ids on top, so the first blocks get
+        # the lowest pages (only for readable tests; any order is correct).
+        self._free = np.arange(num_pages - 1, RESERVED_PAGE, -1, dtype=np.int32)
+        self._num_free = num_pages - 1
+        # Rows (re)assigned since the last take_updates(): block id -> its pages then.
+        self._updated: dict[int, None] = {}
+
+    @property
+    def num_free_pages(self) -> int:
+        return self._num_free
+
+    @property
+    def num_usable_pages(self) -> int:
+        return self.num_pages - 1
+
+    def holds_all(self, block_id: int) -> bool:
+        return bool((self.pages[block_id] != NO_PAGE).all())
+
+    def holds_any(self, block_id: int) -> bool:
+        return bool((self.pages[block_id] != NO_PAGE).any())
+
+    def assign(self, block_ids: list[int]) -> None:
+        """Give each block a page in every layer (the blocks must hold none)."""
+        if not block_ids:
+            return
+        need = len(block_ids) * self.num_layers
+        if need > self._num_free:
+            raise RuntimeError(f"page pool exhausted: {len(block_ids)} blocks need {need} pages, "
+                               f"{self._num_free} are free")
+        ids = np.asarray(block_ids, dtype=np.int64)
+        assert (self.pages[ids] == NO_PAGE).all(), f"blocks {block_ids} already hold pages"
+        top = self._num_free
+        self.pages[ids] = self._free[top - need:top].reshape(len(block_ids), self.num_layers)
+        self._num_free = top - need
+        self._updated.update(dict.fromkeys(block_ids))
+
+    def release(self, block_id: int) -> int:
+        """Return every page the block still holds; returns how many."""
+        row = self.pages[block_id]
+        held = row[row != NO_PAGE]
+        self._push(held)
+        row[:] = NO_PAGE
+        return len(held)
+
+    def release_page(self, block_id: int, layer: int) -> bool:
+        """Return one layer's page of a block; False if it held none."""
+        page = self.pages[block_id, layer]
+        if page == NO_PAGE:
+            return False
+        self._push(np.array([page], dtype=np.int32))
+        self.pages[block_id, layer] = NO_PAGE
+        return True
+
+    def take_updates(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Blocks whose pages were assigned since the last call and their current rows
+        (``[n]`` int32 ids, ``[n, num_layers]`` int32 pages), or None. Workers mirror these."""
+        if not self._updated:
+            return None
+        ids = np.fromiter(self._updated, dtype=np.int32, count=len(self._updated))
+        self._updated = {}
+        rows = self.pages[ids]
+        # A block released again before the workers heard of it: point it at the reserved page
+        # so that a worker never holds an out-of-range page id.
+        return ids, np.where(rows == NO_PAGE, RESERVED_PAGE, rows).astype(np.int32)
+
+    def _push(self, pages: np.ndarray) -> None:
+        assert not (pages == RESERVED_PAGE).any(), "the reserved page cannot be freed"
+        n = len(pages)
+        self._free[self._num_free:self._num_free + n] = pages
+        self._num_free += n

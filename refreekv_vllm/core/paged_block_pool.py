@@ -1,0 +1,188 @@
+"""vLLM's ``BlockPool`` whose blocks hold one page per layer (docs/design.md §1).
+
+The scheduler keeps vLLM's single KV cache group, so all of vLLM's per-step bookkeeping is that of
+plain vLLM. Each block id stands for ``num_layers`` pages of a :class:`PagePool`; this class keeps
+the pages in step with the blocks' life cycle:
+
+- a block handed out by ``get_new_blocks`` gets a page in every layer (a cached free block keeps
+  the pages it has: its KV is a prefix-cache entry until vLLM evicts it);
+- a block whose last reference is dropped keeps its pages only while it is a prefix-cache
+  entry, otherwise they go back to the pool at once;
+- ``release_layer_page`` gives back one layer's page of a live block once every request holding
+  the block has pruned that layer; the block stops being a prefix-cache entry then.
+
+There are more block ids than ``pages / num_layers`` so that the memory pruning frees can hold
+more blocks; vLLM is told how many blocks it can allocate from the free pages
+(``get_num_free_blocks``) and what share of the pages is in use (``get_usage``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+from vllm.v1.core.block_pool import BlockPool
+from vllm.v1.core.kv_cache_utils import KVCacheBlock
+
+from refreekv_vllm.core.page_pool import NO_PAGE, PagePool
+
+
+class PagedBlockPool(BlockPool):
+    page_pool: PagePool
+    # Free blocks (ref_cnt 0) that hold all their pages: prefix-cache entries.
+    _holding: set[int]
+    # Blocks shared by several requests: per layer, how many holders pruned it while its page
+    # stays for the others.
+    _pruned_by: dict[int, np.ndarray]
+    _count_blocks_only: bool
+
+    @classmethod
+    def adopt(cls, pool: BlockPool, num_pages: int, num_layers: int) -> PagedBlockPool:
+        """Turn vLLM's freshly built pool (every block free) into a paged one, in place: the
+        KV cache manager, its coordinator and managers keep their references."""
+        if type(pool) is not BlockPool:
+            raise TypeError(f"expected vLLM's BlockPool, got {type(pool).__name__}")
+        if pool.free_block_queue.num_free_blocks != pool.num_gpu_blocks - 1:
+            raise ValueError("the block pool must be unused")
+        pool.__class__ = cls
+        assert isinstance(pool, PagedBlockPool)
+        pool.page_pool = PagePool(num_pages, num_layers, pool.num_gpu_blocks)
+        pool._holding = set()
+        pool._pruned_by = {}
+        pool._count_blocks_only = False
+        return pool
+
+    @property
+    def num_layers(self) -> int:
+        return self.page_pool.num_layers
+
+    # vLLM's block life cycle.
+
+    def get_new_blocks(self, num_blocks: int) -> list[KVCacheBlock]:
+        blocks = super().get_new_blocks(num_blocks)
+        need: list[int] = []
+        for block in blocks:
+            if block.block_id in self._holding:
+                self._holding.discard(block.block_id)  # reuses the pages it holds
+            else:
+                need.append(block.block_id)
+        shortfall = len(need) * self.num_layers - self.page_pool.num_free_pages
+        while shortfall > 0:
+            # get_num_free_blocks counted the cached free blocks' pages as free: take them.
+            victim = self.blocks[self._holding.pop()]
+            self._maybe_evict_cached_block(victim)
+            shortfall -= self.page_pool.release(victim.block_id)
+        self.page_pool.assign(need)
+        return blocks
+
+    def touch(self, blocks: Sequence[KVCacheBlock]) -> None:
+        for block in blocks:
+            if block.ref_cnt == 0 and not block.is_null:
+                # A prefix-cache hit on a free block: it holds its pages (see free_blocks).
+                self._holding.discard(block.block_id)
+        super().touch(blocks)
+
+    def free_blocks(self, ordered_blocks: Iterable[KVCacheBlock]) -> None:
+        blocks = list(ordered_blocks)
+        super().free_blocks(blocks)
+        for block in blocks:
+            if block.is_null:
+                continue
+            block_id = block.block_id
+            if block.ref_cnt == 0:
+                self._pruned_by.pop(block_id, None)
+                if block.block_hash is not None and self.page_pool.holds_all(block_id):
+                    self._holding.add(block_id)
+                else:
+                    self._maybe_evict_cached_block(block)
+                    self.page_pool.release(block_id)
+            elif block_id in self._pruned_by:
+                # A holder let go: a layer the remaining holders all pruned can go now.
+                self._release_settled_pages(block)
+
+    def get_num_free_blocks(self) -> int:
+        num_free = self.free_block_queue.num_free_blocks
+        if self._count_blocks_only:
+            return num_free
+        pages = self.page_pool.num_free_pages + self.num_layers * len(self._holding)
+        return min(num_free, pages // self.num_layers)
+
+    def get_usage(self) -> float:
+        free = self.page_pool.num_free_pages + self.num_layers * len(self._holding)
+        return 1.0 - free / self.page_pool.num_usable_pages
+
+    def reset_prefix_cache(self) -> bool:
+        # vLLM's check counts blocks in use from get_num_free_blocks: count block ids there.
+        self._count_blocks_only = True
+        try:
+            reset = super().reset_prefix_cache()
+        finally:
+            self._count_blocks_only = False
+        if reset:
+            for block_id in self._holding:
+                self.page_pool.release(block_id)
+            self._holding.clear()
+        return reset
+
+    # Pruning.
+
+    def release_layer_page(self, block: KVCacheBlock, layer: int) -> bool:
+        """A request holding ``block`` no longer reads its page in ``layer``. The page goes back
+        once no holder reads it; returns whether that happened now."""
+        if block.is_null or self.page_pool.pages[block.block_id, layer] == NO_PAGE:
+            return False
+        if block.ref_cnt > 1:
+            counts = self._pruned_by.setdefault(
+                block.block_id, np.zeros(self.num_layers, dtype=np.int32))
+            counts[layer] += 1
+            if counts[layer] < block.ref_cnt:
+                return False
+            counts[layer] = 0
+            if not counts.any():
+                del self._pruned_by[block.block_id]
+        self._release_page(block, layer)
+        return True
+
+    def unprune_layer_page(self, block: KVCacheBlock, layer: int) -> None:
+        """Before a request that pruned ``layer`` of a still-shared ``block`` lets go of it."""
+        counts = self._pruned_by.get(block.block_id)
+        if counts is None or counts[layer] == 0:
+            return
+        counts[layer] -= 1
+        if not counts.any():
+            del self._pruned_by[block.block_id]
+
+    def _release_settled_pages(self, block: KVCacheBlock) -> None:
+        counts = self._pruned_by[block.block_id]
+        for layer in np.flatnonzero(counts >= block.ref_cnt):
+            self._release_page(block, int(layer))
+            counts[layer] = 0
+        if not counts.any():
+            del self._pruned_by[block.block_id]
+
+    def _release_page(self, block: KVCacheBlock, layer: int) -> None:
+        # A block missing a layer's KV can no longer serve as a prefix-cache hit.
+        self._maybe_evict_cached_block(block)
+        self.page_pool.release_page(block.block_id, layer)
+
+    # Accounting checks (tests and REFREEKV_DEBUG_ACCOUNTING).
+
+    def check_accounting(self) -> None:
+        """Assert that every usable page is either free or held by exactly one block, that free
+        blocks hold pages only as prefix-cache entries, and that live blocks hold all pages
+        except pruned ones."""
+        pool = self.page_pool
+        held = pool.pages[1:][pool.pages[1:] != NO_PAGE]
+        free = pool._free[:pool.num_free_pages]
+        everything = np.concatenate([held, free])
+        assert len(everything) == pool.num_usable_pages, (
+            f"{len(held)} held + {len(free)} free pages != {pool.num_usable_pages} pages")
+        assert len(np.unique(everything)) == len(everything), "a page is held or free twice"
+        for block_id in self._holding:
+            block = self.blocks[block_id]
+            assert block.ref_cnt == 0 and pool.holds_all(block_id), (
+                f"block {block_id} counted as a cached free block: ref_cnt {block.ref_cnt}")
+        for block in self.blocks[1:]:
+            if block.ref_cnt == 0 and block.block_id not in self._holding:
+                assert not pool.holds_any(block.block_id), (
+                    f"free block {block.block_id} holds pages outside the prefix cache")

@@ -1,0 +1,160 @@
+"""The worker's side of per-layer pages: what each layer's attention reads and writes.
+
+The scheduler sends the pages of every block it (re)assigns (``page_rows`` on the
+``SchedulerOutput``, mirrored into ``page_map``); the worker itself knows each pruned request's
+gap per layer, because it computed the cuts. Per step, ``ops.layer_views`` turns vLLM's block
+table, sequence lengths and slot mapping into per-layer ones, in persistent buffers that CUDA
+graphs capture. The attention backend (``attention/backend.py``) triggers that computation at
+the first layer's KV write and hands every layer its own view.
+
+Gap rows follow vLLM's persistent batch: :class:`GapMirroringBlockTable` repeats every row edit
+vLLM makes on the block table (add, clear, move, swap) on the gap rows, and uploads them with
+the block table when they changed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from vllm.model_executor.models.utils import extract_layer_index
+from vllm.v1.kv_cache_interface import KVCacheConfig
+from vllm.v1.worker.block_table import MultiGroupBlockTable
+
+from refreekv_vllm.ops.layer_views import compute_layer_views
+
+SCHEDULER_OUTPUT_ATTR = "refreekv_page_rows"
+"""Attribute of ``SchedulerOutput``: ``(block_ids [n] int32, pages [n, num_layers] int32)``."""
+
+
+class LayerTables:
+    """Per-layer block tables, sequence lengths and slot mappings of the current step."""
+
+    def __init__(self, kv_cache_config: KVCacheConfig, *, max_reqs: int, max_blocks: int,
+                 max_tokens: int, device: torch.device, pin_memory: bool) -> None:
+        (group,) = kv_cache_config.kv_cache_groups
+        self.layer_of = {name: extract_layer_index(name) for name in group.layer_names}
+        num_layers = len(self.layer_of)
+        if sorted(self.layer_of.values()) != list(range(num_layers)):
+            raise ValueError(f"layers {sorted(self.layer_of.values())} are not 0..{num_layers - 1}")
+        # The first layer's KV write of a step computes every layer's view.
+        self.first_layer_name = min(self.layer_of, key=self.layer_of.__getitem__)
+        self.num_layers = num_layers
+        self.block_size = group.kv_cache_spec.block_size
+        self.device = device
+        self.pin_memory = pin_memory
+        self.page_map = torch.zeros((kv_cache_config.num_blocks, num_layers), dtype=torch.int32,
+                                    device=device)
+        self._gaps_cpu = torch.zeros((max_reqs, num_layers, 2), dtype=torch.int32,
+                                     pin_memory=pin_memory)
+        self.gaps_np = self._gaps_cpu.numpy()
+        self.gaps = (self._gaps_cpu if device.type == "cpu"
+                     else torch.zeros_like(self._gaps_cpu, device=device))
+        self._gaps_changed = True
+        self.tables = torch.zeros((num_layers, max_reqs, max_blocks), dtype=torch.int32,
+                                  device=device)
+        self.seq_lens = torch.zeros((num_layers, max_reqs), dtype=torch.int32, device=device)
+        self.slots = torch.full((num_layers, max_tokens), -1, dtype=torch.int64, device=device)
+        # Whether a request of the current batch skips a gap (host knowledge, for backends
+        # whose metadata depends on host-side lengths).
+        self.batch_has_gaps = False
+
+    # Pages (scheduler -> worker).
+
+    def apply_page_rows(self, page_rows: tuple[np.ndarray, np.ndarray] | None) -> None:
+        if page_rows is None:
+            return
+        block_ids, pages = page_rows
+        ids = torch.from_numpy(np.ascontiguousarray(block_ids, dtype=np.int64))
+        rows = torch.from_numpy(np.ascontiguousarray(pages, dtype=np.int32))
+        if self.device.type != "cpu":
+            # Fresh pinned buffers: the caching host allocator keeps them until the copy ran.
+            ids = ids.pin_memory().to(self.device, non_blocking=True)
+            rows = rows.pin_memory().to(self.device, non_blocking=True)
+        self.page_map.index_copy_(0, ids, rows)
+
+    # Gap rows, in step with vLLM's persistent batch.
+
+    def set_gaps(self, row: int, gaps: np.ndarray) -> None:
+        """``gaps``: ``[num_layers, 2]`` first and end block of each layer's gap."""
+        self.gaps_np[row] = gaps
+        self._gaps_changed = True
+
+    def clear_row(self, row: int) -> None:
+        if self.gaps_np[row].any():
+            self.gaps_np[row] = 0
+            self._gaps_changed = True
+
+    def move_row(self, src: int, tgt: int) -> None:
+        self.gaps_np[tgt] = self.gaps_np[src]
+        self._gaps_changed = True
+
+    def swap_row(self, a: int, b: int) -> None:
+        self.gaps_np[[a, b]] = self.gaps_np[[b, a]]
+        self._gaps_changed = True
+
+    def upload_gaps(self, num_reqs: int) -> None:
+        self.batch_has_gaps = bool(self.gaps_np[:num_reqs, :, 1].any())
+        if self._gaps_changed:
+            if self.gaps is not self._gaps_cpu:
+                self.gaps.copy_(self._gaps_cpu, non_blocking=True)
+            self._gaps_changed = False
+
+    # Per step.
+
+    def compute(self, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                slots: torch.Tensor) -> None:
+        """Views of this step's ``len(seq_lens)`` requests and ``len(slots)`` tokens."""
+        compute_layer_views(block_table, seq_lens, self.gaps, self.page_map, slots,
+                            self.block_size, self.tables, self.seq_lens, self.slots)
+
+    def warm_up(self, block_table: torch.Tensor, slots: torch.Tensor) -> None:
+        """Compile the CUDA kernel before vLLM captures CUDA graphs (same buffers, so the same
+        specialisation as every later step)."""
+        if self.device.type == "cuda":
+            seq_lens = torch.zeros(1, dtype=torch.int32, device=self.device)
+            self.compute(block_table[:1], seq_lens, slots[:1])
+
+    def table(self, layer: int, num_reqs: int) -> torch.Tensor:
+        return self.tables[layer, :num_reqs]
+
+    def layer_seq_lens(self, layer: int, num_reqs: int) -> torch.Tensor:
+        return self.seq_lens[layer, :num_reqs]
+
+    def layer_slots(self, layer: int, num_tokens: int) -> torch.Tensor:
+        return self.slots[layer, :num_tokens]
+
+
+class GapMirroringBlockTable(MultiGroupBlockTable):
+    """vLLM's block table (one KV cache group) that repeats its row edits on the gap rows."""
+
+    layer_tables: LayerTables
+
+    @classmethod
+    def adopt(cls, tables: MultiGroupBlockTable, layer_tables: LayerTables
+              ) -> GapMirroringBlockTable:
+        if type(tables) is not MultiGroupBlockTable or len(tables.block_tables) != 1:
+            raise TypeError("expected vLLM's MultiGroupBlockTable with one KV cache group")
+        tables.__class__ = cls
+        assert isinstance(tables, GapMirroringBlockTable)
+        tables.layer_tables = layer_tables
+        return tables
+
+    def add_row(self, block_ids: tuple[list[int], ...], row_idx: int) -> None:
+        super().add_row(block_ids, row_idx)
+        self.layer_tables.clear_row(row_idx)
+
+    def clear_row(self, row_idx: int) -> None:
+        super().clear_row(row_idx)
+        self.layer_tables.clear_row(row_idx)
+
+    def move_row(self, src: int, tgt: int) -> None:
+        super().move_row(src, tgt)
+        self.layer_tables.move_row(src, tgt)
+
+    def swap_row(self, src: int, tgt: int) -> None:
+        super().swap_row(src, tgt)
+        self.layer_tables.swap_row(src, tgt)
+
+    def commit_block_table(self, num_reqs: int) -> None:
+        super().commit_block_table(num_reqs)
+        self.layer_tables.upload_gaps(num_reqs)

@@ -1,0 +1,163 @@
+"""Per-layer pages behind vLLM's blocks: the pure pool, and vLLM's real BlockPool turned paged."""
+
+import numpy as np
+import pytest
+from vllm.utils.hashing import sha256
+from vllm.v1.core.block_pool import BlockPool
+from vllm.v1.core.kv_cache_utils import make_block_hash_with_group_id
+
+from refreekv_vllm.core.page_pool import NO_PAGE, RESERVED_PAGE, PagePool
+from refreekv_vllm.core.paged_block_pool import PagedBlockPool
+
+LAYERS = 3
+
+
+def test_assign_release_and_updates():
+    pool = PagePool(num_pages=10, num_layers=LAYERS, num_blocks=8)
+    assert pool.num_free_pages == 9 and (pool.pages[0] == RESERVED_PAGE).all()
+    pool.assign([3, 5])
+    assert pool.num_free_pages == 3
+    held = pool.pages[[3, 5]].ravel().tolist()
+    assert sorted(held) == list(range(1, 7))  # every page once, never the reserved one
+    ids, rows = pool.take_updates()
+    assert ids.tolist() == [3, 5] and (rows == pool.pages[[3, 5]]).all()
+    assert pool.take_updates() is None
+
+    assert pool.release_page(3, 1) and not pool.release_page(3, 1)
+    assert pool.pages[3, 1] == NO_PAGE and pool.num_free_pages == 4
+    assert pool.release(3) == LAYERS - 1 and pool.num_free_pages == 6
+    assert not pool.holds_any(3) and pool.holds_all(5)
+
+
+def test_exhaustion_and_rows_released_before_the_workers_heard():
+    pool = PagePool(num_pages=7, num_layers=LAYERS, num_blocks=8)
+    pool.assign([1, 2])
+    with pytest.raises(RuntimeError, match="exhausted"):
+        pool.assign([4])
+    pool.release(2)
+    ids, rows = pool.take_updates()
+    # A worker must never see NO_PAGE: a released row points at the reserved page.
+    assert rows[ids.tolist().index(2)].tolist() == [RESERVED_PAGE] * LAYERS
+    with pytest.raises(AssertionError, match="already hold"):
+        pool.assign([1])
+
+
+def paged_pool(num_blocks: int = 9, num_pages: int = 3 * LAYERS + 1,
+               caching: bool = True) -> PagedBlockPool:
+    return PagedBlockPool.adopt(BlockPool(num_blocks, caching, hash_block_size=4),
+                                num_pages=num_pages, num_layers=LAYERS)
+
+
+def cache(pool: PagedBlockPool, block, seed: int) -> None:
+    block_hash = make_block_hash_with_group_id(sha256(seed), 0)
+    pool._insert_block_hash(block_hash, block, num_tokens=None)
+
+
+def test_blocks_get_and_return_pages():
+    pool = paged_pool()
+    assert pool.get_num_free_blocks() == 3  # 9 usable pages / 3 layers, not 8 block ids
+    blocks = pool.get_new_blocks(2)
+    assert all(pool.page_pool.holds_all(b.block_id) for b in blocks)
+    assert pool.get_num_free_blocks() == 1
+    assert pool.get_usage() == pytest.approx(6 / 9)
+    pool.free_blocks(blocks)  # no hash: the pages go back at once
+    assert pool.page_pool.num_free_pages == 9
+    assert not any(pool.page_pool.holds_any(b.block_id) for b in blocks)
+    pool.check_accounting()
+    with pytest.raises(ValueError, match="Cannot get 4 free blocks"):
+        pool.get_new_blocks(4)
+
+
+def test_cached_free_blocks_keep_pages_until_vllm_reuses_them():
+    pool = paged_pool()
+    blocks = pool.get_new_blocks(3)
+    cache(pool, blocks[0], 1)
+    pool.free_blocks(blocks)
+    assert pool._holding == {blocks[0].block_id}
+    assert pool.get_num_free_blocks() == 3  # cached pages count as free, as in vLLM
+    pool.check_accounting()
+
+    pool.touch([blocks[0]])  # a prefix hit takes the cached block back with its pages
+    assert not pool._holding and blocks[0].ref_cnt == 1
+    pool.free_blocks([blocks[0]])
+
+    # Three new blocks need all 9 pages: the cached block's pages are taken and its hash goes.
+    new = pool.get_new_blocks(3)
+    assert not pool._holding and blocks[0].block_hash is None
+    assert all(pool.page_pool.holds_all(b.block_id) for b in new)
+    assert pool.page_pool.num_free_pages == 0
+    pool.check_accounting()
+
+
+def test_releasing_a_layer_page_uncaches_the_block():
+    pool = paged_pool()
+    (block,) = pool.get_new_blocks(1)
+    cache(pool, block, 7)
+    assert pool.release_layer_page(block, 2)
+    assert block.block_hash is None and pool.page_pool.pages[block.block_id, 2] == NO_PAGE
+    assert not pool.release_layer_page(block, 2)  # twice: nothing more to release
+    pool.free_blocks([block])
+    assert pool.page_pool.num_free_pages == 9
+    pool.check_accounting()
+
+
+def test_a_shared_page_goes_back_once_every_holder_pruned_it():
+    pool = paged_pool()
+    (block,) = pool.get_new_blocks(1)
+    pool.touch([block])  # two holders
+    assert not pool.release_layer_page(block, 1)  # the other holder still reads layer 1
+    assert pool.page_pool.pages[block.block_id, 1] != NO_PAGE
+    assert pool.release_layer_page(block, 1)  # both pruned it
+    assert not pool._pruned_by
+
+    assert not pool.release_layer_page(block, 0)  # one holder prunes layer 0
+    pool.free_blocks([block])  # the holder that did not prune layer 0 lets go
+    assert pool.page_pool.pages[block.block_id, 0] == NO_PAGE and not pool._pruned_by
+
+    pool.touch([block])
+    assert not pool.release_layer_page(block, 2)
+    pool.unprune_layer_page(block, 2)  # the pruning holder leaves first
+    pool.free_blocks([block])
+    assert pool.page_pool.pages[block.block_id, 2] != NO_PAGE  # the other one still reads it
+    pool.free_blocks([block])
+    assert pool.page_pool.num_free_pages == 9
+    pool.check_accounting()
+
+
+def test_reset_prefix_cache_frees_cached_pages():
+    pool = paged_pool()
+    blocks = pool.get_new_blocks(2)
+    cache(pool, blocks[0], 3)
+    assert not pool.reset_prefix_cache()  # blocks in use
+    pool.free_blocks(blocks)
+    assert pool.reset_prefix_cache()
+    assert not pool._holding and pool.page_pool.num_free_pages == 9
+    pool.check_accounting()
+
+
+def test_accounting_check_catches_a_page_held_twice():
+    pool = paged_pool()
+    a, b = pool.get_new_blocks(2)
+    pool.page_pool.pages[b.block_id, 0] = pool.page_pool.pages[a.block_id, 0]
+    with pytest.raises(AssertionError):
+        pool.check_accounting()
+
+
+def test_only_a_fresh_vllm_pool_is_adopted():
+    pool = BlockPool(9, True, hash_block_size=4)
+    pool.get_new_blocks(1)
+    with pytest.raises(ValueError, match="unused"):
+        PagedBlockPool.adopt(pool, num_pages=10, num_layers=LAYERS)
+    with pytest.raises(TypeError):
+        PagedBlockPool.adopt(paged_pool(), num_pages=10, num_layers=LAYERS)
+
+
+def test_updates_cover_blocks_reassigned_after_reuse():
+    pool = paged_pool()
+    blocks = pool.get_new_blocks(2)
+    pool.page_pool.take_updates()
+    pool.free_blocks(blocks)
+    again = pool.get_new_blocks(2)
+    ids, rows = pool.page_pool.take_updates()
+    assert sorted(ids.tolist()) == sorted(b.block_id for b in again)
+    assert np.array_equal(rows, pool.page_pool.pages[ids])
