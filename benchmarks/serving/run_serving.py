@@ -99,7 +99,7 @@ def llama8b_setup(work_dir: Path) -> ModelSetup:
              "--kv-cache-memory-bytes", str(pool_tokens * 131072),
              "--gpu-memory-utilization", "0.45"]
     runs = [Run(Workload("8b_c8", "long", 32, 1000, 6000, (256, 256), seed=5), 8),
-            Run(Workload("8b_c64", "long", 128, 1000, 6000, (256, 256), seed=6), 64)]
+            Run(Workload("8b_c64", "long", 96, 1000, 6000, (256, 256), seed=6), 64)]
     return ModelSetup("Llama-3-8B shape (dummy weights)", model_dir, flags, runs,
                       dummy_weights=True, extra={"kv_pool_tokens": pool_tokens})
 
@@ -261,6 +261,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--work-dir", type=Path, default=None)
     parser.add_argument("--sequential-start", action="store_true",
                         help="start the second server only once the first is healthy")
+    parser.add_argument("--reuse", action="store_true",
+                        help="reuse datasets and per-model results already in --work-dir "
+                             "(a run split over several invocations)")
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="write the datasets into --work-dir and stop")
     args = parser.parse_args(argv)
     cpu = args.device == "cpu"
     wanted = (args.models or ("smollm2" if cpu else "smollm2,llama8b")).split(",")
@@ -272,13 +277,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for key in wanted:
         setup = smollm2_setup(args.device, args.quick) if key == "smollm2" \
             else llama8b_setup(work_dir)
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(setup.model_dir)
-        datasets = {run.workload.name: write_workload(tokenizer, run.workload, work_dir)
+        datasets = {run.workload.name: work_dir / f"{run.workload.name}.jsonl"
                     for run in setup.runs}
+        if not (args.reuse and all(path.exists() for path in datasets.values())):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(setup.model_dir)
+            for run in setup.runs:
+                write_workload(tokenizer, run.workload, work_dir)
+        if args.prepare_only:
+            continue
+        saved = work_dir / f"model_{key}.json"
+        if args.reuse and saved.exists():
+            models[key] = json.loads(saved.read_text())
+            continue
         models[key] = bench_model(setup, work_dir, datasets,
                                   sequential_start=args.sequential_start or cpu)
+        saved.write_text(json.dumps(models[key]))
+    if args.prepare_only:
+        return {}
     import vllm
 
     result = {
