@@ -3,9 +3,10 @@
 - The first layer's KV write of a step computes every layer's pages, gap-free block table,
   sequence lengths and slot mapping (``worker/layer_tables.py``); each layer then writes its KV
   to its own pages and attends over its own view.
-- After the wrapped forward, the impl scores the requests whose prompt ends in this step
-  (``scoring.capture_and_score``), with the forward's softmax normaliser of the window rows
-  where FlashAttention provides it (``prefill_lse``).
+- After the wrapped forward, the impl keeps the window queries of the requests whose prompt
+  ends in this step, with the forward's softmax normaliser of the window rows where
+  FlashAttention provides it (``prefill_lse``); after the last layer, one call scores every
+  layer (``scoring``).
 
 All of it reads and writes persistent buffers only, so decode steps run in vLLM's full CUDA
 graphs: the Python here runs when a graph is captured and in eager/piecewise steps, never at
@@ -23,7 +24,8 @@ from typing import Any
 import torch
 
 from refreekv_vllm.attention.prefill_lse import capturing_softmax_lse
-from refreekv_vllm.attention.scoring import capture_and_score, wants_prefill_lse
+from refreekv_vllm.attention.scoring import capture, score, wants_prefill_lse, warm_up_scoring
+from refreekv_vllm.config import RefreeKVConfig
 from refreekv_vllm.worker.layer_tables import LayerTables
 from refreekv_vllm.worker.step_context import StepContext, get_layer_tables, get_step_context
 
@@ -129,11 +131,20 @@ def _wrap(backend: type, impl: type,
             with keeping_lse as lse:
                 result = super().forward(layer, query, key, value, kv_cache, attn_metadata,
                                          output, *args, **kwargs)
-            capture_and_score(
-                step, layer_index, query.view(-1, self.num_heads, self.head_size),
-                key_view(self, kv_cache), attn_metadata.block_table, self.scale,
-                backend=kernel(step), prefill_lse=lse[0] if lse else None)
+            capture(step, layer_index, query.view(-1, self.num_heads, self.head_size),
+                    lse[0] if lse else None)
+            if layer_index == tables.num_layers - 1 and step.scoring:
+                score(step, key_view(self, kv_cache), tables.tables, self.scale, kernel(step))
             return result
+
+        def refreekv_warm_up(self, kv_cache: torch.Tensor, tables: LayerTables,
+                             config: RefreeKVConfig, backend: str) -> None:
+            """Compile the scoring kernels for the server's default rule before serving."""
+            if backend != "triton":
+                return  # torch needs no compile; the CUDA kernel is built once, at load
+            warm_up_scoring(key_view(self, kv_cache), tables, config, backend,
+                            self.num_heads, self.head_size, kv_cache.dtype, self.scale,
+                            with_lse=lse_module is not None and _plain_softmax(self))
 
     class Backend(backend):
         @staticmethod

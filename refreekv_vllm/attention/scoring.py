@@ -1,17 +1,30 @@
-"""Scoring inside a layer's attention call: after the last prompt chunk's keys are in the paged
-cache, compute this layer's cut for every request whose prefill ends in this step."""
+"""Scoring inside the attention calls: every layer keeps the queries of the window rows that
+ran in its forward; after the last layer's keys are in the page pool, one kernel call computes
+the cut of every (request, layer) pair whose prefill ends in this step."""
 
 import time
 from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
+from refreekv_vllm.config import RefreeKVConfig
 from refreekv_vllm.ops import compute_cuts
+from refreekv_vllm.policy.reference import AGGREGATIONS
 from refreekv_vllm.worker.step_context import ScoringRow, StepContext, window_store
+
+if TYPE_CHECKING:
+    from refreekv_vllm.worker.layer_tables import LayerTables
 
 # Layer scorings of windows (w > 1) by where their softmax normalisers came from: "attention"
 # (the prefill's, one pass over the keys) or "own" (the kernel's first pass). Per process.
 window_normalisers: Counter[str] = Counter()
+
+# Keys per program of the GPU kernels. Fixed, so that they compile once (a compile takes
+# seconds and would stall serving); with every layer's rows in one call there are enough
+# programs to fill the GPU at this size.
+SCORING_CHUNK = 1024
 
 
 def wants_prefill_lse(step: StepContext, layer: int) -> bool:
@@ -21,86 +34,138 @@ def wants_prefill_lse(step: StepContext, layer: int) -> bool:
             and any(capture.window > 1 for capture in step.captures))
 
 
-def capture_and_score(step: StepContext, layer: int, query: torch.Tensor,
-                      key_cache: torch.Tensor, block_table: torch.Tensor, scale: float,
-                      backend: str, prefill_lse: torch.Tensor | None = None) -> None:
-    """``query``: ``[num_tokens, num_heads, head_size]`` of this step; ``key_cache``: the layer's
-    ``[num_blocks, block_size, num_kv_heads, head_size]`` key view; ``block_table``: this
-    layer's ``[num_reqs, max_blocks]`` rows (logical: a request being scored has no gap yet);
-    ``prefill_lse``: the attention's ``[num_heads, >= num_tokens]`` softmax normaliser of this
-    step's rows, if it gave one."""
-    config = step.config
-    if layer in config.frozen_layers:
+def capture(step: StepContext, layer: int, query: torch.Tensor,
+            prefill_lse: torch.Tensor | None = None) -> None:
+    """Keep this layer's queries of the window rows that ran in this step. ``query``:
+    ``[num_tokens, num_heads, head_size]``; ``prefill_lse``: the attention's
+    ``[num_heads, >= num_tokens]`` softmax normaliser of this step's rows, if it gave one."""
+    if layer in step.config.frozen_layers:
         return
-    for capture in step.captures:
-        tokens = slice(capture.token_indices.start, capture.token_indices.stop)
+    for window in step.captures:
+        tokens = slice(window.token_indices.start, window.token_indices.stop)
         lse_rows = None if prefill_lse is None else prefill_lse[:, tokens].T
-        window_store.put(capture, layer, query[tokens], lse_rows)
-    windows = {row.req_id: window_store.get(row.req_id, layer)
-               for row in step.scoring if row.fixed_cut is None}
-    rows = [row for row in step.scoring if windows.get(row.req_id) is not None]
-    if not rows:
+        window_store.put(window, layer, query[tokens], lse_rows)
+
+
+def score(step: StepContext, key_cache: torch.Tensor, layer_tables: torch.Tensor,
+          scale: float, backend: str) -> None:
+    """Cut of every layer of every request whose prompt ends in this step, in one kernel call
+    per aggregation: (request, layer) pairs are the kernel's rows, since every layer's keys
+    live in the same page pool. Runs once the last layer's keys are written.
+
+    ``key_cache``: ``[num_pages, block_size, num_kv_heads, head_size]`` key view of the pool;
+    ``layer_tables``: ``[num_layers, max_reqs, max_blocks]`` pages per layer and batch row (a
+    request being scored has no gap yet)."""
+    layers = [layer for layer in range(layer_tables.shape[0])
+              if layer not in step.config.frozen_layers]
+    rows = [row for row in step.scoring if row.fixed_cut is None
+            and all(window_store.get(row.req_id, layer) is not None for layer in layers)]
+    if not rows or not layers:
         return
     started = time.perf_counter()
     for agg in sorted({row.window_agg for row in rows}):
-        _score_rows(step, layer, [row for row in rows if row.window_agg == agg], windows,
-                    key_cache, block_table, scale, agg, backend)
+        _score_rows(step, layers, [row for row in rows if row.window_agg == agg], key_cache,
+                    layer_tables, scale, agg, backend)
     if step.observe_scoring is not None:
         # Host time of the launches (the cuts stay on the device until the step ends).
         step.observe_scoring(time.perf_counter() - started)
 
 
-def _score_rows(step: StepContext, layer: int, rows: list[ScoringRow],
-                windows: dict[str, torch.Tensor], key_cache: torch.Tensor,
-                block_table: torch.Tensor, scale: float, agg: str, backend: str) -> None:
+def _score_rows(step: StepContext, layers: list[int], rows: list[ScoringRow],
+                key_cache: torch.Tensor, layer_tables: torch.Tensor, scale: float, agg: str,
+                backend: str) -> None:
     max_window = max(row.window for row in rows)
-    queries = _right_aligned(rows, [windows[row.req_id] for row in rows], max_window)
-    lses = [window_store.get_lse(row.req_id, layer) for row in rows]
-    have_lse = all(lse is not None for lse in lses)
-    window_lse = _right_aligned(rows, lses, max_window) if have_lse else None
+    queries = _right_aligned(rows, [torch.stack([window_store.get(row.req_id, layer)
+                                                 for layer in layers]) for row in rows],
+                             max_window)
+    lses = [[window_store.get_lse(row.req_id, layer) for layer in layers] for row in rows]
+    have_lse = all(lse is not None for per_row in lses for lse in per_row)
+    window_lse = (_right_aligned(rows, [torch.stack(per_row) for per_row in lses], max_window)
+                  if have_lse else None)
     if max_window > 1:
-        window_normalisers["attention" if have_lse else "own"] += 1
-    batch_rows, prompt_lens, window_lens, thresholds = _row_inputs(step, rows,
-                                                                   block_table.device)
+        window_normalisers["attention" if have_lse else "own"] += len(rows) * len(layers)
+    inputs = _pair_inputs(step, rows, layers, layer_tables.device)
     cuts = compute_cuts(
         queries,
         key_cache,
-        block_table[batch_rows],
-        prompt_lens,
-        window_lens,
-        thresholds,
+        layer_tables[inputs.layers, inputs.batch_rows],
+        inputs.prompt_lens,
+        inputs.window_lens,
+        inputs.thresholds,
         num_sink_tokens=step.config.num_sink_tokens,
         scale=scale,
         agg=agg,
         backend=backend,
         # Bounds the kernels' scratch by this step's prompts, not the block table's width.
         max_prompt_len=max(row.num_prompt_tokens for row in rows),
+        # One chunk size for every call: the kernels compile once, not per batch shape.
+        chunk_size=SCORING_CHUNK,
         window_lse=window_lse,
     )
-    step.cuts.append((layer, [row.req_id for row in rows], cuts))
+    step.cuts.append((layers, [row.req_id for row in rows], cuts))
 
 
-def _row_inputs(step: StepContext, rows: list[ScoringRow], device: torch.device
-                ) -> tuple[torch.Tensor, ...]:
-    """Batch rows, prompt lengths, windows and thresholds of ``rows`` on the device: built once
-    per step (every layer scores the same rows), without a blocking host-to-device copy."""
-    key = tuple(row.req_id for row in rows)
-    if key not in step.row_inputs:
-        host = (torch.tensor([row.batch_row for row in rows], dtype=torch.int64),
-                torch.tensor([row.num_prompt_tokens for row in rows], dtype=torch.int32),
-                torch.tensor([row.window for row in rows], dtype=torch.int32),
-                torch.tensor([row.threshold for row in rows], dtype=torch.float32))
-        if device.type != "cpu":
-            host = tuple(t.pin_memory().to(device, non_blocking=True) for t in host)
-        step.row_inputs[key] = host
-    return step.row_inputs[key]
+@dataclass(frozen=True)
+class _PairInputs:
+    """Per (request, layer) pair, request-major: what the kernel reads besides queries."""
+    layers: torch.Tensor
+    batch_rows: torch.Tensor
+    prompt_lens: torch.Tensor
+    window_lens: torch.Tensor
+    thresholds: torch.Tensor
+
+
+def _pair_inputs(step: StepContext, rows: list[ScoringRow], layers: list[int],
+                 device: torch.device) -> _PairInputs:
+    """Built with one non-blocking copy per tensor (a blocking host-to-device copy would wait
+    for the step's forward)."""
+    per_row = len(layers)
+    host = _PairInputs(
+        layers=torch.tensor(layers * len(rows), dtype=torch.int64),
+        batch_rows=torch.tensor([row.batch_row for row in rows],
+                                dtype=torch.int64).repeat_interleave(per_row),
+        prompt_lens=torch.tensor([row.num_prompt_tokens for row in rows],
+                                 dtype=torch.int32).repeat_interleave(per_row),
+        window_lens=torch.tensor([row.window for row in rows],
+                                 dtype=torch.int32).repeat_interleave(per_row),
+        thresholds=torch.tensor([row.threshold for row in rows],
+                                dtype=torch.float32).repeat_interleave(per_row))
+    if device.type == "cpu":
+        return host
+    return _PairInputs(**{name: getattr(host, name).pin_memory().to(device, non_blocking=True)
+                          for name in host.__dataclass_fields__})
 
 
 def _right_aligned(rows: list[ScoringRow], windows: list[torch.Tensor], max_window: int
                    ) -> torch.Tensor:
-    """``[len(rows), max_window, ...]`` with each row's ``[window, ...]`` tensor at the end."""
+    """``[len(rows) * L, max_window, ...]`` from each row's ``[L, window, ...]`` tensor, its
+    rows at the right end."""
+    if all(row.window == max_window for row in rows):
+        return torch.cat(windows)
     first = windows[0]
-    stacked = first.new_zeros((len(rows), max_window, *first.shape[1:]))
+    stacked = first.new_zeros((len(rows), first.shape[0], max_window, *first.shape[2:]))
     for i, (row, window) in enumerate(zip(rows, windows, strict=True)):
-        stacked[i, max_window - row.window:] = window
-    return stacked
+        stacked[i, :, max_window - row.window:] = window
+    return stacked.flatten(0, 1)
+
+
+def warm_up_scoring(key_cache: torch.Tensor, layer_tables: "LayerTables", config: RefreeKVConfig,
+                    backend: str, num_heads: int, head_size: int, dtype: torch.dtype,
+                    scale: float, with_lse: bool) -> None:
+    """One scoring call per aggregation with the server's window, on placeholder queries over
+    the real key pool, so that the kernels are compiled before the first request."""
+    layers = [layer for layer in range(layer_tables.num_layers)
+              if layer not in config.frozen_layers]
+    window, device = config.window, key_cache.device
+    num_prompt_tokens = window + config.num_sink_tokens + 1
+    queries = torch.zeros(len(layers), window, num_heads, head_size, dtype=dtype, device=device)
+    lse = (torch.zeros(len(layers), window, num_heads, dtype=torch.float32, device=device)
+           if with_lse and window > 1 else None)
+    for agg in AGGREGATIONS:
+        compute_cuts(
+            queries, key_cache, layer_tables.tables[layers, 0],
+            torch.full((len(layers),), num_prompt_tokens, dtype=torch.int32, device=device),
+            torch.full((len(layers),), window, dtype=torch.int32, device=device),
+            torch.full((len(layers),), 0.01, dtype=torch.float32, device=device),
+            num_sink_tokens=config.num_sink_tokens, scale=scale, agg=agg, backend=backend,
+            max_prompt_len=num_prompt_tokens, chunk_size=SCORING_CHUNK, window_lse=lse)

@@ -52,6 +52,9 @@ WINDOW_CHUNK = 2048
 # Cut search: (elements of r per middle-level step over all heads, keys per fine tile,
 # num_warps).
 CUT_SEARCH = (32768, 32, 8)
+# Integer arguments that change with the batch (window rows, prompt lengths): Triton would
+# compile a variant per value class (1, multiple of 16, other); serving must not stall on that.
+VARYING = ["w_max", "num_chunks", "n_scratch", "stride_qr"]
 # Finite stand-in for -inf in running maxima: exp2(NEG_BIG - NEG_BIG) = 1, never NaN.
 NEG_BIG = tl.constexpr(-1.0e30)
 
@@ -150,7 +153,7 @@ def _dot(q, k, DOT_FP32: tl.constexpr):
         return tl.dot(q, tl.trans(k))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=VARYING)
 def _stats_kernel(
     query_ptr,  # [R, W_MAX, Hq, D]
     key_cache_ptr,  # [num_blocks, block_size, Hkv, D]
@@ -241,7 +244,7 @@ def _stats_kernel(
                 tl.store(sum2_ptr + stat_off, l2_i, mask=row_valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows", "num_chunks"])
 def _combine_kernel(
     prompt_lens_ptr,  # [R] int32
     max_ptr,  # [R, ROWS, NUM_CHUNKS] fp32
@@ -324,7 +327,7 @@ def _window_tile_r(
     return r
 
 
-@triton.jit
+@triton.jit(do_not_specialize=[*VARYING, "stride_lr", "stride_lw"])
 def _window_probs_kernel(
     query_ptr,  # [R, W_MAX, Hq, D]
     key_cache_ptr,  # [num_blocks, block_size, Hkv, D]
@@ -493,7 +496,7 @@ def _backward_step(sums, units, valid, always_ok, acc, after, found, base, limit
     return best, first, after, found, acc + tl.sum(sums, axis=1)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_chunks", "n_scratch", "curve_stride"])
 def _cut_kernel(
     prompt_lens_ptr,  # [R] int32
     thresholds_ptr,  # [R] fp32

@@ -99,6 +99,10 @@ class RefreeKVModelRunnerMixin:
         tables.warm_up(first.block_table.gpu, first.slot_mapping.gpu)
         self._refreekv_tables = tables
         set_layer_tables(tables)
+        attention = self.compilation_config.static_forward_context[tables.first_layer_name]
+        if hasattr(attention.impl, "refreekv_warm_up"):
+            attention.impl.refreekv_warm_up(attention.kv_cache, tables, self.refreekv_config,
+                                            self._refreekv_kernel)
 
     def _update_states(self, scheduler_output: Any):  # noqa: ANN201
         cached = scheduler_output.scheduled_cached_reqs

@@ -51,13 +51,11 @@ class StepContext:
     """Scoring backend resolved for this device: "torch" on CPU, "cuda" or "triton" on GPUs."""
     captures: list[WindowCapture] = field(default_factory=list)
     scoring: list[ScoringRow] = field(default_factory=list)
-    cuts: list[tuple[int, list[str], torch.Tensor]] = field(default_factory=list)
-    """Filled during the forward pass: ``(model layer, request ids, [len(ids)] int32 cuts on
-    the device)``; read once, after the step's sampling synchronised."""
+    cuts: list[tuple[list[int], list[str], torch.Tensor]] = field(default_factory=list)
+    """Filled during the forward pass: ``(model layers, request ids, int32 cuts on the device,
+    request-major: one per request and layer)``; read back once the step has finished."""
     observe_scoring: Callable[[float], None] | None = None
     """Receives the host seconds one layer's scoring launch took."""
-    row_inputs: dict[tuple[str, ...], tuple[torch.Tensor, ...]] = field(default_factory=dict)
-    """Per set of scored requests, their per-request inputs on the device (see scoring)."""
 
     @property
     def active(self) -> bool:
@@ -70,10 +68,12 @@ class StepContext:
             return {}
         by_request: dict[str, dict[int, int]] = {}
         position = 0
-        for layer, req_ids, _ in self.cuts:
+        for layers, req_ids, _ in self.cuts:
             for req_id in req_ids:
-                by_request.setdefault(req_id, {})[layer] = int(values[position])
-                position += 1
+                cuts = by_request.setdefault(req_id, {})
+                for layer in layers:
+                    cuts[layer] = int(values[position])
+                    position += 1
         return by_request
 
 

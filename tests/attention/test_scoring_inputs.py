@@ -9,7 +9,7 @@ from refreekv_vllm.attention import scoring
 from refreekv_vllm.config import RefreeKVConfig
 from refreekv_vllm.worker.step_context import ScoringRow, StepContext, WindowCapture, window_store
 
-HEADS, HEAD_SIZE, LAYER = 3, 4, 5
+HEADS, HEAD_SIZE, LAYER = 3, 4, 2  # layers 0-1 frozen: layer 2 is the only one scored
 
 
 def _query(step: int, num_tokens: int) -> torch.Tensor:
@@ -47,18 +47,20 @@ def _steps(with_lse_in_first_chunk: bool = True) -> StepContext:
     its window is tokens 5-6. Both are scored in step 2."""
     config = RefreeKVConfig()
     key_cache = torch.zeros(4, 16, 1, HEAD_SIZE)
-    block_table = torch.zeros(2, 2, dtype=torch.int32)
+    layer_tables = torch.zeros(LAYER + 1, 2, 2, dtype=torch.int32)
     first = StepContext(config=config, kernel="triton", captures=[
         WindowCapture("a", 10, 4, token_indices=range(3, 5), window_slots=range(0, 2))])
-    scoring.capture_and_score(first, LAYER, _query(1, 5), key_cache, block_table, 1.0,
-                              "triton", _lse(1, 5) if with_lse_in_first_chunk else None)
+    for layer in range(LAYER + 1):
+        scoring.capture(first, layer, _query(1, 5),
+                        _lse(1, 5) if with_lse_in_first_chunk else None)
     second = StepContext(
         config=config, kernel="triton",
         captures=[WindowCapture("a", 10, 4, token_indices=range(0, 2), window_slots=range(2, 4)),
                   WindowCapture("b", 5, 2, token_indices=range(5, 7), window_slots=range(0, 2))],
         scoring=[ScoringRow("a", 0, 10, 4, "mean", 0.01), ScoringRow("b", 1, 5, 2, "mean", 0.01)])
-    scoring.capture_and_score(second, LAYER, _query(2, 7), key_cache, block_table, 1.0,
-                              "triton", _lse(2, 7))
+    for layer in range(LAYER + 1):
+        scoring.capture(second, layer, _query(2, 7), _lse(2, 7))
+    scoring.score(second, key_cache, layer_tables, 1.0, "triton")
     return second
 
 
@@ -75,8 +77,8 @@ def test_window_rows_and_normalisers_reach_the_kernel_aligned(recorded):
         for slot, (s, t) in enumerate(rows, start=4 - len(rows)):
             torch.testing.assert_close(query[req, slot, :, 0], 1000 * s + 10 * t + heads)
             torch.testing.assert_close(lse[req, slot], 1000 * s + 100 * t + heads)
-    ((layer, req_ids, cuts),) = step.cuts
-    assert (layer, req_ids) == (LAYER, ["a", "b"])
+    ((layers, req_ids, cuts),) = step.cuts
+    assert (layers, req_ids) == ([LAYER], ["a", "b"])
     assert step.cuts_by_request(cuts.tolist()) == {"a": {LAYER: 4}, "b": {LAYER: 4}}
     assert scoring.window_normalisers["attention"] >= 1
 
@@ -86,7 +88,7 @@ def test_a_chunk_without_normalisers_sends_none(recorded):
     _steps(with_lse_in_first_chunk=False)
     (call,) = recorded
     assert call["window_lse"] is None
-    assert scoring.window_normalisers["own"] == before + 1
+    assert scoring.window_normalisers["own"] == before + 2  # two requests, one layer each
 
 
 def test_only_the_triton_kernel_with_a_window_asks_for_normalisers():
