@@ -83,6 +83,14 @@ class PagePool:
         self.pages[block_id, layer] = NO_PAGE
         return True
 
+    def release_pages(self, block_ids: np.ndarray, layer: int) -> np.ndarray:
+        """Return one layer's page of each block; returns which blocks held one."""
+        pages = self.pages[block_ids, layer]
+        held = pages != NO_PAGE
+        self._push(pages[held])
+        self.pages[block_ids[held], layer] = NO_PAGE
+        return held
+
     def take_updates(self) -> tuple[np.ndarray, np.ndarray] | None:
         """Blocks whose pages were assigned since the last call and their current rows
         (``[n]`` int32 ids, ``[n, num_layers]`` int32 pages), or None. Workers mirror these."""

@@ -143,6 +143,36 @@ class PagedBlockPool(BlockPool):
         self._release_page(block, layer)
         return True
 
+    def release_gap_pages(self, blocks: Sequence[KVCacheBlock], gaps: Sequence[range]
+                          ) -> tuple[list[list[int]], int]:
+        """One request prunes, in each layer ``l``, its blocks ``blocks[gaps[l]]``: what
+        :meth:`release_layer_page` does for each (block, layer), with the blocks only this
+        request holds (nearly all) handled a layer at a time. Returns the block ids per layer
+        and how many pages went back to the pool now."""
+        ids = np.fromiter((block.block_id for block in blocks), dtype=np.int64,
+                          count=len(blocks))
+        exclusive = np.fromiter(
+            (block.ref_cnt == 1 and not block.is_null and block.block_id not in self._pruned_by
+             for block in blocks), dtype=bool, count=len(blocks))
+        lost_pages = np.zeros(len(blocks), dtype=bool)
+        released: list[list[int]] = []
+        num_freed = 0
+        for layer, gap in enumerate(gaps):
+            span = slice(gap.start, min(gap.stop, len(blocks)))
+            released.append(ids[span].tolist())
+            alone = exclusive[span]
+            freed = self.page_pool.release_pages(ids[span][alone], layer)
+            num_freed += int(freed.sum())
+            lost = lost_pages[span]  # a view: marks the blocks that lost a page
+            lost[alone] |= freed
+            for index in np.flatnonzero(~alone) + span.start:
+                num_freed += self.release_layer_page(blocks[index], layer)
+        for index in np.flatnonzero(lost_pages):
+            # A block missing a layer's KV can no longer serve as a prefix-cache hit.
+            if blocks[index].block_hash is not None:
+                self._maybe_evict_cached_block(blocks[index])
+        return released, num_freed
+
     def unprune_layer_page(self, block: KVCacheBlock, layer: int) -> None:
         """Before a request that pruned ``layer`` of a still-shared ``block`` lets go of it."""
         counts = self._pruned_by.get(block.block_id)

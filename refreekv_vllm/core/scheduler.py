@@ -157,14 +157,9 @@ class RefreeKVSchedulerMixin:
         pool = self._refreekv_pool
         manager = self.kv_cache_manager.coordinator.single_type_managers[0]
         blocks = manager.req_to_blocks.get(report.req_id, [])
-        released: list[list[int]] = []
-        num_freed = 0
-        for layer, cut in enumerate(report.cuts):
-            block_range = freeable_block_range(
-                cut, report.num_sink_tokens, self._refreekv_block_size)
-            layer_blocks = blocks[block_range.start:block_range.stop]
-            released.append([block.block_id for block in layer_blocks])
-            num_freed += sum(pool.release_layer_page(block, layer) for block in layer_blocks)
+        gaps = [freeable_block_range(cut, report.num_sink_tokens, self._refreekv_block_size)
+                for cut in report.cuts]
+        released, num_freed = pool.release_gap_pages(blocks, gaps)
         if envs.REFREEKV_DEBUG_ACCOUNTING:
             pool.check_accounting()
         self._refreekv_state.record_report(report, released, num_freed)

@@ -161,3 +161,21 @@ def test_updates_cover_blocks_reassigned_after_reuse():
     ids, rows = pool.page_pool.take_updates()
     assert sorted(ids.tolist()) == sorted(b.block_id for b in again)
     assert np.array_equal(rows, pool.page_pool.pages[ids])
+
+
+def test_releasing_a_requests_gaps_in_every_layer():
+    pool = paged_pool(num_blocks=12, num_pages=4 * LAYERS + 1)
+    blocks = pool.get_new_blocks(4)
+    cache(pool, blocks[1], 5)
+    pool.touch([blocks[2]])  # another request holds block 2 too
+    released, freed = pool.release_gap_pages(blocks, [range(0), range(1, 3), range(1, 4)])
+    assert released == [[], [b.block_id for b in blocks[1:3]], [b.block_id for b in blocks[1:]]]
+    assert freed == 3  # blocks 1 (layers 1, 2) and 3 (layer 2): block 2 is still read elsewhere
+    pages = pool.page_pool.pages
+    assert pages[blocks[1].block_id, 1] == NO_PAGE and pages[blocks[3].block_id, 2] == NO_PAGE
+    assert (pages[blocks[2].block_id] != NO_PAGE).all()
+    assert (pages[blocks[0].block_id] != NO_PAGE).all()
+    assert blocks[1].block_hash is None  # lost a page: no longer a prefix-cache entry
+    pool.free_blocks([blocks[2]])  # the other holder lets go: both pruned layers go back
+    assert pages[blocks[2].block_id, 1] == NO_PAGE and pages[blocks[2].block_id, 2] == NO_PAGE
+    pool.check_accounting()
