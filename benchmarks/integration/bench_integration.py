@@ -1,5 +1,6 @@
 """ReFreeKV inside vLLM vs plain vLLM, in the same run: exactness at T=0, memory actually freed
-against the paper's ideal, block accounting, and (GPU) decode/TTFT overhead at T=0.
+against the paper's ideal, block accounting. Speed against plain vLLM is measured through the
+OpenAI server by ``benchmarks/serving/run_serving.py``.
 
     python benchmarks/integration/bench_integration.py --device cpu   # results/integration_cpu.json
     python benchmarks/integration/bench_integration.py --device cuda  # results/integration_gpu.json
@@ -105,7 +106,7 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], required=True)
     parser.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--part",
-                        choices=["all", "exactness", "reference", "capacity", "overhead"],
+                        choices=["all", "exactness", "reference", "capacity"],
                         default="all",
                         help="run part of the benchmark, merging into an existing result file")
     args = parser.parse_args()
@@ -134,8 +135,6 @@ def main() -> None:
         block_size = "16" if args.device == "cuda" else "32"
         result.update(compare_capacity(
             args, scratch, ["--model", str(prepare_smollm2()), "--block-size", block_size]))
-    if args.device == "cuda" and args.part in ("all", "overhead"):
-        result.update(run_overhead(args, scratch))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items()
@@ -193,27 +192,6 @@ def compare_capacity(args, scratch: Path, common: list[str]) -> dict:
     return {"capacity_refreekv": pruned, "capacity_plain": plain,
             "capacity_target_met": pruned["max_running"] >= pruned["submitted"]
             and pruned["preemptions"] == 0}
-
-
-def run_overhead(args, scratch: Path) -> dict:
-    over = ["--num-prompts", "64", "--prompt-len", "8000", "--max-tokens", "256",
-            "--block-size", "16", "--refreekv", '{"threshold": 0.0}']
-    plain = child("overhead", "plain", args, scratch, over)
-    pruned = child("overhead", "refreekv", args, scratch, over)
-    identical = all([a.pop("token_ids") == b.pop("token_ids")
-                     for a, b in zip(plain["rounds"], pruned["rounds"], strict=True)])
-    return {
-        "overhead_workload": "Llama-3-8B shape, dummy weights, 64 x 8000-token prompts, "
-                             "256 output tokens, bf16, CUDA graphs, V1 runner for both; "
-                             "medians of 3 batches (mean TTFT per batch; decode = the steps "
-                             "after every request's first token)",
-        "decode_tput_ratio_t0": pruned["decode_tok_per_s"] / plain["decode_tok_per_s"],
-        "ttft_ratio_t0": pruned["ttft_s"] / plain["ttft_s"],
-        # Same seeded prompts, same batches: at T=0 every generated token must match.
-        "overhead_t0_identical": identical,
-        "overhead_plain": plain, "overhead_refreekv_t0": pruned,
-        "overhead_command": " ".join(["python", *sys.argv]),
-    }
 
 
 if __name__ == "__main__":

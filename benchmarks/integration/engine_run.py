@@ -9,8 +9,6 @@ import argparse
 import dataclasses
 import json
 import os
-import random
-import statistics
 import time
 from pathlib import Path
 
@@ -157,34 +155,6 @@ def run_capacity(args) -> dict:
             "max_running": max(running), "preemptions": preemptions[0]}
 
 
-def run_overhead(args) -> dict:
-    """Batch time to first token and decode throughput on a Llama-3-8B shape (dummy weights)."""
-    from vllm import SamplingParams, TokensPrompt
-
-    model_dir = Path(args.scratch) / "llama3-8b-shape"
-    model_dir.mkdir(parents=True, exist_ok=True)
-    (model_dir / "config.json").write_text(json.dumps(LLAMA3_8B_CONFIG))
-    llm = build_llm(args, str(model_dir), load_format="dummy", skip_tokenizer_init=True,
-                    max_model_len=args.prompt_len + args.max_tokens + 16,
-                    gpu_memory_utilization=0.85)
-    rng = random.Random(0)
-
-    def batch(n: int, length: int) -> list:
-        return [TokensPrompt(prompt_token_ids=[rng.randrange(1000, 120000)
-                                               for _ in range(length)]) for _ in range(n)]
-
-    xargs = {"refreekv_threshold": 0.0} if args.engine == "refreekv" else None
-    llm.generate(batch(8, 512), SamplingParams(max_tokens=8, extra_args=xargs))  # warm-up
-    # Fresh token ids every round: no prefix-cache hits.
-    rounds = [timed_batch(llm, batch(args.num_prompts, args.prompt_len),
-                          SamplingParams(max_tokens=1 + args.max_tokens, ignore_eos=True,
-                                         extra_args=xargs))
-              for _ in range(args.rounds)]
-    return {"rounds": rounds,
-            "ttft_s": statistics.median(r["mean_ttft_s"] for r in rounds),
-            "decode_tok_per_s": statistics.median(r["decode_tok_per_s"] for r in rounds)}
-
-
 def timed_batch(llm, prompts: list, params) -> dict:
     """Submit a batch at once and step the engine: each request's time to first token, and the
     decode throughput of the steps after every request has its first token (pure decode)."""
@@ -222,7 +192,7 @@ def timed_batch(llm, prompts: list, params) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("workload",
-                        choices=["exactness", "reference", "capacity", "overhead"])
+                        choices=["exactness", "reference", "capacity"])
     parser.add_argument("--engine", choices=["plain", "refreekv"], required=True)
     parser.add_argument("--device", choices=["cpu", "cuda"], required=True)
     parser.add_argument("--model", default="")
@@ -233,15 +203,14 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=1024)
     parser.add_argument("--filler", type=int, default=90)
     parser.add_argument("--prompt-len", type=int, default=8000)
-    parser.add_argument("--rounds", type=int, default=3, help="overhead: timed batches")
     parser.add_argument("--submit", type=int, default=0, help="capacity: requests to submit")
     parser.add_argument("--scratch", default="/tmp/refreekv-bench")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
-    run = {"exactness": run_exactness, "reference": run_reference, "capacity": run_capacity,
-           "overhead": run_overhead}[args.workload]
+    run = {"exactness": run_exactness, "reference": run_reference,
+           "capacity": run_capacity}[args.workload]
     Path(args.out).write_text(json.dumps(run(args)))
 
 

@@ -3,8 +3,8 @@
     python benchmarks/integration/profile_decode.py --engine plain --out /tmp/prof
     python benchmarks/integration/profile_decode.py --engine refreekv --out /tmp/prof
 
-Same workload as ``bench_integration.py --part overhead`` (Llama-3-8B shape, dummy weights,
-bf16, CUDA graphs, async scheduling). After every request has its first token, a few warm steps
+Llama-3-8B shape, dummy weights, 64 prompts of 8,000 tokens, bf16, CUDA graphs, async
+scheduling. After every request has its first token, a few warm steps
 run, then ``--steps`` engine steps are traced with ``torch.profiler`` (device activity only, so
 the host is not slowed). Writes ``profile-<engine>.json``: wall time per step, device time per
 step split into kernels / copies / fills, operation counts, and the heaviest kernels.

@@ -75,8 +75,9 @@ def smollm2_setup(device: str, quick: bool) -> ModelSetup:
                 Run(Workload("long_burst", "long", 240, 1000, 6000, (256, 256), seed=3), None),
                 Run(Workload("chat", "chat", 128, output_tokens=(384, 512), seed=4), 32)]
     flags = ["--dtype", "bfloat16", "--kv-cache-memory-bytes", str(pool_tokens * bytes_per_token)]
-    if device == "cpu":
-        flags += ["--enforce-eager", "--block-size", "32", "--max-model-len", "2048"]
+    if device == "cpu":  # vLLM needs room for one request of the longest length
+        flags += ["--enforce-eager", "--block-size", "32",
+                  "--max-model-len", str(min(2048, pool_tokens))]
     else:
         flags += ["--max-model-len", "8192", "--gpu-memory-utilization", "0.3"]
     return ModelSetup("SmolLM2-135M-Instruct", prepare_smollm2(), flags, runs,
@@ -264,6 +265,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--reuse", action="store_true",
                         help="reuse datasets and per-model results already in --work-dir "
                              "(a run split over several invocations)")
+    parser.add_argument("--commit", default=None,
+                        help="the plugin's commit to record (default: git rev-parse HEAD)")
     parser.add_argument("--prepare-only", action="store_true",
                         help="write the datasets into --work-dir and stop")
     args = parser.parse_args(argv)
@@ -303,7 +306,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             sys.argv[1:] if argv is None else argv),
         "device": device_name(args.device),
         "vllm_version": vllm.__version__,
-        "plugin_commit": git_commit(),
+        "plugin_commit": args.commit or git_commit(),
         "quick": args.quick,
         "note": PLAIN_RUNNER_NOTE,
         "wall_s": round(time.time() - started, 1),

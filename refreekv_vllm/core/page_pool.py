@@ -6,6 +6,12 @@ layers share, so that a layer can give back its page of a block while the other 
 theirs. This module is that pool: which page each block holds in each layer, and the free pages.
 It knows nothing of vLLM; ``paged_block_pool`` ties it to vLLM's block life cycle.
 
+The pool is cut into one *home region* per layer, and a block takes its layer-``l`` page from
+region ``l`` while that region has free pages, lowest ids first. Without pruning this is vLLM's
+own layout (each layer's pages contiguous, a request's blocks next to each other); pages that
+pruning frees go back to their home region, and a layer whose region is used up (layers that
+are never pruned) takes pages from the others.
+
 Page 0 is reserved: vLLM's null block (block 0, also the workers' padding entry) maps to it in
 every layer and nothing is ever written there.
 """
@@ -22,17 +28,25 @@ class PagePool:
     """``num_pages`` pages shared by ``num_layers`` layers behind ``num_blocks`` block ids."""
 
     def __init__(self, num_pages: int, num_layers: int, num_blocks: int) -> None:
-        if num_pages < 2 or num_layers < 1 or num_blocks < 2:
-            raise ValueError(f"need at least 2 pages, 1 layer and 2 blocks, got {num_pages}, "
-                             f"{num_layers}, {num_blocks}")
+        if num_pages <= num_layers or num_layers < 1 or num_blocks < 2:
+            raise ValueError(f"need more pages than layers, 1 layer and 2 blocks, got "
+                             f"{num_pages}, {num_layers}, {num_blocks}")
         self.num_pages = num_pages
         self.num_layers = num_layers
         # pages[block, layer]: the page holding that layer's tokens of the block, or NO_PAGE.
         self.pages = np.full((num_blocks, num_layers), NO_PAGE, dtype=np.int32)
         self.pages[0] = RESERVED_PAGE
-        # Free pages as a stack: _free[:_num_free]. Highest ids on top, so the first blocks get
-        # the lowest pages (only for readable tests; any order is correct).
-        self._free = np.arange(num_pages - 1, RESERVED_PAGE, -1, dtype=np.int32)
+        # Region l holds pages [1 + l * size, 1 + (l + 1) * size); the last one the remainder.
+        self._region_size = (num_pages - 1) // num_layers
+        starts = 1 + self._region_size * np.arange(num_layers + 1)
+        starts[-1] = num_pages
+        capacity = int((starts[1:] - starts[:-1]).max())
+        # Free pages of region l as a stack: _free[l, :_top[l]], lowest ids on top.
+        self._free = np.zeros((num_layers, capacity), dtype=np.int32)
+        self._top = (starts[1:] - starts[:-1]).astype(np.int64)
+        for layer in range(num_layers):
+            self._free[layer, :self._top[layer]] = np.arange(starts[layer + 1] - 1,
+                                                             starts[layer] - 1, -1)
         self._num_free = num_pages - 1
         # Rows (re)assigned since the last take_updates(): block id -> its pages then.
         self._updated: dict[int, None] = {}
@@ -45,6 +59,10 @@ class PagePool:
     def num_usable_pages(self) -> int:
         return self.num_pages - 1
 
+    def free_pages(self) -> np.ndarray:
+        """Every free page (for accounting checks)."""
+        return np.concatenate([self._free[layer, :top] for layer, top in enumerate(self._top)])
+
     def holds_all(self, block_id: int) -> bool:
         return bool((self.pages[block_id] != NO_PAGE).all())
 
@@ -55,16 +73,34 @@ class PagePool:
         """Give each block a page in every layer (the blocks must hold none)."""
         if not block_ids:
             return
-        need = len(block_ids) * self.num_layers
-        if need > self._num_free:
-            raise RuntimeError(f"page pool exhausted: {len(block_ids)} blocks need {need} pages, "
-                               f"{self._num_free} are free")
+        n = len(block_ids)
+        if n * self.num_layers > self._num_free:
+            raise RuntimeError(f"page pool exhausted: {n} blocks need {n * self.num_layers} "
+                               f"pages, {self._num_free} are free")
         ids = np.asarray(block_ids, dtype=np.int64)
         assert (self.pages[ids] == NO_PAGE).all(), f"blocks {block_ids} already hold pages"
-        top = self._num_free
-        self.pages[ids] = self._free[top - need:top].reshape(len(block_ids), self.num_layers)
-        self._num_free = top - need
+        if (self._top >= n).all():  # every layer from its own region
+            picks = self._top[:, None] - 1 - np.arange(n)
+            self.pages[ids] = self._free[np.arange(self.num_layers)[:, None], picks].T
+            self._top -= n
+        else:
+            for layer in range(self.num_layers):
+                self.pages[ids, layer] = self._take(layer, n)
+        self._num_free -= n * self.num_layers
         self._updated.update(dict.fromkeys(block_ids))
+
+    def _take(self, home: int, n: int) -> np.ndarray:
+        """``n`` free pages for layer ``home``: its own region's first, then the fullest
+        other regions'."""
+        taken = []
+        for region in [home, *np.argsort(-self._top).tolist()]:
+            k = min(n - sum(len(t) for t in taken), int(self._top[region]))
+            if k <= 0:
+                continue
+            top = self._top[region]
+            taken.append(self._free[region, top - k:top][::-1])
+            self._top[region] -= k
+        return np.concatenate(taken)
 
     def release(self, block_id: int) -> int:
         """Return every page the block still holds; returns how many."""
@@ -104,7 +140,14 @@ class PagePool:
         return ids, np.where(rows == NO_PAGE, RESERVED_PAGE, rows).astype(np.int32)
 
     def _push(self, pages: np.ndarray) -> None:
+        """Back to their home regions, on top (so the next block of that layer reuses them)."""
+        if not len(pages):
+            return
         assert not (pages == RESERVED_PAGE).any(), "the reserved page cannot be freed"
-        n = len(pages)
-        self._free[self._num_free:self._num_free + n] = pages
-        self._num_free += n
+        regions = np.minimum((pages - 1) // self._region_size, self.num_layers - 1)
+        for region in np.unique(regions):
+            mine = pages[regions == region]
+            top = self._top[region]
+            self._free[region, top:top + len(mine)] = mine[::-1]
+            self._top[region] += len(mine)
+        self._num_free += len(pages)

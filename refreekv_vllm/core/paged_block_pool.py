@@ -203,7 +203,7 @@ class PagedBlockPool(BlockPool):
         except pruned ones."""
         pool = self.page_pool
         held = pool.pages[1:][pool.pages[1:] != NO_PAGE]
-        free = pool._free[:pool.num_free_pages]
+        free = pool.free_pages()
         everything = np.concatenate([held, free])
         assert len(everything) == pool.num_usable_pages, (
             f"{len(held)} held + {len(free)} free pages != {pool.num_usable_pages} pages")

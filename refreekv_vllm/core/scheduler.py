@@ -45,21 +45,26 @@ class RefreeKVSchedulerMixin:
     def __init__(
         self, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, *args: Any, **kwargs: Any
     ) -> None:
-        check_supported(vllm_config, kv_cache_config)
         self._refreekv_config = RefreeKVConfig.from_additional_config(
             vllm_config.additional_config)
+        enabled = self._refreekv_config.enabled
+        # Disabled server-wide, the engine is plain vLLM: vLLM's own layout, every request
+        # opted out.
+        check_supported(vllm_config, kv_cache_config if enabled else None)
         super().__init__(vllm_config, kv_cache_config, *args, **kwargs)  # type: ignore[call-arg]
         (group,) = kv_cache_config.kv_cache_groups
         spec = group.kv_cache_spec
         self._refreekv_block_size: int = spec.block_size
         self._refreekv_num_layers = len(group.layer_names)
-        self._refreekv_pool = PagedBlockPool.adopt(
-            self.kv_cache_manager.block_pool, num_pages(kv_cache_config),
-            self._refreekv_num_layers)
         self._refreekv_state = CutState(self._refreekv_block_size, spec.page_size_bytes)
-        self._cap_cache_blocks()
-        self._cap_prefix_hits()
-        self._unprune_before_free()
+        self._refreekv_pool: PagedBlockPool | None = None
+        if enabled:
+            self._refreekv_pool = PagedBlockPool.adopt(
+                self.kv_cache_manager.block_pool, num_pages(kv_cache_config),
+                self._refreekv_num_layers)
+            self._cap_cache_blocks()
+            self._cap_prefix_hits()
+            self._unprune_before_free()
         model_config = vllm_config.model_config
         self._refreekv_metrics = SchedulerMetrics(
             model_config.served_model_name if model_config is not None else "",
@@ -69,8 +74,9 @@ class RefreeKVSchedulerMixin:
 
     def schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
         output = super().schedule(*args, **kwargs)  # type: ignore[misc]
-        # Workers mirror the pages of every block handed out in this schedule().
-        setattr(output, SCHEDULER_OUTPUT_ATTR, self._refreekv_pool.page_pool.take_updates())
+        if self._refreekv_pool is not None:
+            # Workers mirror the pages of every block handed out in this schedule().
+            setattr(output, SCHEDULER_OUTPUT_ATTR, self._refreekv_pool.page_pool.take_updates())
         return output
 
     def refreekv_stats(self) -> CutStats:
@@ -155,6 +161,7 @@ class RefreeKVSchedulerMixin:
 
     def _release_gaps(self, report: CutReport) -> None:
         pool = self._refreekv_pool
+        assert pool is not None, "reports are accepted only when pruning is enabled"
         manager = self.kv_cache_manager.coordinator.single_type_managers[0]
         blocks = manager.req_to_blocks.get(report.req_id, [])
         gaps = [freeable_block_range(cut, report.num_sink_tokens, self._refreekv_block_size)
@@ -213,6 +220,7 @@ class RefreeKVSchedulerMixin:
         manager = self.kv_cache_manager
         free = manager.free
         pool = self._refreekv_pool
+        assert pool is not None
         state = self._refreekv_state
 
         def unpruned_free(request: Request) -> None:

@@ -17,8 +17,8 @@ def test_assign_release_and_updates():
     assert pool.num_free_pages == 9 and (pool.pages[0] == RESERVED_PAGE).all()
     pool.assign([3, 5])
     assert pool.num_free_pages == 3
-    held = pool.pages[[3, 5]].ravel().tolist()
-    assert sorted(held) == list(range(1, 7))  # every page once, never the reserved one
+    # Each layer from its own region (pages 1-3, 4-6, 7-9), consecutive blocks side by side.
+    assert pool.pages[[3, 5]].T.tolist() == [[1, 2], [4, 5], [7, 8]]
     ids, rows = pool.take_updates()
     assert ids.tolist() == [3, 5] and (rows == pool.pages[[3, 5]]).all()
     assert pool.take_updates() is None
@@ -27,6 +27,20 @@ def test_assign_release_and_updates():
     assert pool.pages[3, 1] == NO_PAGE and pool.num_free_pages == 4
     assert pool.release(3) == LAYERS - 1 and pool.num_free_pages == 6
     assert not pool.holds_any(3) and pool.holds_all(5)
+
+
+def test_a_layer_whose_region_is_used_up_takes_pages_from_the_others():
+    pool = PagePool(num_pages=13, num_layers=LAYERS, num_blocks=8)  # regions of 4 pages
+    pool.assign([1, 2, 3])
+    for block in (1, 2, 3):
+        pool.release_page(block, 2)  # pruning frees layer 2's pages only
+    pool.assign([4, 5])  # layers 0-1 have one page of their own left: the rest comes from 2
+    assert pool.pages[[4, 5]].T.tolist() == [[4, 11], [8, 10], [9, 12]]
+    assert pool.num_free_pages == 0
+    pool.release(4)
+    pool.release(5)
+    pool.assign([6])  # freed pages went back to their home regions
+    assert pool.pages[6, :2].tolist() == [4, 8] and 9 <= pool.pages[6, 2] <= 12
 
 
 def test_exhaustion_and_rows_released_before_the_workers_heard():

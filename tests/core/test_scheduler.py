@@ -420,14 +420,18 @@ def test_opted_out_requests_are_not_pruned(new_scheduler, extra_args):
     assert_pool_idle(scheduler)
 
 
-def test_server_wide_disable_opts_every_request_out(tiny_llama_dir):
+def test_server_wide_disable_is_plain_vllm(tiny_llama_dir):
     vllm_config = make_vllm_config(tiny_llama_dir)
     vllm_config.additional_config = {"refreekv": {"enabled": False}}
+    # vLLM's own layout: the engine core pages only engines that prune.
     scheduler = make_scheduler(**engine_core_kwargs(
-        vllm_config, paged_config(vllm_config, NUM_BLOCKS)))
+        vllm_config, vllm_kv_cache_config(vllm_config, NUM_BLOCKS)))
+    assert type(scheduler.kv_cache_manager.block_pool).__name__ == "BlockPool"
     request = make_request(PROMPT)
     scheduler.add_request(request)
-    run_step(scheduler, [report(request)])
+    step = schedule(scheduler)
+    assert not hasattr(step[0], SCHEDULER_OUTPUT_ATTR)
+    update(scheduler, step, [report(request)])
     assert scheduler.refreekv_stats().requests_skipped == {"opted_out": 1}
 
 
