@@ -11,7 +11,8 @@ COLUMNS = [("output_tok_s", "out tok/s", "{:.1f}"), ("request_s", "req/s", "{:.2
            ("peak_running", "peak running", "{:.0f}"), ("mean_running", "mean running", "{:.1f}"),
            ("preemptions", "preempt.", "{:.0f}"), ("peak_kv_usage", "peak KV", "{:.2f}"),
            ("physical_budget", "budget b", "{:.3f}")]
-VARIANT_LABELS = {"plain": "plain vLLM", "default": "ReFreeKV default", "t0": "ReFreeKV T = 0"}
+VARIANT_LABELS = {"plain": "plain vLLM", "default": "ReFreeKV default", "t0": "ReFreeKV T = 0",
+                  "plain_v1": "plain vLLM, V1 runner"}
 
 
 def _cell(value: Any, fmt: str) -> str:
@@ -19,14 +20,18 @@ def _cell(value: Any, fmt: str) -> str:
 
 
 def write_markdown(result: dict[str, Any], path: Path) -> None:
+    v1 = "summary_plain_v1" in result
     lines = [f"# Serving: plain vLLM vs ReFreeKV ({result['device']})", "",
              f"`{result['command']}` — vLLM {result['vllm_version']}, plugin "
              f"{result['plugin_commit']}. {result['note']}.", "",
              "## Ratios (ReFreeKV / plain vLLM, same run)", "",
-             "| ratio | default rule | T = 0 |", "|---|---|---|"]
+             "| ratio | default rule | T = 0 |" + (" plain vLLM, V1 runner |" if v1 else ""),
+             "|---|---|---|" + ("---|" if v1 else "")]
     for key, value in result["summary"].items():
-        lines.append(f"| `{key}` | {_cell(value, '{:.3f}')} | "
-                     f"{_cell(result['summary_t0'].get(key), '{:.3f}')} |")
+        cells = [value, result["summary_t0"].get(key)]
+        if v1:
+            cells.append(result["summary_plain_v1"].get(key))
+        lines.append(f"| `{key}` | " + " | ".join(_cell(c, "{:.3f}") for c in cells) + " |")
     for model in result["models"].values():
         lines += ["", f"## {model['model']}", "",
                   f"Server flags (both servers): `{' '.join(model['server_flags'])}`", "",

@@ -94,7 +94,8 @@ def _collectors() -> dict:
             PREFIX + "layer_kept_tokens", "Prompt tokens kept after the cut, per layer.",
             [*model, "layer"]),
         "scoring_seconds": Histogram(
-            PREFIX + "scoring_seconds", "Time to score one layer's requests in a step.", model,
+            PREFIX + "scoring_seconds",
+            "Host time to launch the scoring of every layer of a step's finishing prompts.", model,
             buckets=SCORING_BUCKETS),
         "threshold": Gauge(
             PREFIX + "threshold", "Server-wide threshold T in effect.", model,

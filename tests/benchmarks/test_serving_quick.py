@@ -32,4 +32,5 @@ def test_quick_serving_benchmark(tmp_path):
     written = json.loads((tmp_path / "serving_cpu.json").read_text())
     assert written["summary"] == result["summary"]
     assert (tmp_path / "serving_cpu.md").read_text().count("| long_burst |") == 3
+    assert result["summary"]["burst_concurrency_ratio"] is not None
     assert (tmp_path / "serving_cpu.png").stat().st_size > 0
