@@ -15,6 +15,7 @@ workers receive it through vLLM's usual ``KVCacheConfig`` hand-off.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -91,9 +92,10 @@ def uses_paged_layout(vllm_config: Any) -> bool:
 
 
 def install_layout_hook() -> None:
-    """Make the engine core hand the paged layout to scheduler and workers of ReFreeKV engines
-    (vLLM's ``EngineCore._initialize_kv_caches`` calls ``get_kv_cache_configs`` by the name
-    it imported into ``vllm.v1.engine.core``)."""
+    """Make the engine core hand the paged layout to scheduler and workers of ReFreeKV engines,
+    and report the capacity of its pages (vLLM's ``EngineCore._initialize_kv_caches`` calls
+    ``get_kv_cache_configs`` and ``get_kv_cache_capacity`` by the names it imported into
+    ``vllm.v1.engine.core``)."""
     from vllm.v1.engine import core
 
     if getattr(core.get_kv_cache_configs, "refreekv_wrapped", False):
@@ -108,5 +110,18 @@ def install_layout_hook() -> None:
             return configs
         return [paged_kv_cache_config(config) for config in configs]
 
+    original_capacity = core.get_kv_cache_capacity
+
+    @functools.wraps(original_capacity)
+    def get_kv_cache_capacity(vllm_config: Any, kv_cache_config: KVCacheConfig
+                              ) -> tuple[int, float]:
+        # What the server reports as its capacity: full blocks of pages, not block ids.
+        if uses_paged_layout(vllm_config) and is_paged_layout(kv_cache_config):
+            num_layers = len(kv_cache_config.kv_cache_groups[0].layer_names)
+            kv_cache_config = dataclasses.replace(
+                kv_cache_config, num_blocks=num_pages(kv_cache_config) // num_layers)
+        return original_capacity(vllm_config, kv_cache_config)
+
     get_kv_cache_configs.refreekv_wrapped = True  # type: ignore[attr-defined]
     core.get_kv_cache_configs = get_kv_cache_configs
+    core.get_kv_cache_capacity = get_kv_cache_capacity

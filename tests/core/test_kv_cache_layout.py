@@ -66,7 +66,11 @@ def test_engine_core_hook_pages_only_refreekv_engines(tiny_llama_dir, monkeypatc
     vllm_config.additional_config = {"refreekv": refreekv}
     vllm_layout = vllm_kv_cache_config(vllm_config, num_blocks=50)
     monkeypatch.setattr(core, "get_kv_cache_configs", lambda config, specs, memory: [vllm_layout])
+    monkeypatch.setattr(core, "get_kv_cache_capacity", core.get_kv_cache_capacity)
+    capacity = core.get_kv_cache_capacity(vllm_config, vllm_layout)
     install_layout_hook()
     install_layout_hook()  # idempotent: wraps once
     (layout,) = core.get_kv_cache_configs(vllm_config, [{}], [0])
     assert is_paged_layout(layout) == paged
+    # The same pages, whatever the number of block ids: the same capacity.
+    assert core.get_kv_cache_capacity(vllm_config, layout) == capacity
