@@ -30,7 +30,7 @@ BATCHES = {"threshold_zero": mixed_prompts(12, seed=0), "opted_out": mixed_promp
 @pytest.fixture(scope="module")
 def plain_outputs(smollm2_dir) -> dict[str, list[list[int]]]:
     # In-process like the ReFreeKV engine below (vLLM's CPU worker threads differ between the
-    # in-process and multiprocess executors, and with them bf16 reduction order).
+    # in-process and multiprocess executors, and with them the reduction order).
     with in_process_engine(smollm2_dir, refreekv=None) as llm:
         return {name: token_ids(llm.generate(batch, greedy()))
                 for name, batch in BATCHES.items()}
