@@ -169,8 +169,11 @@ PLAIN_RUNNER_NOTE = ("plain vLLM runs with its defaults (on GPUs the V2 model ru
 
 
 def bench_model(setup: ModelSetup, work_dir: Path, datasets: dict[str, Path], *,
-                sequential_start: bool, plain_v1: bool = False) -> dict[str, Any]:
+                sequential_start: bool, plain_v1: bool = False,
+                only_engines: list[str] | None = None) -> dict[str, Any]:
     engines = {**ENGINES, **({"plain_v1": PLAIN_V1} if plain_v1 else {})}
+    if only_engines:
+        engines = {name: engines[name] for name in only_engines}
     servers: dict[str, RunningServer] = {}
     results: dict[str, dict[str, Any]] = {}
     try:
@@ -269,6 +272,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="start the second server only once the first is healthy")
     parser.add_argument("--plain-v1", action="store_true",
                         help="also run plain vLLM on the V1 model runner (summary_plain_v1)")
+    parser.add_argument("--workloads", default=None,
+                        help="comma list of workload names to run (default: all of a model's)")
+    parser.add_argument("--engines", default=None,
+                        help="comma list of plain,refreekv,plain_v1 to start (default: all; "
+                             "for diagnosis, ratios need plain)")
     parser.add_argument("--reuse", action="store_true",
                         help="reuse datasets and per-model results already in --work-dir "
                              "(a run split over several invocations)")
@@ -287,6 +295,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for key in wanted:
         setup = smollm2_setup(args.device, args.quick) if key == "smollm2" \
             else llama8b_setup(work_dir)
+        if args.workloads:
+            setup.runs = [run for run in setup.runs
+                          if run.workload.name in args.workloads.split(",")]
         datasets = {run.workload.name: work_dir / f"{run.workload.name}.jsonl"
                     for run in setup.runs}
         if not (args.reuse and all(path.exists() for path in datasets.values())):
@@ -303,7 +314,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             continue
         models[key] = bench_model(setup, work_dir, datasets,
                                   sequential_start=args.sequential_start or cpu,
-                                  plain_v1=args.plain_v1)
+                                  plain_v1=args.plain_v1 or "plain_v1" in (args.engines or ""),
+                                  only_engines=args.engines.split(",") if args.engines else None)
         saved.write_text(json.dumps(models[key]))
     if args.prepare_only:
         return {}
