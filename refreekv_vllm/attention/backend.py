@@ -24,7 +24,12 @@ from typing import Any
 import torch
 
 from refreekv_vllm.attention.prefill_lse import capturing_softmax_lse
-from refreekv_vllm.attention.scoring import capture, score, wants_prefill_lse, warm_up_scoring
+from refreekv_vllm.attention.scoring import (
+    capture,
+    end_of_forward,
+    wants_prefill_lse,
+    warm_up_scoring,
+)
 from refreekv_vllm.config import RefreeKVConfig
 from refreekv_vllm.worker.layer_tables import LayerTables
 from refreekv_vllm.worker.step_context import StepContext, get_layer_tables, get_step_context
@@ -133,8 +138,9 @@ def _wrap(backend: type, impl: type,
                                          output, *args, **kwargs)
             capture(step, layer_index, query.view(-1, self.num_heads, self.head_size),
                     lse[0] if lse else None)
-            if layer_index == tables.num_layers - 1 and step.scoring:
-                score(step, key_view(self, kv_cache), tables.tables, self.scale, kernel(step))
+            if layer_index == tables.num_layers - 1:
+                end_of_forward(step, key_view(self, kv_cache), tables.tables, self.scale,
+                               kernel(step))
             return result
 
         def refreekv_warm_up(self, kv_cache: torch.Tensor, tables: LayerTables,

@@ -36,15 +36,40 @@ def wants_prefill_lse(step: StepContext, layer: int) -> bool:
 
 def capture(step: StepContext, layer: int, query: torch.Tensor,
             prefill_lse: torch.Tensor | None = None) -> None:
-    """Keep this layer's queries of the window rows that ran in this step. ``query``:
-    ``[num_tokens, num_heads, head_size]``; ``prefill_lse``: the attention's
+    """Keep this layer's queries of the window rows that ran in this step, every capture's at
+    once. ``query``: ``[num_tokens, num_heads, head_size]``; ``prefill_lse``: the attention's
     ``[num_heads, >= num_tokens]`` softmax normaliser of this step's rows, if it gave one."""
-    if layer in step.config.frozen_layers:
+    if layer in step.config.frozen_layers or not step.captures:
         return
+    index = step.capture_index(query.device)
+    step.captured_queries[layer] = query.index_select(0, index)
+    step.captured_lse[layer] = None if prefill_lse is None else prefill_lse.index_select(
+        1, index).T
+
+
+def end_of_forward(step: StepContext, key_cache: torch.Tensor, layer_tables: torch.Tensor,
+                   scale: float, backend: str) -> None:
+    """After the last layer: file the step's captured rows under their requests' windows, then
+    score the requests whose prompt ends in this step."""
+    _store_captures(step)
+    if step.scoring:
+        score(step, key_cache, layer_tables, scale, backend)
+
+
+def _store_captures(step: StepContext) -> None:
+    layers = tuple(sorted(step.captured_queries))
+    if not layers:
+        return
+    queries = torch.stack([step.captured_queries[layer] for layer in layers])
+    lses = [step.captured_lse[layer] for layer in layers]
+    lse = None if any(x is None for x in lses) else torch.stack(lses)  # type: ignore[arg-type]
+    start = 0
     for window in step.captures:
-        tokens = slice(window.token_indices.start, window.token_indices.stop)
-        lse_rows = None if prefill_lse is None else prefill_lse[:, tokens].T
-        window_store.put(window, layer, query[tokens], lse_rows)
+        rows = slice(start, start + len(window.token_indices))
+        window_store.put(window, layers, queries[:, rows], None if lse is None else lse[:, rows])
+        start = rows.stop
+    step.captured_queries.clear()
+    step.captured_lse.clear()
 
 
 def score(step: StepContext, key_cache: torch.Tensor, layer_tables: torch.Tensor,
@@ -58,8 +83,9 @@ def score(step: StepContext, key_cache: torch.Tensor, layer_tables: torch.Tensor
     request being scored has no gap yet)."""
     layers = [layer for layer in range(layer_tables.shape[0])
               if layer not in step.config.frozen_layers]
+    windows = {row.req_id: window_store.get(row.req_id) for row in step.scoring}
     rows = [row for row in step.scoring if row.fixed_cut is None
-            and all(window_store.get(row.req_id, layer) is not None for layer in layers)]
+            and windows[row.req_id] is not None and windows[row.req_id][0] == tuple(layers)]
     if not rows or not layers:
         return
     started = time.perf_counter()
@@ -75,13 +101,11 @@ def _score_rows(step: StepContext, layers: list[int], rows: list[ScoringRow],
                 key_cache: torch.Tensor, layer_tables: torch.Tensor, scale: float, agg: str,
                 backend: str) -> None:
     max_window = max(row.window for row in rows)
-    queries = _right_aligned(rows, [torch.stack([window_store.get(row.req_id, layer)
-                                                 for layer in layers]) for row in rows],
+    queries = _right_aligned(rows, [window_store.get(row.req_id)[1] for row in rows],
                              max_window)
-    lses = [[window_store.get_lse(row.req_id, layer) for layer in layers] for row in rows]
-    have_lse = all(lse is not None for per_row in lses for lse in per_row)
-    window_lse = (_right_aligned(rows, [torch.stack(per_row) for per_row in lses], max_window)
-                  if have_lse else None)
+    lses = [window_store.get_lse(row.req_id) for row in rows]
+    have_lse = all(lse is not None for lse in lses)
+    window_lse = _right_aligned(rows, lses, max_window) if have_lse else None
     if max_window > 1:
         window_normalisers["attention" if have_lse else "own"] += len(rows) * len(layers)
     inputs = _pair_inputs(step, rows, layers, layer_tables.device)

@@ -110,6 +110,21 @@ class PagePool:
         row[:] = NO_PAGE
         return len(held)
 
+    def release_blocks(self, block_ids: list[int]) -> int:
+        """:meth:`release` for many blocks at once; returns how many pages went back."""
+        if not block_ids:
+            return 0
+        ids = np.asarray(block_ids, dtype=np.int64)
+        rows = self.pages[ids]
+        held = rows[rows != NO_PAGE]
+        self._push(held)
+        self.pages[ids] = NO_PAGE
+        return len(held)
+
+    def holds_all_of(self, block_ids: list[int]) -> np.ndarray:
+        """:meth:`holds_all` for many blocks at once."""
+        return (self.pages[np.asarray(block_ids, dtype=np.int64)] != NO_PAGE).all(axis=1)
+
     def release_page(self, block_id: int, layer: int) -> bool:
         """Return one layer's page of a block; False if it held none."""
         page = self.pages[block_id, layer]
@@ -140,14 +155,16 @@ class PagePool:
         return ids, np.where(rows == NO_PAGE, RESERVED_PAGE, rows).astype(np.int32)
 
     def _push(self, pages: np.ndarray) -> None:
-        """Back to their home regions, on top (so the next block of that layer reuses them)."""
+        """Back to their home regions, on top, lowest ids last (so the next block of that
+        layer reuses them, in order)."""
         if not len(pages):
             return
         assert not (pages == RESERVED_PAGE).any(), "the reserved page cannot be freed"
         regions = np.minimum((pages - 1) // self._region_size, self.num_layers - 1)
-        for region in np.unique(regions):
-            mine = pages[regions == region]
-            top = self._top[region]
-            self._free[region, top:top + len(mine)] = mine[::-1]
-            self._top[region] += len(mine)
+        order = np.lexsort((-pages, regions))
+        pages, regions = pages[order], regions[order]
+        counts = np.bincount(regions, minlength=self.num_layers)
+        rank = np.arange(len(pages)) - (np.cumsum(counts) - counts)[regions]
+        self._free[regions, self._top[regions] + rank] = pages
+        self._top += counts
         self._num_free += len(pages)

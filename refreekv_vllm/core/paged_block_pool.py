@@ -85,20 +85,29 @@ class PagedBlockPool(BlockPool):
     def free_blocks(self, ordered_blocks: Iterable[KVCacheBlock]) -> None:
         blocks = list(ordered_blocks)
         super().free_blocks(blocks)
+        unused: list[KVCacheBlock] = []
         for block in blocks:
             if block.is_null:
                 continue
-            block_id = block.block_id
             if block.ref_cnt == 0:
-                self._pruned_by.pop(block_id, None)
-                if block.block_hash is not None and self.page_pool.holds_all(block_id):
-                    self._holding.add(block_id)
-                else:
-                    self._maybe_evict_cached_block(block)
-                    self.page_pool.release(block_id)
-            elif block_id in self._pruned_by:
+                self._pruned_by.pop(block.block_id, None)
+                unused.append(block)
+            elif block.block_id in self._pruned_by:
                 # A holder let go: a layer the remaining holders all pruned can go now.
                 self._release_settled_pages(block)
+        if not unused:
+            return
+        # A free block keeps its pages only as a whole prefix-cache entry.
+        whole = self.page_pool.holds_all_of([block.block_id for block in unused])
+        released: list[int] = []
+        for block, keeps in zip(unused, whole.tolist(), strict=True):
+            if keeps and block.block_hash is not None:
+                self._holding.add(block.block_id)
+            else:
+                if block.block_hash is not None:
+                    self._maybe_evict_cached_block(block)
+                released.append(block.block_id)
+        self.page_pool.release_blocks(released)
 
     def get_num_free_blocks(self) -> int:
         num_free = self.free_block_queue.num_free_blocks

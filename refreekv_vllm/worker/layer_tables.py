@@ -54,6 +54,7 @@ class LayerTables:
                                   device=device)
         self.seq_lens = torch.zeros((num_layers, max_reqs), dtype=torch.int32, device=device)
         self.slots = torch.full((num_layers, max_tokens), -1, dtype=torch.int64, device=device)
+        self._grow_staging(1)
         # Whether a request of the current batch skips a gap (host knowledge, for backends
         # whose metadata depends on host-side lengths).
         self.batch_has_gaps = False
@@ -64,13 +65,34 @@ class LayerTables:
         if page_rows is None:
             return
         block_ids, pages = page_rows
-        ids = torch.from_numpy(np.ascontiguousarray(block_ids, dtype=np.int64))
-        rows = torch.from_numpy(np.ascontiguousarray(pages, dtype=np.int32))
-        if self.device.type != "cpu":
-            # Fresh pinned buffers: the caching host allocator keeps them until the copy ran.
-            ids = ids.pin_memory().to(self.device, non_blocking=True)
-            rows = rows.pin_memory().to(self.device, non_blocking=True)
+        n = len(block_ids)
+        if self.device.type == "cpu":
+            ids = torch.from_numpy(np.ascontiguousarray(block_ids, dtype=np.int64))
+            self.page_map.index_copy_(0, ids, torch.from_numpy(
+                np.ascontiguousarray(pages, dtype=np.int32)))
+            return
+        if n > len(self._staged_ids):
+            self._grow_staging(n)
+        # vLLM waits for the previous step's input copies before it updates the batch, so the
+        # pinned staging rows are free again here.
+        self._staged_ids_np[:n] = block_ids
+        self._staged_pages_np[:n] = pages
+        ids = self._device_ids[:n]
+        ids.copy_(self._staged_ids[:n], non_blocking=True)
+        rows = self._device_pages[:n]
+        rows.copy_(self._staged_pages[:n], non_blocking=True)
         self.page_map.index_copy_(0, ids, rows)
+
+    def _grow_staging(self, n: int) -> None:
+        size = max(256, 1 << (n - 1).bit_length())
+        self._staged_ids = torch.zeros(size, dtype=torch.int64, pin_memory=self.pin_memory)
+        self._staged_pages = torch.zeros((size, self.num_layers), dtype=torch.int32,
+                                         pin_memory=self.pin_memory)
+        self._staged_ids_np = self._staged_ids.numpy()
+        self._staged_pages_np = self._staged_pages.numpy()
+        self._device_ids = torch.zeros(size, dtype=torch.int64, device=self.device)
+        self._device_pages = torch.zeros((size, self.num_layers), dtype=torch.int32,
+                                         device=self.device)
 
     # Gap rows, in step with vLLM's persistent batch.
 

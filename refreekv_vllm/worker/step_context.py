@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from refreekv_vllm.config import RefreeKVConfig
@@ -56,10 +57,24 @@ class StepContext:
     request-major: one per request and layer)``; read back once the step has finished."""
     observe_scoring: Callable[[float], None] | None = None
     """Receives the host seconds one layer's scoring launch took."""
+    captured_queries: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Per layer, ``[n, Hq, D]``: the query rows of every capture, in ``captures`` order."""
+    captured_lse: dict[int, torch.Tensor | None] = field(default_factory=dict)
+    """Per layer, ``[n, Hq]`` softmax normalisers of the same rows, or None."""
+    _capture_index: torch.Tensor | None = None
 
     @property
     def active(self) -> bool:
         return bool(self.captures or self.scoring)
+
+    def capture_index(self, device: torch.device) -> torch.Tensor:
+        """This step's token indices of every capture's rows, concatenated (built once)."""
+        if self._capture_index is None:
+            host = torch.cat([torch.arange(c.token_indices.start, c.token_indices.stop)
+                              for c in self.captures])
+            self._capture_index = (host if device.type == "cpu"
+                                   else host.pin_memory().to(device, non_blocking=True))
+        return self._capture_index
 
     def cuts_by_request(self, values: list[int] | None) -> dict[str, dict[int, int]]:
         """request -> model layer -> cut, from ``values``: the step's cut tensors concatenated
@@ -79,50 +94,56 @@ class StepContext:
 
 @dataclass
 class _Window:
-    queries: torch.Tensor  # [window, Hq, D]
-    filled: torch.Tensor  # [window] bool
-    # [window, Hq] fp32, its rows filled along with the queries'; None once a chunk came
+    layers: tuple[int, ...]
+    queries: torch.Tensor  # [len(layers), window, Hq, D]
+    filled: np.ndarray  # [window] bool
+    # [len(layers), window, Hq] fp32, filled along with the queries; None once a chunk came
     # without normalisers.
     lse: torch.Tensor | None
 
 
 class WindowStore:
-    """Window queries per request and layer (and, where the prefill attention gave it, each
-    row's softmax normaliser), kept until the request's last prompt chunk ran (chunked prefill
-    can split the window over several steps)."""
+    """Window queries per request, every scored layer at once (and, where the prefill
+    attention gave it, each row's softmax normaliser), kept until the request's last prompt
+    chunk ran (chunked prefill can split the window over several steps)."""
 
     def __init__(self) -> None:
-        self._windows: dict[str, dict[int, _Window]] = {}
+        self._windows: dict[str, _Window] = {}
 
-    def put(self, capture: WindowCapture, layer: int, rows: torch.Tensor,
+    def put(self, capture: WindowCapture, layers: tuple[int, ...], rows: torch.Tensor,
             lse_rows: torch.Tensor | None = None) -> None:
-        per_layer = self._windows.setdefault(capture.req_id, {})
-        if layer not in per_layer:
-            per_layer[layer] = _Window(
-                rows.new_zeros((capture.window, *rows.shape[1:])),
-                torch.zeros(capture.window, dtype=torch.bool),
-                None if lse_rows is None else lse_rows.new_zeros((capture.window, rows.shape[1])))
-        window = per_layer[layer]
+        """``rows``: ``[len(layers), n, Hq, D]`` queries of ``capture``'s window slots;
+        ``lse_rows``: ``[len(layers), n, Hq]`` or None."""
+        window = self._windows.get(capture.req_id)
+        if window is None or window.layers != layers:
+            num_layers, _, *row_shape = rows.shape
+            window = self._windows[capture.req_id] = _Window(
+                layers, rows.new_zeros((num_layers, capture.window, *row_shape)),
+                np.zeros(capture.window, dtype=bool),
+                None if lse_rows is None
+                else lse_rows.new_zeros((num_layers, capture.window, row_shape[0])))
         slots = slice(capture.window_slots.start, capture.window_slots.stop)
-        window.queries[slots] = rows
+        window.queries[:, slots] = rows
         window.filled[slots] = True
         if lse_rows is None:
             window.lse = None  # some row came without one: the kernel finds them all itself
         elif window.lse is not None:
-            window.lse[slots] = lse_rows
+            window.lse[:, slots] = lse_rows
 
-    def get(self, req_id: str, layer: int) -> torch.Tensor | None:
-        """The whole window, or None if some of its tokens never ran (e.g. a prefix-cache hit
-        covered them): such a request is not scored."""
-        window = self._windows.get(req_id, {}).get(layer)
-        if window is None or not bool(window.filled.all()):
+    def get(self, req_id: str) -> tuple[tuple[int, ...], torch.Tensor] | None:
+        """The scored layers and ``[len(layers), window, Hq, D]`` queries of the whole window,
+        or None if some of its tokens never ran (e.g. a prefix-cache hit covered them): such a
+        request is not scored."""
+        window = self._windows.get(req_id)
+        if window is None or not window.filled.all():
             return None
-        return window.queries
+        return window.layers, window.queries
 
-    def get_lse(self, req_id: str, layer: int) -> torch.Tensor | None:
-        """``[window, Hq]`` normalisers of the whole window, or None if any row lacks one."""
-        window = self._windows.get(req_id, {}).get(layer)
-        if window is None or window.lse is None or not bool(window.filled.all()):
+    def get_lse(self, req_id: str) -> torch.Tensor | None:
+        """``[len(layers), window, Hq]`` normalisers of the whole window, or None if any row
+        lacks one."""
+        window = self._windows.get(req_id)
+        if window is None or window.lse is None or not window.filled.all():
             return None
         return window.lse
 

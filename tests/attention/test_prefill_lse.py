@@ -82,27 +82,33 @@ def _capture(slots: range) -> WindowCapture:
                          token_indices=range(len(slots)), window_slots=slots)
 
 
+LAYERS = (2, 5)
+
+
 def test_window_normalisers_follow_their_rows_over_chunks():
     store = WindowStore()
-    q_early, q_late = torch.randn(3, NUM_HEADS, 8), torch.randn(1, NUM_HEADS, 8)
-    lse_early, lse_late = torch.randn(3, NUM_HEADS), torch.randn(1, NUM_HEADS)
-    store.put(_capture(range(0, 3)), layer=5, rows=q_early, lse_rows=lse_early)
-    assert store.get_lse("r", 5) is None  # one row still missing
-    store.put(_capture(range(3, 4)), layer=5, rows=q_late, lse_rows=lse_late)
-    torch.testing.assert_close(store.get("r", 5), torch.cat([q_early, q_late]))
-    torch.testing.assert_close(store.get_lse("r", 5), torch.cat([lse_early, lse_late]))
-    assert store.get_lse("r", 6) is None
+    q_early, q_late = torch.randn(2, 3, NUM_HEADS, 8), torch.randn(2, 1, NUM_HEADS, 8)
+    lse_early, lse_late = torch.randn(2, 3, NUM_HEADS), torch.randn(2, 1, NUM_HEADS)
+    store.put(_capture(range(0, 3)), LAYERS, rows=q_early, lse_rows=lse_early)
+    assert store.get("r") is None and store.get_lse("r") is None  # one row still missing
+    store.put(_capture(range(3, 4)), LAYERS, rows=q_late, lse_rows=lse_late)
+    layers, queries = store.get("r")
+    assert layers == LAYERS
+    torch.testing.assert_close(queries, torch.cat([q_early, q_late], dim=1))
+    torch.testing.assert_close(store.get_lse("r"), torch.cat([lse_early, lse_late], dim=1))
+    assert store.get("other") is None
 
 
 def test_a_chunk_without_normalisers_drops_them_for_the_window():
     store = WindowStore()
-    store.put(_capture(range(0, 2)), layer=3, rows=torch.randn(2, NUM_HEADS, 8),
-              lse_rows=torch.randn(2, NUM_HEADS))
-    store.put(_capture(range(2, 4)), layer=3, rows=torch.randn(2, NUM_HEADS, 8), lse_rows=None)
-    assert store.get("r", 3) is not None
-    assert store.get_lse("r", 3) is None
+    store.put(_capture(range(0, 2)), LAYERS, rows=torch.randn(2, 2, NUM_HEADS, 8),
+              lse_rows=torch.randn(2, 2, NUM_HEADS))
+    store.put(_capture(range(2, 4)), LAYERS, rows=torch.randn(2, 2, NUM_HEADS, 8),
+              lse_rows=None)
+    assert store.get("r") is not None
+    assert store.get_lse("r") is None
     store.drop("r")
-    assert store.get("r", 3) is None
+    assert store.get("r") is None
 
 
 def test_normalisers_are_kept_only_for_plain_softmax_attention():

@@ -53,6 +53,8 @@ def _steps(with_lse_in_first_chunk: bool = True) -> StepContext:
     for layer in range(LAYER + 1):
         scoring.capture(first, layer, _query(1, 5),
                         _lse(1, 5) if with_lse_in_first_chunk else None)
+    scoring.end_of_forward(first, key_cache, layer_tables, 1.0, "triton")
+    assert recorded_nothing_yet(first)
     second = StepContext(
         config=config, kernel="triton",
         captures=[WindowCapture("a", 10, 4, token_indices=range(0, 2), window_slots=range(2, 4)),
@@ -60,8 +62,13 @@ def _steps(with_lse_in_first_chunk: bool = True) -> StepContext:
         scoring=[ScoringRow("a", 0, 10, 4, "mean", 0.01), ScoringRow("b", 1, 5, 2, "mean", 0.01)])
     for layer in range(LAYER + 1):
         scoring.capture(second, layer, _query(2, 7), _lse(2, 7))
-    scoring.score(second, key_cache, layer_tables, 1.0, "triton")
+    scoring.end_of_forward(second, key_cache, layer_tables, 1.0, "triton")
     return second
+
+
+def recorded_nothing_yet(step: StepContext) -> bool:
+    """A step without a finishing prompt files its rows and scores nothing."""
+    return not step.cuts and not step.captured_queries
 
 
 def test_window_rows_and_normalisers_reach_the_kernel_aligned(recorded):
