@@ -19,9 +19,11 @@ def register() -> None:
     check_vllm_version()
     from refreekv_vllm.core.kv_cache_layout import install_layout_hook
     from refreekv_vllm.entrypoints.validation import install_request_validation
+    from refreekv_vllm.metrics.prometheus import install_metrics_dir
 
     install_request_validation()
     install_layout_hook()
+    install_metrics_dir()
     _record_load()
     _registered = True
 

@@ -9,7 +9,6 @@ import importlib.metadata
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 
 from refreekv_vllm.offline import SCHEDULER_CLS, WORKER_CLS
@@ -130,10 +129,6 @@ def server_environment(env: Mapping[str, str]) -> dict[str, str]:
     """Environment the server needs, on top of the caller's."""
     # ReFreeKV hooks into vLLM's V1 model runner (the only one on CPU).
     updates = {"VLLM_USE_V2_MODEL_RUNNER": env.get("VLLM_USE_V2_MODEL_RUNNER", "0")}
-    # Pruning counters live in the engine core and workers: every process writes them here and
-    # /metrics sums them. It must be set before any process imports prometheus_client.
-    if "PROMETHEUS_MULTIPROC_DIR" not in env:
-        updates["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="refreekv-metrics-")
     # Endpoint plugins load only when allow-listed, and the list then applies to every plugin
     # group: name all installed general plugins too so none is dropped.
     allowed = [p for p in env.get("VLLM_PLUGINS", "").split(",") if p]

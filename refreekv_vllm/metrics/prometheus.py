@@ -1,16 +1,29 @@
 """The plugin's Prometheus metrics: the only place that creates ``refreekv:*`` collectors.
 
-They are updated where pruning happens (engine core and workers). ``refreekv-serve`` sets
-``PROMETHEUS_MULTIPROC_DIR`` before vLLM starts, so every process writes its values there and the
-API server's ``/metrics`` (vLLM builds a ``MultiProcessCollector`` registry when the variable is
-set) serves their sum. The prefix is ours: vLLM deletes every ``vllm:`` collector at startup.
+They are updated where pruning happens (engine core and workers), in other processes than the
+API server that serves ``/metrics``. Only these values travel through files, in Prometheus'
+multiprocess format: vLLM's own metrics stay in the API server's memory (setting
+``PROMETHEUS_MULTIPROC_DIR`` for everything would put a file write behind each of vLLM's
+per-token observations and make every scrape read all of them). ``install_metrics_dir`` (the
+general plugin, in every process) picks the directory — vLLM's multiprocess one when the user
+set it, else a fresh one that the engine processes inherit — and adds its reader to the registry
+that ``/metrics`` serves. The prefix is ours: vLLM deletes every ``vllm:`` collector at startup.
 """
 
+import contextlib
 import functools
+import os
+import tempfile
+import threading
+from collections.abc import Iterator
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, values
+from prometheus_client.mmap_dict import MmapedDict, mmap_key
+from prometheus_client.multiprocess import MultiProcessCollector
 
 PREFIX = "refreekv:"
+METRICS_DIR_ENV = "REFREEKV_METRICS_DIR"
+VLLM_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 BUDGET_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 SCORING_BUCKETS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)
 
@@ -20,6 +33,11 @@ class SchedulerMetrics:
 
     def __init__(self, model_name: str, threshold: float, window: int, num_layers: int,
                  skip_reasons: list[str]) -> None:
+        with _file_backed_values():
+            self._create(model_name, threshold, window, num_layers, skip_reasons)
+
+    def _create(self, model_name: str, threshold: float, window: int, num_layers: int,
+                skip_reasons: list[str]) -> None:
         m = _collectors()
         self.requests_pruned = m["requests_pruned"].labels(model_name)
         self._skipped = m["requests_skipped"]
@@ -53,54 +71,145 @@ class WorkerMetrics:
     """Updated by the worker: how long scoring took."""
 
     def __init__(self, model_name: str) -> None:
-        self.scoring_seconds = _collectors()["scoring_seconds"].labels(model_name)
+        with _file_backed_values():
+            self.scoring_seconds = _collectors()["scoring_seconds"].labels(model_name)
+
+
+def install_metrics_dir() -> None:
+    """Once per process: make sure the engine processes have a directory to write to and that
+    this process's ``/metrics`` registry reads it."""
+    if os.environ.get(VLLM_MULTIPROC_ENV):
+        return  # vLLM's own registry reads every process's files already
+    path = os.environ.get(METRICS_DIR_ENV)
+    if not path:
+        # Processes started from here (the engine core, workers) inherit it.
+        path = os.environ[METRICS_DIR_ENV] = tempfile.mkdtemp(prefix="refreekv-metrics-")
+    _add_reader(path)
+
+
+@functools.cache
+def _add_reader(path: str) -> None:
+    os.makedirs(path, exist_ok=True)
+    MultiProcessCollector(REGISTRY, path=path)
+
+
+def _values_dir() -> str | None:
+    return os.environ.get(VLLM_MULTIPROC_ENV) or os.environ.get(METRICS_DIR_ENV)
+
+
+@contextlib.contextmanager
+def _file_backed_values() -> Iterator[None]:
+    """Metric children created inside keep their values in this process's files of the
+    metrics directory (in-memory values if there is none: nothing would read them)."""
+    path = _values_dir()
+    if path is None or os.environ.get(VLLM_MULTIPROC_ENV):
+        yield  # prometheus_client's own multiprocess values already, or no directory
+        return
+    original = values.ValueClass
+    values.ValueClass = functools.partial(_FileValue, path)
+    try:
+        yield
+    finally:
+        values.ValueClass = original
+
+
+class _FileValue:
+    """One metric value, written through to ``<dir>/<type>_<pid>.db`` in the format
+    ``prometheus_client``'s ``MultiProcessCollector`` reads."""
+
+    _multiprocess = True
+    _files: dict[tuple[str, int], MmapedDict] = {}
+    _lock = threading.Lock()
+
+    def __init__(self, path: str, typ: str, metric_name: str, name: str, labelnames: list[str],
+                 labelvalues: list[str], help_text: str, multiprocess_mode: str = "",
+                 **kwargs: object) -> None:
+        self._path = path
+        self._prefix = f"{typ}_{multiprocess_mode}" if typ == "gauge" else typ
+        self._key = mmap_key(metric_name, name, labelnames, labelvalues, help_text)
+        self._value = 0.0
+        self._timestamp = 0.0
+        self._write()
+
+    def _write(self) -> None:
+        with self._lock:
+            key = (self._prefix, os.getpid())
+            file = self._files.get(key)
+            if file is None:
+                file = self._files[key] = MmapedDict(
+                    os.path.join(self._path, f"{self._prefix}_{key[1]}.db"))
+            file.write_value(self._key, self._value, self._timestamp)
+
+    def inc(self, amount: float) -> None:
+        self._value += amount
+        self._write()
+
+    def set(self, value: float, timestamp: float | None = None) -> None:
+        self._value = value
+        self._timestamp = timestamp or 0.0
+        self._write()
+
+    def set_exemplar(self, exemplar: object) -> None:
+        return None
+
+    def get(self) -> float:
+        return self._value
+
+    def get_exemplar(self) -> None:
+        return None
 
 
 @functools.cache
 def _collectors() -> dict:
+    # Outside any registry: /metrics reads the values from the files (an in-process registry
+    # entry would repeat them in a process that serves /metrics itself).
+    registry = None if _values_dir() else REGISTRY
     model = ["model_name"]
     return {
         "requests_pruned": Counter(
             PREFIX + "requests_pruned", "Requests whose KV blocks were released after prefill.",
-            model),
+            model, registry=registry),
         "requests_skipped": Counter(
             PREFIX + "requests_skipped",
             "Requests left unpruned after scoring or by their settings, by reason.",
-            [*model, "reason"]),
+            [*model, "reason"], registry=registry),
         "blocks_released": Counter(
             PREFIX + "kv_blocks_released",
             "KV blocks (one layer x block_size tokens) whose reference this plugin dropped.",
-            model),
+            model, registry=registry),
         "blocks_freed": Counter(
             PREFIX + "kv_blocks_freed",
-            "Released KV blocks that went back to the free pool (no other holder).", model),
+            "Released KV blocks that went back to the free pool (no other holder).", model,
+            registry=registry),
         "tokens_pruned": Counter(
             PREFIX + "tokens_pruned",
-            "Prompt tokens dropped, summed over layers (token-level, the paper's count).", model),
+            "Prompt tokens dropped, summed over layers (token-level, the paper's count).", model,
+            registry=registry),
         "bytes_freed": Counter(
-            PREFIX + "kv_bytes_freed", "Bytes of KV cache returned to the free pool.", model),
+            PREFIX + "kv_bytes_freed", "Bytes of KV cache returned to the free pool.", model,
+            registry=registry),
         "block_budget": Histogram(
             PREFIX + "request_block_budget",
             "Per pruned request: fraction of its prompt KV blocks still resident.", model,
-            buckets=BUDGET_BUCKETS),
+            buckets=BUDGET_BUCKETS, registry=registry),
         "paper_budget": Histogram(
             PREFIX + "request_paper_budget",
             "Per pruned request: the paper's budget (mean kept token fraction over layers).",
-            model, buckets=BUDGET_BUCKETS),
+            model, buckets=BUDGET_BUCKETS, registry=registry),
         "layer_prompt_tokens": Counter(
             PREFIX + "layer_prompt_tokens", "Prompt tokens scored, per layer.",
-            [*model, "layer"]),
+            [*model, "layer"], registry=registry),
         "layer_kept_tokens": Counter(
             PREFIX + "layer_kept_tokens", "Prompt tokens kept after the cut, per layer.",
-            [*model, "layer"]),
+            [*model, "layer"], registry=registry),
         "scoring_seconds": Histogram(
             PREFIX + "scoring_seconds",
-            "Host time to launch the scoring of every layer of a step's finishing prompts.", model,
-            buckets=SCORING_BUCKETS),
+            "Host time to launch the scoring of every layer of a step's finishing prompts.",
+            model, buckets=SCORING_BUCKETS, registry=registry),
         "threshold": Gauge(
             PREFIX + "threshold", "Server-wide threshold T in effect.", model,
-            multiprocess_mode="mostrecent"),
+            multiprocess_mode="mostrecent", registry=registry),
         "window": Gauge(
             PREFIX + "window", "Server-wide observation window w in effect.", model,
-            multiprocess_mode="mostrecent"),
+            multiprocess_mode="mostrecent", registry=registry),
     }

@@ -13,12 +13,11 @@ def test_routes_are_guarded_by_the_api_key():
     assert all(path.startswith(GUARDED_PREFIX) for path in paths)
 
 
-def test_server_environment_keeps_other_plugins_and_metrics_dir(tmp_path):
+def test_server_environment_keeps_other_plugins_and_vllms_metrics_in_memory():
     env = server_environment({})
     allowed = env["VLLM_PLUGINS"].split(",")
     assert {"refreekv", "refreekv_endpoints", "lora_filesystem_resolver"} <= set(allowed)
     assert env["VLLM_USE_V2_MODEL_RUNNER"] == "0"
-    assert env["PROMETHEUS_MULTIPROC_DIR"]
-    user = server_environment({"VLLM_PLUGINS": "other", "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)})
+    assert "PROMETHEUS_MULTIPROC_DIR" not in env
+    user = server_environment({"VLLM_PLUGINS": "other"})
     assert user["VLLM_PLUGINS"].split(",") == ["other", "refreekv", "refreekv_endpoints"]
-    assert "PROMETHEUS_MULTIPROC_DIR" not in user
