@@ -1,4 +1,5 @@
-"""Environment knobs, all read lazily. They switch on diagnostics only, never behaviour.
+"""Environment knobs, all read lazily. They turn on diagnostics or place files; none changes
+pruning.
 
 ``REFREEKV_`` is our prefix: vLLM warns about unknown ``VLLM_*`` variables.
 """
@@ -11,6 +12,9 @@ ENV_VARS = {
     "REFREEKV_PLUGIN_TRACE_DIR": lambda: os.environ.get("REFREEKV_PLUGIN_TRACE_DIR") or None,
     # Converted models are cached here (default ~/.cache/refreekv_vllm).
     "REFREEKV_CACHE_DIR": lambda: os.environ.get("REFREEKV_CACHE_DIR") or None,
+    # Where the engine processes leave ReFreeKV's metric values for the API server's /metrics
+    # (set by the plugin in the first process that loads it; children inherit it).
+    "REFREEKV_METRICS_DIR": lambda: os.environ.get("REFREEKV_METRICS_DIR") or None,
     # "1": assert the block accounting invariants each time gap blocks are released (never
     # released twice, reference counts never negative, null_block never released).
     "REFREEKV_DEBUG_ACCOUNTING": lambda: os.environ.get("REFREEKV_DEBUG_ACCOUNTING") == "1",
