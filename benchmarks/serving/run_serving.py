@@ -332,7 +332,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "wall_s": round(time.time() - started, 1),
         "summary": summarise(models, "default"),
         "summary_t0": summarise(models, "t0"),
-        **({"summary_plain_v1": summarise(models, "plain_v1")} if args.plain_v1 else {}),
+        **({"summary_plain_v1": summarise(models, "plain_v1")}
+           if any(key.endswith("/plain_v1") for model in models.values()
+                  for key in model["runs"]) else {}),
         "models": models,
     }
     stem = f"serving_{'gpu' if args.device == 'cuda' else 'cpu'}"
