@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -170,12 +171,18 @@ PLAIN_RUNNER_NOTE = ("plain vLLM runs with its defaults (on GPUs the V2 model ru
 
 def bench_model(setup: ModelSetup, work_dir: Path, datasets: dict[str, Path], *,
                 sequential_start: bool, plain_v1: bool = False,
-                only_engines: list[str] | None = None) -> dict[str, Any]:
+                only_engines: list[str] | None = None, rounds: int = 1,
+                warm_up: bool = True) -> dict[str, Any]:
+    """Every workload against every engine variant, ``rounds`` times; each round starts with
+    another variant so that no engine always runs first (or last) on a machine whose speed
+    drifts. Reported per (workload, variant): the median of each number over the rounds."""
     engines = {**ENGINES, **({"plain_v1": PLAIN_V1} if plain_v1 else {})}
     if only_engines:
         engines = {name: engines[name] for name in only_engines}
+    variants = [(engine, variant, xargs) for engine, (_, _, per_engine) in engines.items()
+                for variant, xargs in per_engine]
     servers: dict[str, RunningServer] = {}
-    results: dict[str, dict[str, Any]] = {}
+    measured: dict[str, list[dict[str, Any]]] = {}
     try:
         for engine, (command, env, _) in engines.items():
             log = work_dir / f"{setup.model_dir.name}-{engine}.log"
@@ -185,25 +192,54 @@ def bench_model(setup: ModelSetup, work_dir: Path, datasets: dict[str, Path], *,
                 wait_healthy(servers[engine])
         for server in servers.values():
             wait_healthy(server)
-        for run in setup.runs:
-            for engine, (_, _, variants) in engines.items():
-                for variant, xargs in variants:
+        for engine, server in servers.items() if warm_up else ():
+            # First requests pay one-off costs (lazy kernel builds, allocator growth).
+            print(f"[serving] {setup.name}: warm-up of {engine}", flush=True)
+            first = setup.runs[0]
+            run_workload(server, setup, first, datasets[first.workload.name], None)
+        for round_index in range(rounds):
+            order = variants[round_index % len(variants):] + variants[:round_index % len(variants)]
+            for run in setup.runs:
+                for engine, variant, xargs in order:
                     key = f"{run.workload.name}/{variant}"
-                    print(f"[serving] {setup.name}: {key}", flush=True)
-                    results[key] = run_workload(servers[engine], setup, run,
-                                                datasets[run.workload.name], xargs)
-                    print(f"[serving]   {json.dumps(results[key])}", flush=True)
+                    print(f"[serving] {setup.name}: {key} (round {round_index + 1})", flush=True)
+                    result = run_workload(servers[engine], setup, run,
+                                          datasets[run.workload.name], xargs)
+                    measured.setdefault(key, []).append(result)
+                    print(f"[serving]   {json.dumps(result)}", flush=True)
+        results: dict[str, dict[str, Any]] = {key: median_run(runs)
+                                              for key, runs in measured.items()}
         for engine, server in servers.items():
             results[f"health/{engine}"] = {"healthy": server.get("/health") is not None}
     finally:
         for server in servers.values():
             server.stop()
     return {"model": setup.name, "dummy_weights": setup.dummy_weights,
-            "server_flags": setup.server_flags, **setup.extra,
+            "server_flags": setup.server_flags, **setup.extra, "rounds": rounds,
             "workloads": {run.workload.name: {**asdict(run.workload),
                                               "max_concurrency": run.max_concurrency}
                           for run in setup.runs},
             "runs": results}
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One run's numbers as the median over rounds (peaks as the largest; counts summed)."""
+    merged: dict[str, Any] = {}
+    for name, value in runs[0].items():
+        values = [run[name] for run in runs]
+        if name in ("completed", "failed", "preemptions", "requests_pruned"):
+            merged[name] = sum(values)
+        elif name.startswith("peak_"):
+            merged[name] = max(values)
+        elif name == "errors":
+            merged[name] = sorted({e for run in runs for e in run[name]})[:5]
+        elif all(isinstance(v, (int, float)) for v in values):
+            merged[name] = statistics.median(values)
+        else:
+            merged[name] = value
+    if len(runs) > 1:
+        merged["rounds"] = runs
+    return merged
 
 
 def ratio(runs: dict[str, Any], workload: str, variant: str, metric: str) -> float | None:
@@ -277,6 +313,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--engines", default=None,
                         help="comma list of plain,refreekv,plain_v1 to start (default: all; "
                              "for diagnosis, ratios need plain)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="times every workload runs on every engine, each round in another "
+                             "engine order; medians are reported (default: 2 on cuda, 1 on cpu)")
     parser.add_argument("--reuse", action="store_true",
                         help="reuse datasets and per-model results already in --work-dir "
                              "(a run split over several invocations)")
@@ -315,7 +354,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         models[key] = bench_model(setup, work_dir, datasets,
                                   sequential_start=args.sequential_start or cpu,
                                   plain_v1=args.plain_v1 or "plain_v1" in (args.engines or ""),
-                                  only_engines=args.engines.split(",") if args.engines else None)
+                                  only_engines=args.engines.split(",") if args.engines else None,
+                                  rounds=args.rounds or (1 if cpu else 2), warm_up=not cpu)
         saved.write_text(json.dumps(models[key]))
     if args.prepare_only:
         return {}

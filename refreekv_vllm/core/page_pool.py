@@ -47,13 +47,10 @@ class PagePool:
         for layer in range(num_layers):
             self._free[layer, :self._top[layer]] = np.arange(starts[layer + 1] - 1,
                                                              starts[layer] - 1, -1)
-        self._num_free = num_pages - 1
+        self.num_free_pages = num_pages - 1
+        self._layers = np.arange(num_layers)
         # Rows (re)assigned since the last take_updates(): block id -> its pages then.
         self._updated: dict[int, None] = {}
-
-    @property
-    def num_free_pages(self) -> int:
-        return self._num_free
 
     @property
     def num_usable_pages(self) -> int:
@@ -74,19 +71,23 @@ class PagePool:
         if not block_ids:
             return
         n = len(block_ids)
-        if n * self.num_layers > self._num_free:
+        if n * self.num_layers > self.num_free_pages:
             raise RuntimeError(f"page pool exhausted: {n} blocks need {n * self.num_layers} "
-                               f"pages, {self._num_free} are free")
-        ids = np.asarray(block_ids, dtype=np.int64)
+                               f"pages, {self.num_free_pages} are free")
+        ids = block_ids[0] if n == 1 else np.asarray(block_ids, dtype=np.int64)
         assert (self.pages[ids] == NO_PAGE).all(), f"blocks {block_ids} already hold pages"
-        if (self._top >= n).all():  # every layer from its own region
-            picks = self._top[:, None] - 1 - np.arange(n)
-            self.pages[ids] = self._free[np.arange(self.num_layers)[:, None], picks].T
-            self._top -= n
+        if self._top.min() >= n:  # every layer from its own region
+            if n == 1:  # the common case: one request's next block
+                self._top -= 1
+                self.pages[ids] = self._free[self._layers, self._top]
+            else:
+                picks = self._top[:, None] - 1 - np.arange(n)
+                self.pages[ids] = self._free[self._layers[:, None], picks].T
+                self._top -= n
         else:
             for layer in range(self.num_layers):
                 self.pages[ids, layer] = self._take(layer, n)
-        self._num_free -= n * self.num_layers
+        self.num_free_pages -= n * self.num_layers
         self._updated.update(dict.fromkeys(block_ids))
 
     def _take(self, home: int, n: int) -> np.ndarray:
@@ -167,4 +168,4 @@ class PagePool:
         rank = np.arange(len(pages)) - (np.cumsum(counts) - counts)[regions]
         self._free[regions, self._top[regions] + rank] = pages
         self._top += counts
-        self._num_free += len(pages)
+        self.num_free_pages += len(pages)

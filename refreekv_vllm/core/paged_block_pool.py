@@ -110,11 +110,12 @@ class PagedBlockPool(BlockPool):
         self.page_pool.release_blocks(released)
 
     def get_num_free_blocks(self) -> int:
+        # vLLM asks once per scheduled request and step: attribute reads only.
         num_free = self.free_block_queue.num_free_blocks
         if self._count_blocks_only:
             return num_free
-        pages = self.page_pool.num_free_pages + self.num_layers * len(self._holding)
-        return min(num_free, pages // self.num_layers)
+        pool = self.page_pool
+        return min(num_free, pool.num_free_pages // pool.num_layers + len(self._holding))
 
     def get_usage(self) -> float:
         free = self.page_pool.num_free_pages + self.num_layers * len(self._holding)
