@@ -7,11 +7,13 @@ allow-lists it). Both live under ``/v1``, so vLLM's ``--api-key`` guards them.
   workers (``collective_rpc``). The id is the one the completion response carries.
 """
 
+import re
 from argparse import Namespace
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, HTTPException, Request
 
+from refreekv_vllm.entrypoints.validation import RequestBodyValidation, server_config
 from refreekv_vllm.metrics.prometheus import PREFIX
 
 router = APIRouter()
@@ -45,14 +47,44 @@ async def refreekv_request(request_id: str, raw_request: Request) -> dict[str, A
     if engine_client is None:
         raise HTTPException(503, "no engine")
     per_worker = await engine_client.collective_rpc("refreekv_request_records")
+    # Oldest first, so that a later request reusing an id wins.
+    found: dict[tuple[int, int], dict[str, Any]] = {}
     for records in per_worker:
-        for record in reversed(records):
-            # vLLM's engine ids extend the response id with a suffix.
-            if record["request_id"] == request_id or record["request_id"].startswith(
-                    request_id + "-"):
-                return record
-    raise HTTPException(404, f"no ReFreeKV record for request {request_id!r} (unpruned, "
-                             "still in prefill, or older than the last records)")
+        for record in records:
+            key = record_key(record["request_id"], request_id)
+            if key is not None:
+                found[key] = record
+    if not found:
+        raise HTTPException(404, f"no ReFreeKV record for request {request_id!r} (unpruned, "
+                                 "still in prefill, or older than the last records)")
+    if len(found) == 1:
+        (record,) = found.values()
+        return record
+    # Several prompts or samples (n > 1) behind one response: one record each that was pruned.
+    return {"request_id": request_id, "records": [found[key] for key in sorted(found)]}
+
+
+_ENGINE_SUFFIX = re.compile(r"-[0-9a-f]{8}$")
+_SAMPLE_PREFIX = re.compile(r"^(\d+)_")
+
+
+def record_key(engine_id: str, response_id: str) -> tuple[int, int] | None:
+    """``(prompt index, sample index)`` of an engine request behind ``response_id``, or None if
+    it belongs to another response. vLLM's engine ids extend the response id with the prompt's
+    index in a completions batch (``-<i>``, completions only) and ``-`` plus 8 hex digits, and
+    prefix ``<j>_`` to each of the ``n > 1`` samples; a prefix of an id matches nothing."""
+    candidates = [(engine_id, -1)]
+    sample = _SAMPLE_PREFIX.match(engine_id)
+    if sample is not None:
+        candidates.append((engine_id[sample.end():], int(sample.group(1))))
+    for rest, sample_index in candidates:
+        for base in (rest, _ENGINE_SUFFIX.sub("", rest)):
+            if base == response_id:
+                return -1, sample_index
+            prompt = base[len(response_id) + 1:]
+            if base.startswith(response_id + "-") and prompt.isdigit():
+                return int(prompt), sample_index
+    return None
 
 
 class RefreeKVEndpoints:
@@ -61,6 +93,8 @@ class RefreeKVEndpoints:
 
     def attach_router(self, app: FastAPI) -> None:
         app.include_router(router)
+        app.add_middleware(RequestBodyValidation)
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         state.refreekv_engine_client = engine_client
+        state.refreekv_config = server_config(args)

@@ -201,6 +201,37 @@ class RefreeKVModelRunnerMixin:
                                            window_agg=settings.window_agg,
                                            threshold=settings.threshold))
 
+    # Seeded requests in chunked prefill on CPUs: vLLM rewinds the generator of a request whose
+    # sampled token is discarded (a prompt chunk that is not the last) by moving its Philox
+    # offset, which CPU generators do not have (vLLM 0.26 raises "CPU Generator does not use
+    # offset" and the engine dies). Here their state is saved before sampling and restored
+    # after it, which is that rewind, and vLLM's own rewind skips them.
+
+    def _sample(self, *args: Any, **kwargs: Any):  # noqa: ANN202
+        saved = [(gen, gen.get_state()) for gen in self._discarded_cpu_generators().values()]
+        output = super()._sample(*args, **kwargs)
+        for gen, state in saved:
+            gen.set_state(state)
+        return output
+
+    def _bookkeeping_sync(self, *args: Any, **kwargs: Any):  # noqa: ANN202
+        hidden = self._discarded_cpu_generators()
+        generators = self.input_batch.generators
+        for row in hidden:
+            del generators[row]
+        try:
+            return super()._bookkeeping_sync(*args, **kwargs)
+        finally:
+            generators.update(hidden)
+
+    def _discarded_cpu_generators(self) -> dict[int, torch.Generator]:
+        generators = self.input_batch.generators
+        if not generators:
+            return {}
+        rows = np.flatnonzero(self.discard_request_mask.np[:self.input_batch.num_reqs])
+        return {row: generators[row] for row in rows.tolist()
+                if row in generators and generators[row].device.type == "cpu"}
+
     def sample_tokens(self, grammar_output: Any):  # noqa: ANN201
         output = super().sample_tokens(grammar_output)
         step = self._refreekv_step

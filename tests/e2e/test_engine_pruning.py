@@ -120,3 +120,21 @@ def test_mean_window_aggregation_is_selectable_per_request(refreekv_llm):
     assert all(max(layer_cuts) > 4 for layer_cuts in cuts.values())
     assert cuts["mean"] != cuts["max"]
     assert free_blocks(refreekv_llm) == start
+
+
+def test_a_seeded_prompt_prefilled_in_chunks_samples_and_repeats(refreekv_llm):
+    """vLLM 0.26's CPU worker raised "CPU Generator does not use offset" and the engine died
+    when a seeded request's prompt took more than one step; the runner now rewinds CPU
+    generators itself. Same seed, same chunks (no prefix hit: distinct cache salts), same
+    sample."""
+    from vllm import SamplingParams
+
+    prompt = passkey_prompt(90, 0.5, 31337)
+    assert len(refreekv_llm.get_tokenizer().encode(prompt)) > 1024  # > one step's tokens
+    params = SamplingParams(temperature=1.0, seed=1234, max_tokens=8, ignore_eos=True)
+    samples = [token_ids(refreekv_llm.generate({"prompt": prompt, "cache_salt": salt}, params))
+               for salt in ("first", "second")]
+    assert samples[0] == samples[1] and len(samples[0][0]) == 8
+    other = SamplingParams(temperature=1.0, seed=4321, max_tokens=8, ignore_eos=True)
+    assert token_ids(refreekv_llm.generate({"prompt": prompt, "cache_salt": "third"},
+                                           other)) != samples[0]

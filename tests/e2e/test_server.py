@@ -67,10 +67,13 @@ BAD_XARGS = [
     ({"refreekv_policy": "fixed", "refreekv_budget": 0}, "refreekv_budget"),
     ({"refreekv_window_agg": "sum"}, "refreekv_window_agg"),
     ({"refreekv_windw": 8}, "refreekv_windw"),
+    # JSON booleans are not numbers (vLLM's request model would make true a 1).
+    ({"refreekv_window": True}, "refreekv_window"),
+    ({"refreekv_threshold": False}, "refreekv_threshold"),
 ]
 
 
-def post_status(url: str, body: dict) -> tuple[int, str]:
+def post_status(url: str, body: dict | list) -> tuple[int, str]:
     request = urllib.request.Request(url, data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
     try:
@@ -86,6 +89,27 @@ def test_bad_request_parameters_get_http_400(default_server, xargs, field):
         "model": DEFAULT_MODEL_NAME, "prompt": "Hello", "max_tokens": 2, "vllm_xargs": xargs})
     assert status == 400, body
     assert field in body
+
+
+@pytest.mark.parametrize("endpoint", ["/v1/completions", "/v1/chat/completions"])
+def test_bad_parameters_of_a_stream_get_http_400_before_it_starts(default_server, endpoint):
+    log_before = default_server.log()
+    prompt = ({"prompt": "Hello"} if endpoint == "/v1/completions"
+              else {"messages": [{"role": "user", "content": "Hello"}]})
+    status, body = post_status(default_server.base_url + endpoint, {
+        "model": DEFAULT_MODEL_NAME, **prompt, "max_tokens": 2, "stream": True,
+        "vllm_xargs": {"refreekv_window": 0}})
+    assert status == 400, body
+    assert "refreekv_window" in json.loads(body)["error"]["message"]
+    new_lines = default_server.log()[len(log_before):]
+    assert "Traceback" not in new_lines and " ERROR " not in new_lines, new_lines
+
+
+def test_a_json_array_body_gets_http_400(default_server):
+    status, body = post_status(default_server.base_url + "/v1/completions", [
+        {"model": DEFAULT_MODEL_NAME, "prompt": "Hello", "max_tokens": 2}])
+    assert status == 400, body
+    assert "JSON object" in body
 
 
 def test_server_keeps_serving_after_bad_requests(default_server):
@@ -137,6 +161,10 @@ def test_metrics_and_stats_count_what_the_engine_did(default_server):
     assert record["blocks_skipped"] > 0 and 0 < record["block_budget"] < 1
     status, _ = get_json(url + "/v1/refreekv/requests/" + json.loads(opted_out)["id"])
     assert status == 404
+    pruned_id = json.loads(pruned)["id"]
+    for prefix in (pruned_id[:-2], pruned_id.split("-")[0]):  # never another request's record
+        status, _ = get_json(url + "/v1/refreekv/requests/" + prefix)
+        assert status == 404, prefix
 
     def delta(name: str) -> float:
         return after.get(name, 0.0) - before.get(name, 0.0)
@@ -153,3 +181,18 @@ def test_metrics_and_stats_count_what_the_engine_did(default_server):
     assert status == 200
     assert stats["requests_pruned_total"] == after["refreekv:requests_pruned_total"]
     assert stats["kv_bytes_freed_total"] == after["refreekv:kv_bytes_freed_total"]
+
+
+def test_one_id_finds_every_sample_of_n_greater_than_one(default_server):
+    from refreekv_vllm.workloads import passkey_prompt
+
+    url = default_server.base_url
+    status, body = post_status(url + "/v1/completions", {
+        "model": DEFAULT_MODEL_NAME, "prompt": passkey_prompt(50, 0.4, 55501), "max_tokens": 2,
+        "n": 2, "temperature": 1.0, "seed": 3})
+    assert status == 200, body
+    status, found = get_json(url + "/v1/refreekv/requests/" + json.loads(body)["id"])
+    assert status == 200, found
+    assert found["request_id"] == json.loads(body)["id"]
+    assert len(found["records"]) == 2
+    assert all(record["blocks_skipped"] > 0 for record in found["records"])
