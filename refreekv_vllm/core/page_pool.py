@@ -105,11 +105,7 @@ class PagePool:
 
     def release(self, block_id: int) -> int:
         """Return every page the block still holds; returns how many."""
-        row = self.pages[block_id]
-        held = row[row != NO_PAGE]
-        self._push(held)
-        row[:] = NO_PAGE
-        return len(held)
+        return self.release_blocks([block_id])
 
     def release_blocks(self, block_ids: list[int]) -> int:
         """:meth:`release` for many blocks at once; returns how many pages went back."""
