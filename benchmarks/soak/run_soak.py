@@ -3,8 +3,9 @@
     python -m benchmarks.soak.run_soak --requests 1000 --out benchmarks/results
     python -m benchmarks.soak.run_soak --url http://HOST:PORT --model NAME --requests 200
 
-Without ``--url`` it starts ``refreekv-serve`` (SmolLM2, CPU-friendly flags) with a KV pool so
-small that running requests get preempted. Requests of every kind run concurrently in a seeded
+Without ``--url`` it starts ``refreekv-serve`` (SmolLM2, CPU-friendly flags) with a small KV
+pool. A first wave of short prompts with long outputs outgrows it, so running requests get
+preempted whatever the arrival times; then requests of every kind run concurrently in a seeded
 order: the default rule, opted out, the paper's rule, the fixed-budget baseline, seeded
 sampling, repeated prompts (prefix-cache hits), streams read to the end, streams dropped by the
 client mid-decode, and bad parameters (which must get HTTP 400). Afterwards: no unexpected
@@ -47,12 +48,22 @@ SMOLLM2_FP32_TOKEN_BYTES = 30 * 2 * 3 * 64 * 4
 BLOCK_SIZE = 32  # refreekv-serve's default on CPUs
 
 
-def plan(num_requests: int, seed: int) -> list[dict[str, Any]]:
-    """The requests, in order: kind, prompt, output length, and what the server must answer."""
+def plan(num_requests: int, seed: int, pressure_requests: int = 0, pressure_tokens: int = 0
+         ) -> list[dict[str, Any]]:
+    """The requests, in order: kind, prompt, output length, and what the server must answer.
+
+    The first ``pressure_requests`` are short prompts with ``pressure_tokens`` outputs each
+    under the default rule: sent together, their decode growth alone outgrows a pool smaller
+    than their total, so running (pruned) requests get preempted however the arrivals fall.
+    """
     rng = random.Random(seed)
     sent: list[str] = []
     requests = []
-    for i in range(num_requests):
+    for _ in range(min(pressure_requests, num_requests)):
+        body = {"prompt": passkey_prompt(8, rng.random(), rng.randrange(10**4, 10**5)),
+                "max_tokens": pressure_tokens, "ignore_eos": True, "temperature": 0.0}
+        requests.append({"kind": "pressure", "body": body, "expect": 200})
+    for i in range(num_requests - len(requests)):
         kind = KINDS[i % len(KINDS)] if i < len(KINDS) else rng.choice(KINDS)
         if kind == "repeat" and sent:
             prompt = rng.choice(sent)
@@ -174,7 +185,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if model is None:
             raise SystemExit("--model is required with --url")
         before = parse_metrics(asyncio.run(get(url + "/metrics"))[1])
-        requests = plan(args.requests, args.seed)
+        # Decode growth of one wave is 1.5 pools: preemption cannot be avoided.
+        requests = plan(args.requests, args.seed, pressure_requests=args.concurrency,
+                        pressure_tokens=3 * args.kv_pool_tokens // (2 * args.concurrency))
         errors = asyncio.run(drive(url, model, requests, args.concurrency))
         after = settle(url)
         healthy = asyncio.run(get(url + "/health"))[0] == 200

@@ -12,6 +12,7 @@ that ``/metrics`` serves. The prefix is ours: vLLM deletes every ``vllm:`` colle
 
 import contextlib
 import functools
+import multiprocessing
 import os
 import tempfile
 import threading
@@ -23,6 +24,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 PREFIX = "refreekv:"
 METRICS_DIR_ENV = "REFREEKV_METRICS_DIR"
+METRICS_DIR_OWNER_ENV = "REFREEKV_METRICS_DIR_OWNER"
 VLLM_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 BUDGET_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 SCORING_BUCKETS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)
@@ -81,10 +83,20 @@ def install_metrics_dir() -> None:
     if os.environ.get(VLLM_MULTIPROC_ENV):
         return  # vLLM's own registry reads every process's files already
     path = os.environ.get(METRICS_DIR_ENV)
-    if not path:
+    if not path or _inherited_from_another_server():
         # Processes started from here (the engine core, workers) inherit it.
         path = os.environ[METRICS_DIR_ENV] = tempfile.mkdtemp(prefix="refreekv-metrics-")
+        os.environ[METRICS_DIR_OWNER_ENV] = str(os.getpid())
     _add_reader(path)
+
+
+def _inherited_from_another_server() -> bool:
+    """A directory this plugin made for some other top-level process (a server started from a
+    script or test that ran an engine itself): sharing it would add that process's values to
+    ours. Engine cores and workers are multiprocessing children and keep their server's."""
+    owner = os.environ.get(METRICS_DIR_OWNER_ENV)
+    return (owner is not None and owner != str(os.getpid())
+            and multiprocessing.parent_process() is None)
 
 
 @functools.cache

@@ -9,8 +9,8 @@ pytestmark = pytest.mark.e2e
 
 
 def test_short_soak_leaves_nothing_behind():
-    result = run_soak.main(["--requests", "45", "--kv-pool-tokens", "2304"])
-    assert result["requests"] == 45
+    result = run_soak.main(["--requests", "36", "--kv-pool-tokens", "2304"])
+    assert result["requests"] == 36
     assert result["unexpected_errors"] == 0, result["error_examples"]
     assert result["preemptions"] >= 1
     assert result["requests_pruned"] > 0

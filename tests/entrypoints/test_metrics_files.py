@@ -50,3 +50,31 @@ def test_engine_process_counters_reach_the_serving_registry(tmp_path):
         result = subprocess.run([sys.executable, str(script), method], env=env,
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stdout + result.stderr
+
+
+CHOOSE_DIR = textwrap.dedent("""
+    import os
+    from refreekv_vllm.metrics.prometheus import install_metrics_dir
+    install_metrics_dir()
+    print(os.environ["REFREEKV_METRICS_DIR"])
+""")
+
+
+def test_each_server_reads_only_its_own_metrics_directory(tmp_path):
+    """A server started from a process that made a directory for itself (a test session, a
+    script running ``vllm.LLM``) must not add that process's values to its own; a directory
+    the user chose is kept."""
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+
+    def chosen(**extra: str) -> str:
+        result = subprocess.run([sys.executable, "-c", CHOOSE_DIR], env={**env, **extra},
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip().splitlines()[-1]
+
+    made_by_another = str(tmp_path / "another")
+    assert chosen(REFREEKV_METRICS_DIR=made_by_another,
+                  REFREEKV_METRICS_DIR_OWNER=str(os.getpid())) != made_by_another
+    users = str(tmp_path / "users")
+    env.pop("REFREEKV_METRICS_DIR_OWNER", None)
+    assert chosen(REFREEKV_METRICS_DIR=users) == users
