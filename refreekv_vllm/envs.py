@@ -1,5 +1,5 @@
-"""Environment knobs, all read lazily. They turn on diagnostics or place files; none changes
-pruning.
+"""Environment knobs, all read lazily. They turn on diagnostics, place files or bind
+addresses; none changes pruning.
 
 ``REFREEKV_`` is our prefix: vLLM warns about unknown ``VLLM_*`` variables.
 """
@@ -18,6 +18,9 @@ ENV_VARS = {
     # "1": assert the block accounting invariants each time gap blocks are released (never
     # released twice, reference counts never negative, null_block never released).
     "REFREEKV_DEBUG_ACCOUNTING": lambda: os.environ.get("REFREEKV_DEBUG_ACCOUNTING") == "1",
+    # Address refreekv-serve binds when --host is not given (default loopback; the Docker
+    # image sets 0.0.0.0, as vLLM's own image binds all interfaces).
+    "REFREEKV_SERVE_HOST": lambda: os.environ.get("REFREEKV_SERVE_HOST") or "127.0.0.1",
 }
 
 

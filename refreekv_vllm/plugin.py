@@ -18,11 +18,13 @@ def register() -> None:
         return
     check_vllm_version()
     from refreekv_vllm.core.kv_cache_layout import install_layout_hook
+    from refreekv_vllm.entrypoints.engine_args import install_engine_defaults
     from refreekv_vllm.entrypoints.validation import install_request_validation
     from refreekv_vllm.metrics.prometheus import install_metrics_dir
 
     install_request_validation()
     install_layout_hook()
+    install_engine_defaults()
     install_metrics_dir()
     _record_load()
     _registered = True

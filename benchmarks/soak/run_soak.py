@@ -3,8 +3,10 @@
     python -m benchmarks.soak.run_soak --requests 1000 --out benchmarks/results
     python -m benchmarks.soak.run_soak --url http://HOST:PORT --model NAME --requests 200
 
-Without ``--url`` it starts ``refreekv-serve`` (SmolLM2, CPU-friendly flags) with a small KV
-pool. A first wave of short prompts with long outputs outgrows it, so running requests get
+Without ``--url`` it starts vLLM's own server as a user of plain ``vllm serve`` would
+(``python -m vllm.entrypoints.openai.api_server`` with ``--additional-config
+'{"refreekv": {}}'`` and the endpoint plugin allow-listed; SmolLM2, CPU-friendly flags) with a
+small KV pool. A first wave of short prompts with long outputs outgrows it, so running requests get
 preempted whatever the arrival times; then requests of every kind run concurrently in a seeded
 order: the default rule, opted out, the paper's rule, the fixed-budget baseline, seeded
 sampling, repeated prompts (prefix-cache hits), streams read to the end, streams dropped by the
@@ -31,7 +33,8 @@ from typing import Any
 
 import aiohttp
 
-from benchmarks.serving.server import REFREEKV_SERVER, launch, parse_metrics, wait_healthy
+from benchmarks.serving.server import launch, parse_metrics, wait_healthy
+from refreekv_vllm.entrypoints.serve import API_SERVER_MODULE, server_environment
 from refreekv_vllm.workloads import passkey_prompt
 
 KINDS = ("default", "opted_out", "paper_rule", "fixed_budget", "seeded", "repeat",
@@ -45,7 +48,7 @@ BAD_XARGS = [{"refreekv_window": 0}, {"refreekv_threshold": "high"}, {"refreekv_
              {"refreekv_budget": 0.5}, {"refreekv_policy": "h2o"}, {"refreekv_windw": 3}]
 # SmolLM2-135M in fp32: 30 layers x K,V x 3 KV heads x 64 dims x 4 bytes per token.
 SMOLLM2_FP32_TOKEN_BYTES = 30 * 2 * 3 * 64 * 4
-BLOCK_SIZE = 32  # refreekv-serve's default on CPUs
+BLOCK_SIZE = 32  # ReFreeKV's default on CPUs
 
 
 def plan(num_requests: int, seed: int, pressure_requests: int = 0, pressure_tokens: int = 0
@@ -172,15 +175,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.time()
     try:
         if url is None:
-            from refreekv_vllm.models import DEFAULT_MODEL_NAME
+            from refreekv_vllm.models import DEFAULT_MODEL_NAME, prepare_smollm2
 
             log_path = Path(tempfile.mkdtemp(prefix="refreekv-soak-")) / "server.log"
-            server = wait_healthy(launch([*REFREEKV_SERVER, "--dtype", "float32",
-                                          "--enforce-eager", "--max-model-len", "2048",
-                                          "--max-num-seqs", str(args.concurrency),
-                                          "--kv-cache-memory-bytes",
-                                          str(args.kv_pool_tokens * SMOLLM2_FP32_TOKEN_BYTES)],
-                                         log_path))
+            command = [sys.executable, "-m", API_SERVER_MODULE, "--model", str(prepare_smollm2()),
+                       "--served-model-name", DEFAULT_MODEL_NAME, "--host", "127.0.0.1",
+                       "--additional-config", '{"refreekv": {}}', "--dtype", "float32",
+                       "--enforce-eager", "--max-model-len", "2048",
+                       "--max-num-seqs", str(args.concurrency), "--kv-cache-memory-bytes",
+                       str(args.kv_pool_tokens * SMOLLM2_FP32_TOKEN_BYTES)]
+            server = wait_healthy(launch(command, log_path, server_environment(os.environ)))
             url, model = server.base_url, DEFAULT_MODEL_NAME
         if model is None:
             raise SystemExit("--model is required with --url")

@@ -4,8 +4,9 @@ vLLM's scheduler, KV cache manager and coordinator run unchanged over one KV cac
 block pool is a :class:`PagedBlockPool`, whose blocks hold one page per layer. A cut report
 releases, for every layer, that layer's pages of the blocks inside the request's gap.
 
-Use ``--scheduler-cls refreekv_vllm.core.scheduler.make_scheduler``; the factory picks the sync or
-async variant the way vLLM's ``SchedulerConfig.get_scheduler_cls`` would.
+``--scheduler-cls refreekv_vllm.core.scheduler.make_scheduler`` (set by the plugin for a
+``refreekv`` section in ``--additional-config``); the factory picks the sync or async variant
+the way vLLM's ``SchedulerConfig.get_scheduler_cls`` would.
 """
 
 from __future__ import annotations

@@ -76,7 +76,7 @@ def _kv_cache_problems(kv_cache_config: KVCacheConfig) -> list[str]:
         problems.append("the model attends non-causally")
     if not is_paged_layout(kv_cache_config):
         problems.append(
-            "the KV cache is not laid out in per-layer pages: the engine must run the refreekv "
-            "worker (--worker-cls refreekv_vllm.worker.worker.RefreeKVWorker) with refreekv "
-            "enabled in --additional-config")
+            "the KV cache is not laid out in per-layer pages: start the engine with a refreekv "
+            "section in --additional-config (it sets the worker and scheduler) rather than "
+            "naming the scheduler class alone")
     return problems

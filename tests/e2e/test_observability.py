@@ -31,7 +31,7 @@ def exported_names(base_url: str) -> set[str]:
 
 
 def test_every_dashboard_query_names_an_exported_metric(default_server):
-    dashboard = json.loads((DEPLOY / "grafana" / "refreekv.json").read_text())
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "refreekv.json").read_text())
     exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
     assert exprs
     exported = exported_names(default_server.base_url)
@@ -51,9 +51,9 @@ def prometheus_server(default_server, tmp_path):
     target = urllib.parse.urlparse(default_server.base_url).netloc
     config = tmp_path / "prometheus.yml"
     config.write_text(
-        (DEPLOY / "prometheus.yml").read_text()
+        (DEPLOY / "prometheus" / "prometheus.yml").read_text()
         .replace("scrape_interval: 15s", "scrape_interval: 1s")
-        .replace('"127.0.0.1:8000"', f'"{target}"'))
+        .replace('"vllm:8000"', f'"{target}"'))
     port = free_port()
     with open(tmp_path / "prometheus.log", "w") as log:
         process = subprocess.Popen(

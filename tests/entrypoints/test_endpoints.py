@@ -17,7 +17,6 @@ def test_server_environment_keeps_other_plugins_and_vllms_metrics_in_memory():
     env = server_environment({})
     allowed = env["VLLM_PLUGINS"].split(",")
     assert {"refreekv", "refreekv_endpoints", "lora_filesystem_resolver"} <= set(allowed)
-    assert env["VLLM_USE_V2_MODEL_RUNNER"] == "0"
     assert "PROMETHEUS_MULTIPROC_DIR" not in env
     user = server_environment({"VLLM_PLUGINS": "other"})
     assert user["VLLM_PLUGINS"].split(",") == ["other", "refreekv", "refreekv_endpoints"]

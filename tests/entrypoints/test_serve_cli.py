@@ -1,5 +1,6 @@
 """``refreekv-serve``: argument handling, and readable failures of the real command."""
 
+import json
 import subprocess
 import sys
 
@@ -19,6 +20,17 @@ def test_defaults_fill_model_host_and_name(smollm2_dir):
     assert argv[argv.index("--model") + 1] == str(smollm2_dir)
     assert argv[argv.index("--host") + 1] == "127.0.0.1"
     assert argv[argv.index("--served-model-name") + 1] == "SmolLM2-135M-Instruct"
+    # The rest is what plain `vllm serve` gets from the plugin for a refreekv section.
+    assert json.loads(argv[argv.index("--additional-config") + 1]) == {"refreekv": {}}
+    assert "--worker-cls" not in argv and "--scheduler-cls" not in argv
+
+
+def test_additional_config_keeps_the_users_settings(tiny_llama_dir):
+    argv = serve.build_argv([str(tiny_llama_dir), "--additional-config",
+                             '{"other": 1, "refreekv": {"threshold": 0.01}}'])
+    assert argv.count("--additional-config") == 1
+    assert json.loads(argv[argv.index("--additional-config") + 1]) == {
+        "other": 1, "refreekv": {"threshold": 0.01}}
 
 
 def test_user_flags_win(tiny_llama_dir):
