@@ -6,6 +6,7 @@ catch one broken copy of its file."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -204,3 +205,19 @@ def test_manifests_fit_together(name):
     service = by_kind["Service"]["spec"]
     assert service["selector"].items() <= pod["metadata"]["labels"].items()
     assert service["ports"][0]["targetPort"] == container["ports"][0]["name"]
+
+
+def test_production_stack_values_run_refreekv_through_plain_vllm_serve():
+    from refreekv_vllm.config import RefreeKVConfig
+    from refreekv_vllm.entrypoints.engine_args import endpoints_allowed, wants_refreekv
+
+    values = yaml.safe_load((DEPLOY / "production-stack" / "values.yaml").read_text())
+    (model,) = values["servingEngineSpec"]["modelSpec"]
+    extra = model["vllmConfig"]["extraArgs"]
+    additional = json.loads(extra[extra.index("--additional-config") + 1])
+    assert wants_refreekv(additional)
+    RefreeKVConfig.from_additional_config(additional)
+    env = {e["name"]: e["value"] for e in model["env"]}
+    assert endpoints_allowed(env["VLLM_PLUGINS"])
+    dockerfile_tag = re.search(r"^ARG VLLM_TAG=(\S+)$", (REPO / "Dockerfile").read_text(), re.M)
+    assert model["tag"] == dockerfile_tag.group(1)
