@@ -17,6 +17,7 @@ import functools
 import importlib.metadata
 import logging
 import os
+import sys
 from typing import Any
 
 from refreekv_vllm.config import ADDITIONAL_CONFIG_KEY, RefreeKVConfig
@@ -81,7 +82,8 @@ def apply_refreekv_defaults(engine_args: Any) -> None:
             chosen.append(f"KV cache {CPU_MEMORY_FRACTION:.0%} of RAM")
     logger.info("ReFreeKV on (threshold %s, window %d %s%s)", config.threshold, config.window,
                 config.window_agg, "; " + ", ".join(chosen) if chosen else "")
-    if not endpoints_allowed(os.environ.get("VLLM_PLUGINS")):
+    serving = "vllm.entrypoints.openai.api_server" in sys.modules  # not for vllm.LLM
+    if serving and not endpoints_allowed(os.environ.get("VLLM_PLUGINS")):
         logger.warning(
             "ReFreeKV's /v1/refreekv/* endpoints and its raw request-body checks are off: vLLM "
             "loads endpoint plugins only when named in VLLM_PLUGINS. Start with "

@@ -1,11 +1,14 @@
 """``--worker-cls refreekv_vllm.worker.worker.RefreeKVWorker``: vLLM's own worker for the
 platform (CPU or CUDA), with the ReFreeKV attention backend and model-runner mixin."""
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from typing import Any
 
 from refreekv_vllm.config import RefreeKVConfig
 from refreekv_vllm.worker.model_runner import RefreeKVModelRunnerMixin
+from refreekv_vllm.worker.step_context import set_layer_tables, set_step_context
 
 ATTENTION_BACKENDS = {
     "CPU_ATTN": "refreekv_vllm.attention.backend.RefreeKVCPUAttentionBackend",
@@ -18,8 +21,18 @@ class RefreeKVWorkerMixin:
         super().__init__(*args, **kwargs)
         self.refreekv_config = RefreeKVConfig.from_additional_config(
             self.vllm_config.additional_config)
-        if self.refreekv_config.enabled:
-            _register_attention_backends()
+
+    def load_model(self, *args: Any, **kwargs: Any) -> None:
+        # Attention layers pick their backend class when the model is built.
+        if not self.refreekv_config.enabled:
+            return super().load_model(*args, **kwargs)
+        with _refreekv_attention_backends():
+            return super().load_model(*args, **kwargs)
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        set_layer_tables(None)
+        set_step_context(None)
 
     def init_device(self) -> None:
         super().init_device()
@@ -40,15 +53,30 @@ class RefreeKVWorkerMixin:
         return list(self.model_runner.refreekv_records)
 
 
-def _register_attention_backends() -> None:
+@contextlib.contextmanager
+def _refreekv_attention_backends() -> Iterator[None]:
+    """vLLM's backend registry is global to the process: our classes are registered only while
+    this engine's model is built, so that a plain engine built later in the same process
+    (``vllm.LLM`` offline, tests) gets vLLM's own attention and not ours."""
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
     from vllm.v1.attention.selector import _cached_get_attn_backend
 
-    for name, class_path in ATTENTION_BACKENDS.items():
-        register_backend(AttentionBackendEnum[name], class_path)
+    members = [AttentionBackendEnum[name] for name in ATTENTION_BACKENDS]
+    previous = {m: m.get_path() if m.is_overridden() else None for m in members}
+    for member in members:
+        register_backend(member, ATTENTION_BACKENDS[member.name])
     # vLLM caches its backend choice per process: an engine built earlier in this process
-    # (e.g. plain vLLM in-process) would otherwise hand its unwrapped class to this one.
+    # would otherwise hand its class to this one, and this one's to a later one.
     _cached_get_attn_backend.cache_clear()
+    try:
+        yield
+    finally:
+        for member, path in previous.items():
+            if path is None:
+                member.clear_override()
+            else:
+                register_backend(member, path)
+        _cached_get_attn_backend.cache_clear()
 
 
 @functools.cache

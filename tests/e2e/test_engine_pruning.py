@@ -35,6 +35,7 @@ def plain_outputs(smollm2_dir) -> dict[str, list[list[int]]]:
         # The plugin is installed but inert without a refreekv section: vLLM's own classes.
         assert type(scheduler_of(llm)).__module__.startswith("vllm.")
         assert llm.llm_engine.vllm_config.parallel_config.worker_cls.startswith("vllm.")
+        assert attention_backends(llm) == {"CPUAttentionBackend"}
         return {name: token_ids(llm.generate(batch, greedy()))
                 for name, batch in BATCHES.items()}
 
@@ -61,6 +62,22 @@ def test_opted_out_requests_match_plain_vllm(refreekv_llm, plain_outputs):
                                               greedy(refreekv_enabled=False)))
     assert outputs == plain_outputs["opted_out"]
     assert scheduler_of(refreekv_llm).refreekv_stats().blocks_released == 0
+
+
+def attention_backends(llm) -> set[str]:
+    worker = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker
+    context = worker.model_runner.compilation_config.static_forward_context
+    return {layer.get_attn_backend().__name__ for layer in context.values()}
+
+
+def test_refreekv_attention_stays_inside_its_engine(refreekv_llm):
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    assert attention_backends(refreekv_llm) == {"RefreeKVCPUAttentionBackend"}
+    # vLLM's registry is global: an engine built next in this process gets vLLM's own class
+    # (before this was scoped, a plain engine after a ReFreeKV one ran our attention on stale
+    # tables and corrupted the heap).
+    assert not AttentionBackendEnum.CPU_ATTN.is_overridden()
 
 
 def test_pruning_releases_blocks_and_pool_balances(refreekv_llm):

@@ -21,7 +21,7 @@ BLOCK_SIZE = 32
 POOL_BLOCKS = 40
 # SmolLM2-135M in fp32: 30 layers x K,V x 3 KV heads x 64 dims x 4 bytes per token.
 TOKEN_BYTES = 30 * 2 * 3 * 64 * 4
-PRUNED_MAX_TOKENS = 120
+PRUNED_MAX_TOKENS = 300
 
 
 def greedy(max_tokens: int, **xargs):
@@ -77,7 +77,7 @@ def test_preempted_pruned_request_resumes_with_full_kv(small_pool_llm):
     # An opted-out request that arrived first grows until the pool is short: vLLM preempts
     # the request that arrived last, the pruned one.
     both, preempted = run_until_done(llm, {
-        "grower": (passkey_prompt(20, 0.5, 40213), greedy(560, refreekv_enabled=False)),
+        "grower": (passkey_prompt(20, 0.5, 40213), greedy(440, refreekv_enabled=False)),
         "pruned": (pruned_prompt, greedy(PRUNED_MAX_TOKENS)),
     }, watch="pruned")
     assert scheduler_of(llm).refreekv_stats().requests_pruned == 2
