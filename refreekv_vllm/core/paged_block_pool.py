@@ -29,8 +29,9 @@ from refreekv_vllm.core.page_pool import NO_PAGE, PagePool
 
 class PagedBlockPool(BlockPool):
     page_pool: PagePool
-    # Free blocks (ref_cnt 0) that hold all their pages: prefix-cache entries.
-    _holding: set[int]
+    # Free blocks (ref_cnt 0) that hold all their pages: prefix-cache entries, in the order
+    # they were freed (the oldest is evicted first, as vLLM's free queue would).
+    _holding: dict[int, None]
     # Blocks shared by several requests: per layer, how many holders pruned it while its page
     # stays for the others.
     _pruned_by: dict[int, np.ndarray]
@@ -47,7 +48,7 @@ class PagedBlockPool(BlockPool):
         pool.__class__ = cls
         assert isinstance(pool, PagedBlockPool)
         pool.page_pool = PagePool(num_pages, num_layers, pool.num_gpu_blocks)
-        pool._holding = set()
+        pool._holding = {}
         pool._pruned_by = {}
         pool._count_blocks_only = False
         return pool
@@ -63,13 +64,15 @@ class PagedBlockPool(BlockPool):
         need: list[int] = []
         for block in blocks:
             if block.block_id in self._holding:
-                self._holding.discard(block.block_id)  # reuses the pages it holds
+                del self._holding[block.block_id]  # reuses the pages it holds
             else:
                 need.append(block.block_id)
         shortfall = len(need) * self.num_layers - self.page_pool.num_free_pages
         while shortfall > 0:
             # get_num_free_blocks counted the cached free blocks' pages as free: take them.
-            victim = self.blocks[self._holding.pop()]
+            oldest = next(iter(self._holding))
+            del self._holding[oldest]
+            victim = self.blocks[oldest]
             self._maybe_evict_cached_block(victim)
             shortfall -= self.page_pool.release(victim.block_id)
         self.page_pool.assign(need)
@@ -79,7 +82,7 @@ class PagedBlockPool(BlockPool):
         for block in blocks:
             if block.ref_cnt == 0 and not block.is_null:
                 # A prefix-cache hit on a free block: it holds its pages (see free_blocks).
-                self._holding.discard(block.block_id)
+                self._holding.pop(block.block_id, None)
         super().touch(blocks)
 
     def free_blocks(self, ordered_blocks: Iterable[KVCacheBlock]) -> None:
@@ -102,7 +105,7 @@ class PagedBlockPool(BlockPool):
         released: list[int] = []
         for block, keeps in zip(unused, whole.tolist(), strict=True):
             if keeps and block.block_hash is not None:
-                self._holding.add(block.block_id)
+                self._holding[block.block_id] = None
             else:
                 if block.block_hash is not None:
                     self._maybe_evict_cached_block(block)

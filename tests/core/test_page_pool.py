@@ -87,7 +87,7 @@ def test_cached_free_blocks_keep_pages_until_vllm_reuses_them():
     blocks = pool.get_new_blocks(3)
     cache(pool, blocks[0], 1)
     pool.free_blocks(blocks)
-    assert pool._holding == {blocks[0].block_id}
+    assert list(pool._holding) == [blocks[0].block_id]
     assert pool.get_num_free_blocks() == 3  # cached pages count as free, as in vLLM
     pool.check_accounting()
 
@@ -100,6 +100,21 @@ def test_cached_free_blocks_keep_pages_until_vllm_reuses_them():
     assert not pool._holding and blocks[0].block_hash is None
     assert all(pool.page_pool.holds_all(b.block_id) for b in new)
     assert pool.page_pool.num_free_pages == 0
+    pool.check_accounting()
+
+
+def test_cached_blocks_short_of_pages_are_evicted_oldest_first():
+    pool = paged_pool()
+    newer, older = pool.get_new_blocks(2)  # the older entry gets the higher block id
+    cache(pool, older, 1)
+    cache(pool, newer, 2)
+    pool.free_blocks([older])
+    pool.free_blocks([newer])
+    # Two page-less block ids come first from vLLM's queue; their 6 pages need one cached
+    # block's: the least recently freed one goes, as vLLM's LRU order would have it.
+    pool.get_new_blocks(2)
+    assert older.block_hash is None and newer.block_hash is not None
+    assert list(pool._holding) == [newer.block_id]
     pool.check_accounting()
 
 
