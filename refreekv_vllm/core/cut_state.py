@@ -99,8 +99,11 @@ class CutState:
     def cap_cache(self, req_id: str, num_tokens: int) -> None:
         self._cache_cap[req_id] = min(num_tokens, self._cache_cap.get(req_id, num_tokens))
 
-    def cache_cap(self, req_id: str) -> int | None:
-        return self._cache_cap.get(req_id)
+    @property
+    def cache_caps(self) -> dict[str, int]:
+        """req_id -> the most tokens cache_blocks may publish; the live mapping, read on the
+        per-request hot path."""
+        return self._cache_cap
 
     def record_skip(self, reason: SkipReason) -> None:
         self._requests_skipped[reason.value] += 1

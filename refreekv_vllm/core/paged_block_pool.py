@@ -36,6 +36,7 @@ class PagedBlockPool(BlockPool):
     # stays for the others.
     _pruned_by: dict[int, np.ndarray]
     _count_blocks_only: bool
+    _num_layers: int
 
     @classmethod
     def adopt(cls, pool: BlockPool, num_pages: int, num_layers: int) -> PagedBlockPool:
@@ -51,11 +52,12 @@ class PagedBlockPool(BlockPool):
         pool._holding = {}
         pool._pruned_by = {}
         pool._count_blocks_only = False
+        pool._num_layers = num_layers
         return pool
 
     @property
     def num_layers(self) -> int:
-        return self.page_pool.num_layers
+        return self._num_layers
 
     # vLLM's block life cycle.
 
@@ -117,8 +119,8 @@ class PagedBlockPool(BlockPool):
         num_free = self.free_block_queue.num_free_blocks
         if self._count_blocks_only:
             return num_free
-        pool = self.page_pool
-        return min(num_free, pool.num_free_pages // pool.num_layers + len(self._holding))
+        return min(num_free, self.page_pool.num_free_pages // self._num_layers
+                   + len(self._holding))
 
     def get_usage(self) -> float:
         free = self.page_pool.num_free_pages + self.num_layers * len(self._holding)

@@ -203,12 +203,13 @@ class RefreeKVSchedulerMixin:
         """
         coordinator = self.kv_cache_manager.coordinator
         cache_blocks = coordinator.cache_blocks
-        state = self._refreekv_state
+        caps = self._refreekv_state.cache_caps  # called per request and step: one dict lookup
 
         def capped_cache_blocks(request: Request, num_computed_tokens: int) -> None:
-            cap = state.cache_cap(request.request_id)
-            if cap is not None and num_computed_tokens > cap:
-                num_computed_tokens = cap
+            if caps:
+                cap = caps.get(request.request_id)
+                if cap is not None and num_computed_tokens > cap:
+                    num_computed_tokens = cap
             cache_blocks(request, num_computed_tokens)
 
         coordinator.cache_blocks = capped_cache_blocks
