@@ -14,6 +14,7 @@ from enum import Enum
 
 from refreekv_vllm import envs
 from refreekv_vllm.outputs import CutReport
+from refreekv_vllm.policy.budget import resident_budget
 
 
 class SkipReason(str, Enum):
@@ -165,6 +166,5 @@ class CutState:
         )
 
     def _block_budget(self, report: CutReport, released: tuple[tuple[int, ...], ...]) -> float:
-        n = report.num_prompt_tokens
-        resident = [n - min(n, len(ids) * self.block_size) for ids in released]
-        return sum(resident) / (n * len(resident))
+        return resident_budget(report.num_prompt_tokens, [len(ids) for ids in released],
+                               self.block_size)

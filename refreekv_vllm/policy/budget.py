@@ -71,6 +71,17 @@ def paper_budget(
     return sum(per_layer) / len(per_layer)
 
 
+def resident_budget(num_prompt_tokens: int, blocks_freed: Sequence[int], block_size: int
+                    ) -> float:
+    """The block budget, the one definition the endpoint, the metrics and the benchmarks use:
+    mean over layers of the prompt tokens still resident / prompt tokens, where layer ``l``
+    freed ``blocks_freed[l]`` whole blocks of its gap."""
+    if not blocks_freed:
+        raise ValueError("need at least one layer")
+    n = num_prompt_tokens
+    return sum(n - min(n, k * block_size) for k in blocks_freed) / (n * len(blocks_freed))
+
+
 def block_budget(
     cuts: Sequence[int],
     num_prompt_tokens: int,
@@ -82,10 +93,9 @@ def block_budget(
     if not cuts:
         raise ValueError("need at least one layer")
     frozen = set(frozen_layers)
-    per_layer = [
-        1.0
-        if i in frozen
-        else layer_block_budget(c, num_prompt_tokens, num_sink_tokens, block_size)
-        for i, c in enumerate(cuts)
-    ]
-    return sum(per_layer) / len(per_layer)
+    for i, c in enumerate(cuts):
+        if i not in frozen:
+            layer_block_budget(c, num_prompt_tokens, num_sink_tokens, block_size)  # checks c
+    freed = [0 if i in frozen else len(freeable_block_range(c, num_sink_tokens, block_size))
+             for i, c in enumerate(cuts)]
+    return resident_budget(num_prompt_tokens, freed, block_size)

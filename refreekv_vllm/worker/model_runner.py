@@ -21,7 +21,7 @@ from refreekv_vllm.config import RefreeKVConfig, RequestSettings, pruning_settin
 from refreekv_vllm.core.kv_cache_layout import is_paged_layout
 from refreekv_vllm.metrics.prometheus import WorkerMetrics
 from refreekv_vllm.outputs import CutReport, attach_cut_reports
-from refreekv_vllm.policy.budget import freeable_block_range, paper_budget
+from refreekv_vllm.policy.budget import freeable_block_range, paper_budget, resident_budget
 from refreekv_vllm.worker.layer_tables import (
     SCHEDULER_OUTPUT_ATTR,
     GapMirroringBlockTable,
@@ -329,8 +329,8 @@ def request_record(row: ScoringRow, cuts: tuple[int, ...], gaps: np.ndarray,
     """What one request's pruning did, for the per-request endpoint."""
     m = config.num_sink_tokens
     num_prompt_tokens = row.num_prompt_tokens
-    prompt_blocks = -(-num_prompt_tokens // block_size)
-    skipped = int((gaps[:, 1] - gaps[:, 0]).sum())
+    skipped_per_layer = (gaps[:, 1] - gaps[:, 0]).tolist()
+    skipped = sum(skipped_per_layer)
     fixed = row.fixed_cut is not None
     return {
         "request_id": row.req_id,
@@ -342,7 +342,7 @@ def request_record(row: ScoringRow, cuts: tuple[int, ...], gaps: np.ndarray,
         "cuts": list(cuts),
         # Frozen layers report cut m (nothing pruned); the fixed baseline cuts them too.
         "paper_budget": paper_budget(cuts, num_prompt_tokens, m, frozen_layers=()),
-        "block_budget": 1 - skipped / (prompt_blocks * len(cuts)),
+        "block_budget": resident_budget(num_prompt_tokens, skipped_per_layer, block_size),
         "tokens_pruned": sum(c - m for c in cuts),
         "blocks_skipped": skipped,
     }

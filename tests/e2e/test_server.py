@@ -173,6 +173,8 @@ def test_metrics_and_stats_count_what_the_engine_did(default_server):
     assert delta("refreekv:requests_skipped_total") == 1  # the opted-out one
     assert delta("refreekv:kv_blocks_released_total") == record["blocks_skipped"]
     assert delta("refreekv:request_block_budget_count") == 1
+    # One definition of the block budget: the endpoint and the histogram agree.
+    assert delta("refreekv:request_block_budget_sum") == pytest.approx(record["block_budget"])
     assert delta("refreekv:kv_bytes_freed_total") > 0
     assert delta("refreekv:tokens_pruned_total") == record["tokens_pruned"]
     assert after["refreekv:threshold"] == RefreeKVConfig().threshold

@@ -66,3 +66,16 @@ def test_sample_budgets_count_frozen_layers_at_one():
     assert paper_budget(cuts, n, frozen_layers=()) == pytest.approx((1 + 1 + 0.54 + 0.14) / 4)
     with pytest.raises(ValueError, match="at least one layer"):
         paper_budget([], n)
+
+
+def test_one_block_budget_for_cuts_and_for_released_blocks():
+    from refreekv_vllm.policy.budget import freeable_block_range, resident_budget
+
+    n, bs = 1000, 32
+    cuts = [4, 4, 300, 999, 37]
+    freed = [len(freeable_block_range(c, 4, bs)) for c in cuts]
+    assert freed == [0, 0, 8, 30, 0]
+    assert block_budget(cuts, n, bs, frozen_layers=()) == pytest.approx(
+        resident_budget(n, freed, bs))
+    # Tokens resident over prompt tokens (not blocks over prompt blocks): 1000 - 8 x 32 of 1000.
+    assert resident_budget(n, [8], bs) == pytest.approx(0.744)
