@@ -3,7 +3,8 @@
 HF transformers on CPU, float32, an eager attention function of our own (registered as
 ``refreekv_probe``) that records post-RoPE queries/keys at prefill and decode attention rows, and
 emulates a cut exactly by masking each layer's pruned span ``[4, cut)`` of the prompt keys during
-decode. Prefill (and so the first generated token) always uses the full cache (METHOD.md §2.3.11).
+decode. Prefill (and so the first generated token) always uses the full cache
+(docs/method.md §2, item 11).
 Prefill runs once per prompt; every variant decodes from a copy of the same prefill cache.
 
     python -m benchmarks.fidelity.analyze_layers --out benchmarks/results/layer_analysis.json
@@ -142,7 +143,7 @@ def rule_cuts(rule: Rule, num_layers: int) -> list[int]:
 
 
 def budget(cuts: list[int], n: int) -> float:
-    """Mean over layers of kept prompt tokens / n (METHOD.md §4; frozen layers count 1.0)."""
+    """Mean over layers of kept prompt tokens / n (docs/method.md §4; frozen layers count 1.0)."""
     return sum((SINKS + n - c) / n for c in cuts) / len(cuts)
 
 

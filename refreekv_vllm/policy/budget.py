@@ -1,4 +1,4 @@
-"""Paper and block budgets of a pruned request, pure functions (METHOD.md §4, §8 Q2).
+"""Paper and block budgets of a pruned request, pure functions (docs/method.md §4).
 
 A layer with cut ``s`` keeps prompt positions ``[0, m) ∪ [s, n)``. The paper budget counts those
 tokens; the engine frees whole blocks only, so its block budget counts the prompt tokens that

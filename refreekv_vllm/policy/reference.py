@@ -1,4 +1,4 @@
-"""PyTorch reference of the ReFreeKV cut rule (METHOD.md §2.3-§2.5), the oracle for all kernels.
+"""PyTorch reference of the ReFreeKV cut rule (docs/method.md §2), the oracle for all kernels.
 
 Everything here works on dense tensors (no paging) and in the dtype it is given: pass float64
 tensors for tests, float32 (the ``torch`` kernel backend) in production. One layer of one request:
@@ -14,7 +14,8 @@ tensors for tests, float32 (the ``torch`` kernel backend) in production. One lay
 Two rules pin the edges: ``n <= m + 1`` keeps everything (cut = m), and ``T <= 0`` keeps everything
 too. The literal rule at T = 0 would still drop the oldest candidates whose squared mass vanishes
 in floating point (ratio exactly 0 because adding them does not change the tail sum), which breaks
-"T = 0 is identical to the unpruned engine" (METHOD.md §7.14); so T <= 0 disables pruning.
+"T = 0 is identical to the unpruned engine" (docs/method.md §2, item 13); so T <= 0 disables
+pruning.
 The comparison is written ``B - K(j) <= T * B`` (no division) in every backend.
 """
 
@@ -114,7 +115,7 @@ def layer_cut(
     scale: float | None = None,
     agg: str = "max",
 ) -> tuple[int, torch.Tensor]:
-    """Cut of one layer of one request (METHOD.md §2.5 ``layer_cut``, plus a window).
+    """Cut of one layer of one request (docs/method.md §2, plus the window).
 
     Args:
         query: ``[w, num_q_heads, head_size]`` or ``[num_q_heads, head_size]`` post-RoPE

@@ -1,4 +1,4 @@
-"""Paper and block budgets (policy/budget.py, METHOD.md §4 and §8 Q2)."""
+"""Paper and block budgets (policy/budget.py, docs/method.md §4)."""
 
 import pytest
 
@@ -37,7 +37,7 @@ def test_freeable_blocks_lie_inside_the_gap():
 
 
 def test_layer_budgets():
-    # METHOD.md §2.4: s = 8, n = 12 -> 8 / 12.
+    # docs/method.md §3: s = 8, n = 12 -> 8 / 12.
     assert layer_paper_budget(8, 12) == pytest.approx(8 / 12)
     assert layer_paper_budget(4, 12) == 1.0
     assert layer_paper_budget(4, 5) == 1.0  # n <= m + 1

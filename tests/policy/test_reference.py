@@ -1,4 +1,4 @@
-"""The reference cut rule (policy/reference.py) against METHOD.md §2.4 and independent math."""
+"""The reference cut rule (policy/reference.py) against docs/method.md §3 and independent math."""
 
 import pytest
 import torch
@@ -10,7 +10,7 @@ from refreekv_vllm.policy.reference import (
     window_probs,
 )
 
-# METHOD.md §2.4: two heads, n = 12, m = 4, T = 0.01.
+# docs/method.md §3: two heads, n = 12, m = 4, T = 0.01.
 ROWS = torch.tensor(
     [
         [0.40, 0.05, 0.02, 0.01, 0.004, 0.006, 0.010, 0.010, 0.030, 0.060, 0.150, 0.250],
@@ -89,7 +89,7 @@ def test_single_row_query_shapes_and_aggregations_agree():
 
 
 def test_matches_method_pseudo_code():
-    """METHOD.md §2.5 layer_cut, transcribed, on random inputs (w = 1)."""
+    """docs/method.md §2, transcribed, on random inputs (w = 1)."""
     gen = torch.Generator().manual_seed(3)
     for _ in range(20):
         n = int(torch.randint(6, 80, (1,), generator=gen))
