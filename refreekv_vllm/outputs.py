@@ -29,9 +29,6 @@ class CutReport:
     num_prompt_tokens: int
     num_sink_tokens: int
     cuts: tuple[int, ...]
-    # Leading prompt blocks that came from the prefix cache: kept whole (never skipped, never
-    # freed) so that the entries other requests hit stay in the cache.
-    num_shared_blocks: int = 0
 
     def __post_init__(self) -> None:
         if not self.cuts:

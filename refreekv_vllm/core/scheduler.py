@@ -165,8 +165,7 @@ class RefreeKVSchedulerMixin:
         assert pool is not None, "reports are accepted only when pruning is enabled"
         manager = self.kv_cache_manager.coordinator.single_type_managers[0]
         blocks = manager.req_to_blocks.get(report.req_id, [])
-        gaps = [freeable_block_range(cut, report.num_sink_tokens, self._refreekv_block_size,
-                                     report.num_shared_blocks)
+        gaps = [freeable_block_range(cut, report.num_sink_tokens, self._refreekv_block_size)
                 for cut in report.cuts]
         released, num_freed = pool.release_gap_pages(blocks, gaps)
         if envs.REFREEKV_DEBUG_ACCOUNTING:

@@ -10,19 +10,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
-def freeable_block_range(cut: int, num_sink_tokens: int, block_size: int,
-                         num_shared_blocks: int = 0) -> range:
+def freeable_block_range(cut: int, num_sink_tokens: int, block_size: int) -> range:
     """Logical block indices whose tokens all lie in the gap ``[num_sink_tokens, cut)``.
 
     Block ``i`` holds ``[i * block_size, (i + 1) * block_size)``; it can be freed iff that span
     is inside the gap, i.e. ``i`` in ``ceil(m / bs) .. floor(cut / bs) - 1``. Empty when the
-    gap holds no whole block (including ``cut <= num_sink_tokens``). The first
-    ``num_shared_blocks`` blocks (a prefix-cache hit: other requests may hit them too) are
-    never freed.
+    gap holds no whole block (including ``cut <= num_sink_tokens``).
     """
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
-    first = max(-(-num_sink_tokens // block_size), num_shared_blocks)
+    first = -(-num_sink_tokens // block_size)
     stop = cut // block_size
     return range(first, max(first, stop))
 

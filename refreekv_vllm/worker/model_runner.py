@@ -61,7 +61,6 @@ class RefreeKVModelRunnerMixin:
     _refreekv_kernel: str
     _refreekv_pending: list[_PendingCuts]
     _refreekv_reports: dict[str, CutReport]
-    _refreekv_hit_tokens: dict[str, int]
 
     def init_refreekv(self, config: RefreeKVConfig) -> None:
         self.refreekv_config = config
@@ -71,7 +70,6 @@ class RefreeKVModelRunnerMixin:
         self._refreekv_kernel = resolve_kernel(config.kernel, self.device)
         self._refreekv_pending = []
         self._refreekv_reports = {}
-        self._refreekv_hit_tokens = {}  # req_id -> prompt tokens that came from the prefix cache
         self._refreekv_metrics = WorkerMetrics(self.model_config.served_model_name)
         self.refreekv_records: deque[dict[str, Any]] = deque(maxlen=RECORDS_KEPT)
 
@@ -120,8 +118,6 @@ class RefreeKVModelRunnerMixin:
             self._refreekv_no_prune.add(req_id)
         for new_req in scheduler_output.scheduled_new_reqs:
             self._forget(new_req.req_id)
-            if new_req.num_computed_tokens:
-                self._refreekv_hit_tokens[new_req.req_id] = new_req.num_computed_tokens
         result = super()._update_states(scheduler_output)
         tables = self._refreekv_tables
         if tables is not None:
@@ -134,7 +130,6 @@ class RefreeKVModelRunnerMixin:
         for pending in self._refreekv_pending:
             pending.step.scoring = [row for row in pending.step.scoring if row.req_id != req_id]
         self._refreekv_reports.pop(req_id, None)
-        self._refreekv_hit_tokens.pop(req_id, None)
 
     def _prepare_inputs(self, scheduler_output: Any, num_scheduled_tokens: np.ndarray):
         result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
@@ -290,7 +285,6 @@ class RefreeKVModelRunnerMixin:
         reports: dict[str, CutReport] = {}
         for row in step.scoring:
             window_store.drop(row.req_id)
-            num_shared_blocks = self._refreekv_hit_tokens.pop(row.req_id, 0) // block_size
             if row.fixed_cut is not None:
                 # The fixed-budget baseline cuts every layer alike, frozen ones included, so
                 # that its budget is the one it is named after.
@@ -301,8 +295,7 @@ class RefreeKVModelRunnerMixin:
                              for layer in range(num_layers))
             gaps = np.zeros((num_layers, 2), dtype=np.int32)
             for layer, cut in enumerate(cuts):
-                blocks = freeable_block_range(cut, config.num_sink_tokens, block_size,
-                                              num_shared_blocks)
+                blocks = freeable_block_range(cut, config.num_sink_tokens, block_size)
                 if len(blocks):
                     gaps[layer] = (blocks.start, blocks.stop)
             batch_row = self.input_batch.req_id_to_index.get(row.req_id)
@@ -311,8 +304,7 @@ class RefreeKVModelRunnerMixin:
             self.refreekv_records.append(request_record(row, cuts, gaps, config, block_size))
             reports[row.req_id] = CutReport(
                 req_id=row.req_id, num_prompt_tokens=row.num_prompt_tokens,
-                num_sink_tokens=config.num_sink_tokens, cuts=cuts,
-                num_shared_blocks=num_shared_blocks)
+                num_sink_tokens=config.num_sink_tokens, cuts=cuts)
         return reports
 
 

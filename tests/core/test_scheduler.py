@@ -359,34 +359,6 @@ def test_prefix_hits_stop_before_the_observation_window(new_scheduler):
     assert scheduler_output.num_scheduled_tokens[second.request_id] == 40 - 28
 
 
-def test_blocks_from_the_prefix_cache_stay_whole_and_cached(new_scheduler):
-    scheduler = new_scheduler()
-    publisher = make_request(PROMPT, extra_args={"refreekv_enabled": False})
-    scheduler.add_request(publisher)
-    run_until_done(scheduler)
-    hitter = make_request(PROMPT, max_tokens=4, extra_args={"refreekv_window": 10})
-    scheduler.add_request(hitter)
-    step = schedule(scheduler)
-    assert step[0].num_scheduled_tokens[hitter.request_id] == 40 - 28  # hit: blocks 0-6
-    shared = 28 // BLOCK_SIZE
-    update(scheduler, step, [
-        CutReport(hitter.request_id, 40, NUM_SINK_TOKENS, CUTS, num_shared_blocks=shared)])
-
-    # Only layer 3's block 7 lies in a gap and outside the hit.
-    assert scheduler.refreekv_stats().blocks_released == 1
-    assert NO_PAGE not in pages(scheduler, hitter, 2)
-    assert pages(scheduler, hitter, 3)[:8].count(NO_PAGE) == 1
-    run_until_done(scheduler)
-    again = make_request(PROMPT, extra_args={"refreekv_window": 10})
-    scheduler.add_request(again)
-    step = schedule(scheduler)
-    # The shared prefix is still in the cache.
-    assert step[0].num_scheduled_tokens[again.request_id] == 40 - 28
-    update(scheduler, step)
-    run_until_done(scheduler)
-    assert_pool_idle(scheduler)
-
-
 def test_reports_for_gone_or_reported_requests_are_skipped(new_scheduler):
     scheduler = new_scheduler()
     aborted, pruned = make_request(PROMPT), make_request(PROMPT[::-1])

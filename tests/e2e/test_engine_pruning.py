@@ -158,16 +158,3 @@ def test_a_seeded_prompt_prefilled_in_chunks_samples_and_repeats(refreekv_llm):
     other = SamplingParams(temperature=1.0, seed=4321, max_tokens=8, ignore_eos=True)
     assert token_ids(refreekv_llm.generate({"prompt": prompt, "cache_salt": "third"},
                                            other)) != samples[0]
-
-
-def test_pruned_requests_leave_shared_prefixes_in_the_cache(refreekv_llm):
-    """A request that got a prefix-cache hit keeps the hit's blocks whole (neither skipped nor
-    freed), so the next request with that prefix hits them too."""
-    prompt = "Case 90210. " + passkey_prompt(40, 0.5, 31337)
-    start = free_blocks(refreekv_llm)
-    refreekv_llm.generate([prompt], greedy(1, refreekv_enabled=False))  # publishes every block
-    hits = [refreekv_llm.generate([prompt], greedy())[0].num_cached_tokens for _ in range(2)]
-    assert hits[0] > 0 and hits[1] == hits[0]
-    report = scheduler_of(refreekv_llm).refreekv_recent_reports()[-1]
-    assert report.num_shared_blocks == hits[1] // 32
-    assert free_blocks(refreekv_llm) == start

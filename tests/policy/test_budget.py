@@ -79,9 +79,3 @@ def test_one_block_budget_for_cuts_and_for_released_blocks():
         resident_budget(n, freed, bs))
     # Tokens resident over prompt tokens (not blocks over prompt blocks): 1000 - 8 x 32 of 1000.
     assert resident_budget(n, [8], bs) == pytest.approx(0.744)
-
-
-def test_blocks_from_the_prefix_cache_are_never_freed():
-    assert freeable_block_range(100, 4, 16, num_shared_blocks=3) == range(3, 6)
-    assert freeable_block_range(100, 4, 16, num_shared_blocks=0) == range(1, 6)
-    assert freeable_block_range(100, 4, 16, num_shared_blocks=9) == range(9, 9)
