@@ -130,7 +130,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def server_environment(env: Mapping[str, str]) -> dict[str, str]:
     """Environment the server needs, on top of the caller's."""
-    updates = {}
     # Endpoint plugins load only when allow-listed, and the list then applies to every plugin
     # group: name all installed general plugins too so none is dropped.
     allowed = [p for p in env.get("VLLM_PLUGINS", "").split(",") if p]
@@ -138,8 +137,7 @@ def server_environment(env: Mapping[str, str]) -> dict[str, str]:
         allowed = [ep.name for ep in importlib.metadata.entry_points(
             group="vllm.general_plugins")]
     allowed += [name for name in (GENERAL_PLUGIN, ENDPOINT_PLUGIN) if name not in allowed]
-    updates["VLLM_PLUGINS"] = ",".join(allowed)
-    return updates
+    return {"VLLM_PLUGINS": ",".join(allowed)}
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import logging
 from typing import Any
 
 from refreekv_vllm.config import ConfigError, RefreeKVConfig, request_settings
+from refreekv_vllm.entrypoints.engine_args import wants_refreekv
 from refreekv_vllm.offline import WORKER_CLS
 
 _MARK = "_refreekv_validation"
@@ -54,8 +55,6 @@ def _config_of(processor: Any) -> RefreeKVConfig | None:
 
 def server_config(args: Any) -> RefreeKVConfig | None:
     """The API server's view of the engine's ReFreeKV config (None: the engine runs without)."""
-    from refreekv_vllm.entrypoints.engine_args import wants_refreekv
-
     raw = getattr(args, "additional_config", None) or {}
     if isinstance(raw, str):
         raw = json.loads(raw)

@@ -46,8 +46,7 @@ def layer_block_budget(
         return 1.0
     if not m <= cut <= n - 1:
         raise ValueError(f"cut {cut} outside [{m}, {n - 1}] for n={n}")
-    freed = len(freeable_block_range(cut, m, block_size)) * block_size
-    return (n - freed) / n
+    return resident_budget(n, [len(freeable_block_range(cut, m, block_size))], block_size)
 
 
 def paper_budget(
@@ -93,9 +92,10 @@ def block_budget(
     if not cuts:
         raise ValueError("need at least one layer")
     frozen = set(frozen_layers)
-    for i, c in enumerate(cuts):
-        if i not in frozen:
-            layer_block_budget(c, num_prompt_tokens, num_sink_tokens, block_size)  # checks c
-    freed = [0 if i in frozen else len(freeable_block_range(c, num_sink_tokens, block_size))
-             for i, c in enumerate(cuts)]
-    return resident_budget(num_prompt_tokens, freed, block_size)
+    per_layer = [
+        1.0
+        if i in frozen
+        else layer_block_budget(c, num_prompt_tokens, num_sink_tokens, block_size)
+        for i, c in enumerate(cuts)
+    ]
+    return sum(per_layer) / len(per_layer)

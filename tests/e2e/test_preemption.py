@@ -12,6 +12,7 @@ token and the pool's accounting afterwards.
 
 import pytest
 
+from benchmarks.soak.run_soak import SMOLLM2_FP32_TOKEN_BYTES
 from refreekv_vllm.workloads import passkey_prompt
 from tests.e2e.engines import free_blocks, in_process_engine, scheduler_of
 
@@ -19,8 +20,7 @@ pytestmark = pytest.mark.e2e
 
 BLOCK_SIZE = 32
 POOL_BLOCKS = 40
-# SmolLM2-135M in fp32: 30 layers x K,V x 3 KV heads x 64 dims x 4 bytes per token.
-TOKEN_BYTES = 30 * 2 * 3 * 64 * 4
+POOL_BYTES = POOL_BLOCKS * BLOCK_SIZE * SMOLLM2_FP32_TOKEN_BYTES
 PRUNED_MAX_TOKENS = 300
 
 
@@ -36,7 +36,7 @@ def small_pool_llm(smollm2_dir):
     with pytest.MonkeyPatch.context() as env:
         env.setenv("REFREEKV_DEBUG_ACCOUNTING", "1")
         with in_process_engine(smollm2_dir, refreekv={}, max_model_len=1024,
-                               kv_cache_memory_bytes=POOL_BLOCKS * BLOCK_SIZE * TOKEN_BYTES,
+                               kv_cache_memory_bytes=POOL_BYTES,
                                async_scheduling=False) as llm:
             yield llm
 
