@@ -348,14 +348,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.prepare_only:
             continue
         saved = work_dir / f"model_{key}.json"
-        if args.reuse and saved.exists():
-            models[key] = json.loads(saved.read_text())
-            continue
-        models[key] = bench_model(setup, work_dir, datasets,
-                                  sequential_start=args.sequential_start or cpu,
-                                  plain_v1=args.plain_v1 or "plain_v1" in (args.engines or ""),
-                                  only_engines=args.engines.split(",") if args.engines else None,
-                                  rounds=args.rounds or (1 if cpu else 2), warm_up=not cpu)
+        earlier = json.loads(saved.read_text()) if args.reuse and saved.exists() else None
+        if earlier is not None:
+            # Workloads measured by an earlier invocation are kept; only the others run.
+            setup.runs = [run for run in setup.runs
+                          if run.workload.name not in earlier["workloads"]]
+            if not setup.runs:
+                models[key] = earlier
+                continue
+        measured = bench_model(setup, work_dir, datasets,
+                               sequential_start=args.sequential_start or cpu,
+                               plain_v1=args.plain_v1 or "plain_v1" in (args.engines or ""),
+                               only_engines=args.engines.split(",") if args.engines else None,
+                               rounds=args.rounds or (1 if cpu else 2), warm_up=not cpu)
+        if earlier is not None:
+            earlier["workloads"].update(measured["workloads"])
+            earlier["runs"].update(measured["runs"])
+            measured = earlier
+        models[key] = measured
         saved.write_text(json.dumps(models[key]))
     if args.prepare_only:
         return {}

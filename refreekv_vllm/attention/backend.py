@@ -22,6 +22,7 @@ from types import ModuleType
 from typing import Any
 
 import torch
+from vllm.forward_context import get_forward_context
 
 from refreekv_vllm.attention.prefill_lse import capturing_softmax_lse
 from refreekv_vllm.attention.scoring import (
@@ -104,8 +105,6 @@ def _wrap(backend: type, impl: type,
             tables = get_layer_tables()
             if tables is None:
                 return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
-            from vllm.forward_context import get_forward_context
-
             metadata = get_forward_context().attn_metadata
             if metadata is None:
                 return None  # a dummy run: vLLM's slots are block ids, not pages

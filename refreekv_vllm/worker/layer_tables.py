@@ -22,6 +22,8 @@ from vllm.v1.worker.block_table import MultiGroupBlockTable
 
 from refreekv_vllm.ops.layer_views import compute_layer_views
 
+MAX_CACHED_VIEW_SIZES = 512
+
 SCHEDULER_OUTPUT_ATTR = "refreekv_page_rows"
 """Attribute of ``SchedulerOutput``: ``(block_ids [n] int32, pages [n, num_layers] int32)``."""
 
@@ -54,6 +56,7 @@ class LayerTables:
                                   device=device)
         self.seq_lens = torch.zeros((num_layers, max_reqs), dtype=torch.int32, device=device)
         self.slots = torch.full((num_layers, max_tokens), -1, dtype=torch.int64, device=device)
+        self._view_cache: dict[tuple[int, int], list[torch.Tensor]] = {}
         self._grow_staging(1)
         # Whether a request of the current batch skips a gap (host knowledge, for backends
         # whose metadata depends on host-side lengths).
@@ -136,14 +139,26 @@ class LayerTables:
             seq_lens = torch.zeros(1, dtype=torch.int32, device=self.device)
             self.compute(block_table[:1], seq_lens, slots[:1])
 
+    # Every layer's attention asks for its views in every eager or piecewise step: slicing a
+    # tensor costs microseconds of host time, so the views of each size are made once.
+
     def table(self, layer: int, num_reqs: int) -> torch.Tensor:
-        return self.tables[layer, :num_reqs]
+        return self._views(self.tables, num_reqs)[layer]
 
     def layer_seq_lens(self, layer: int, num_reqs: int) -> torch.Tensor:
-        return self.seq_lens[layer, :num_reqs]
+        return self._views(self.seq_lens, num_reqs)[layer]
 
     def layer_slots(self, layer: int, num_tokens: int) -> torch.Tensor:
-        return self.slots[layer, :num_tokens]
+        return self._views(self.slots, num_tokens)[layer]
+
+    def _views(self, buffer: torch.Tensor, n: int) -> list[torch.Tensor]:
+        key = (id(buffer), n)
+        views = self._view_cache.get(key)
+        if views is None:
+            if len(self._view_cache) >= MAX_CACHED_VIEW_SIZES:
+                self._view_cache.clear()
+            views = self._view_cache[key] = list(buffer[:, :n].unbind(0))
+        return views
 
 
 class GapMirroringBlockTable(MultiGroupBlockTable):
