@@ -1,6 +1,6 @@
 """Where a serving step's time goes on host and device: vLLM's torch profiler in each server.
 
-    python -m benchmarks.serving.profile_steps --engines plain_v1,refreekv --workload chat \
+    python -m benchmarks.serving.profile_steps --engines plain_v1,refreekv --workloads chat \
         --out /tmp/profile
 
 Starts the chosen servers (the serving benchmark's SmolLM2 setup) with vLLM's
@@ -162,26 +162,30 @@ def profile_rule(server: RunningServer, setup: Any, run: Any, dataset: Path,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cpu: the quick workloads (a smoke test of this script)")
     parser.add_argument("--engines", default="plain_v1,refreekv")
     parser.add_argument("--variants", default="t0,default",
                         help="the rules ReFreeKV's server is traced at, in order")
-    parser.add_argument("--workload", default="chat")
+    parser.add_argument("--workloads", default="chat", help="comma list of workload names")
     parser.add_argument("--iterations", type=int, default=300)
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/profile-steps"))
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    setup = smollm2_setup("cuda", quick=False)
-    (run,) = [run for run in setup.runs if run.workload.name == args.workload]
-    dataset = args.work_dir / f"{run.workload.name}.jsonl"
-    if not dataset.exists():
-        from transformers import AutoTokenizer
+    setup = smollm2_setup(args.device, quick=args.device == "cpu")
+    runs = {run.workload.name: run for run in setup.runs}
+    datasets: dict[str, Path] = {}
+    for workload in args.workloads.split(","):
+        datasets[workload] = args.work_dir / f"{workload}.jsonl"
+        if not datasets[workload].exists():
+            from transformers import AutoTokenizer
 
-        write_workload(AutoTokenizer.from_pretrained(setup.model_dir), run.workload,
-                       args.work_dir)
+            write_workload(AutoTokenizer.from_pretrained(setup.model_dir),
+                           runs[workload].workload, args.work_dir)
     engines = {**ENGINES, "plain_v1": PLAIN_V1}
-    report: dict[str, Any] = {"workload": args.workload, "iterations": args.iterations}
+    report: dict[str, Any] = {"iterations": args.iterations}
     servers: dict[str, tuple[RunningServer, Path]] = {}
     try:
         for name in args.engines.split(","):
@@ -194,13 +198,16 @@ def main() -> None:
                                     args.out / f"{name}.log", env), trace_dir)
         for server, _ in servers.values():
             wait_healthy(server)
-        for name, (server, trace_dir) in servers.items():
-            rules = args.variants.split(",") if name == "refreekv" else [name]
-            for rule in rules:
-                run_workload(server, setup, run, dataset, RULES[rule])  # warm-up pass
-                report[f"{name}:{rule}"] = profile_rule(server, setup, run, dataset,
-                                                        RULES[rule], trace_dir)
-                print(json.dumps({f"{name}:{rule}": report[f"{name}:{rule}"]}), flush=True)
+        for workload, dataset in datasets.items():
+            run = runs[workload]
+            for name, (server, trace_dir) in servers.items():
+                rules = args.variants.split(",") if name == "refreekv" else [name]
+                for rule in rules:
+                    key = f"{workload}/{name}:{rule}"
+                    run_workload(server, setup, run, dataset, RULES[rule])  # warm-up pass
+                    report[key] = profile_rule(server, setup, run, dataset, RULES[rule],
+                                               trace_dir)
+                    print(json.dumps({key: report[key]}), flush=True)
     finally:
         for server, _ in servers.values():
             server.stop()
