@@ -85,8 +85,9 @@ class PagePool:
                 self.pages[ids] = self._free[self._layers[:, None], picks].T
                 self._top -= n
         else:
+            rows = np.asarray(block_ids, dtype=np.int64)  # ``ids`` is a scalar for one block
             for layer in range(self.num_layers):
-                self.pages[ids, layer] = self._take(layer, n)
+                self.pages[rows, layer] = self._take(layer, n)
         self.num_free_pages -= n * self.num_layers
         self._updated.update(dict.fromkeys(block_ids))
 
