@@ -6,9 +6,11 @@
 Starts the chosen servers (the serving benchmark's SmolLM2 setup) with vLLM's
 ``--profiler-config`` (torch profiler, no Python stacks, front end not traced), warms each up
 with one pass of the workload, then runs it again and traces ``--iterations`` engine steps from
-one second in (``/start_profile``). ReFreeKV's server is traced once per rule (``--variants``).
+``--start-after`` seconds in (``/start_profile``). ReFreeKV's server is traced once per rule
+(``--variants``).
 Writes ``profile_steps.json``: per server and rule, the cadence of steps (host time from one
-``execute_model`` to the next) for decode-only and mixed steps, the share of that time the
+``execute_model`` to the next) for decode-only and mixed steps, decode steps also by how many
+requests ran, the share of that time the
 device was busy, device time per step, the heaviest kernels, and every CUDA runtime call that
 can make the host wait (synchronisations, blocking copies) with its count and time.
 """
@@ -46,6 +48,19 @@ def profiler_flag(trace_dir: Path, iterations: int) -> list[str]:
     return ["--profiler-config", json.dumps(config)]
 
 
+RUNNING_BUCKETS = (1, 8, 16, 24, 32, 48, 64)
+
+
+def _running_bucket(running: int) -> str:
+    """Decode steps are compared among steps with about as many requests."""
+    low = 1
+    for high in RUNNING_BUCKETS:
+        if running <= high:
+            return f"{low:02d}-{high:02d}"
+        low = high + 1
+    return f"{low:02d}+"
+
+
 def _union_length(intervals: list[tuple[float, float]]) -> float:
     total, end = 0.0, float("-inf")
     for start, stop in sorted(intervals):
@@ -73,6 +88,7 @@ def summarise_trace(path: Path, top: int = 25) -> dict[str, Any]:
                           if first <= e["ts"] < last])
     cadence: dict[str, list[float]] = collections.defaultdict(list)
     host: dict[str, list[float]] = collections.defaultdict(list)
+    by_running: dict[str, list[float]] = collections.defaultdict(list)
     for step, following in zip(steps, steps[1:], strict=False):
         ctx_reqs, _, gen_reqs, _ = (int(x) for x in STEP.fullmatch(step["name"]).groups())
         kind = "decode" if ctx_reqs == 0 else "mixed"
@@ -80,6 +96,8 @@ def summarise_trace(path: Path, top: int = 25) -> dict[str, Any]:
         host[kind].append(step["dur"] / 1e3)
         running = ctx_reqs + gen_reqs
         cadence[f"{kind}_running"].append(running)
+        if kind == "decode":
+            by_running[_running_bucket(running)].append((following["ts"] - step["ts"]) / 1e3)
     kernels: collections.Counter[str] = collections.Counter()
     kernel_counts: collections.Counter[str] = collections.Counter()
     for e in device:
@@ -114,6 +132,8 @@ def summarise_trace(path: Path, top: int = 25) -> dict[str, Any]:
         "execute_model_host_mixed": stats(host["mixed"]),
         "mean_running_decode": (statistics.fmean(cadence["decode_running"])
                                 if cadence["decode_running"] else None),
+        "cadence_decode_by_running": {bucket: stats(values)
+                                      for bucket, values in sorted(by_running.items())},
         "runtime_calls_per_step": {name: count / num_steps
                                    for name, count in launches.most_common(12)},
         "waiting_calls": {name: {"count": len(d), "total_ms": sum(d) / 1e3,
@@ -142,13 +162,14 @@ def _new_traces(trace_dir: Path, known: set[Path], timeout_s: float = 180.0) -> 
 
 
 def profile_rule(server: RunningServer, setup: Any, run: Any, dataset: Path,
-                 xargs: dict[str, Any] | None, trace_dir: Path) -> dict[str, Any]:
+                 xargs: dict[str, Any] | None, trace_dir: Path, start_after_s: float
+                 ) -> dict[str, Any]:
     known = set(trace_dir.rglob("*"))
     result: dict[str, Any] = {}
     worker = threading.Thread(target=lambda: result.update(
         run_workload(server, setup, run, dataset, xargs)))
     worker.start()
-    time.sleep(1.0)
+    time.sleep(start_after_s)
     requests.post(f"{server.base_url}/start_profile", timeout=60).raise_for_status()
     worker.join()
     # Stops by itself after --iterations steps; a stop after that is harmless.
@@ -168,7 +189,10 @@ def main() -> None:
     parser.add_argument("--variants", default="t0,default",
                         help="the rules ReFreeKV's server is traced at, in order")
     parser.add_argument("--workloads", default="chat", help="comma list of workload names")
-    parser.add_argument("--iterations", type=int, default=300)
+    parser.add_argument("--iterations", type=int, default=1500,
+                        help="engine steps traced per run (a whole chat run is ~2,000)")
+    parser.add_argument("--start-after", type=float, default=0.5,
+                        help="seconds into the run when tracing starts")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/profile-steps"))
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -206,12 +230,13 @@ def main() -> None:
                     key = f"{workload}/{name}:{rule}"
                     run_workload(server, setup, run, dataset, RULES[rule])  # warm-up pass
                     report[key] = profile_rule(server, setup, run, dataset, RULES[rule],
-                                               trace_dir)
+                                               trace_dir, args.start_after)
                     print(json.dumps({key: report[key]}), flush=True)
+                    # Written after every rule: a server that dies keeps the others' results.
+                    (args.out / "profile_steps.json").write_text(json.dumps(report, indent=1))
     finally:
         for server, _ in servers.values():
             server.stop()
-    (args.out / "profile_steps.json").write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

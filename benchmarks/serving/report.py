@@ -32,6 +32,14 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         if v1:
             cells.append(result["summary_plain_v1"].get(key))
         lines.append(f"| `{key}` | " + " | ".join(_cell(c, "{:.3f}") for c in cells) + " |")
+    paired = result.get("round_ratios", {})
+    if any(len(values) > 1 for rule in paired.values() for values in rule.values()):
+        lines += ["", "Within each round (servers measured minutes apart), in round order:", "",
+                  "| ratio | default rule | T = 0 |", "|---|---|---|"]
+        for key in result["summary"]:
+            cells = [", ".join(f"{v:.3f}" for v in paired.get(rule, {}).get(key, [])) or "–"
+                     for rule in ("default", "t0")]
+            lines.append(f"| `{key}` | " + " | ".join(cells) + " |")
     for model in result["models"].values():
         lines += ["", f"## {model['model']}", "",
                   f"Server flags (both servers): `{' '.join(model['server_flags'])}`", "",

@@ -242,6 +242,19 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
+# Summary key -> (model, workload, metric) of the ratio ReFreeKV / plain vLLM.
+RATIOS = {
+    "c1_decode_ratio": ("smollm2", "long_c1", "output_tok_s"),
+    "c8_throughput_ratio": ("smollm2", "long_c8", "output_tok_s"),
+    "burst_throughput_ratio": ("smollm2", "long_burst", "output_tok_s"),
+    "burst_concurrency_ratio": ("smollm2", "long_burst", "peak_running"),
+    "chat_throughput_ratio": ("smollm2", "chat", "output_tok_s"),
+    "overhead_8b_c8_throughput_ratio": ("llama8b", "8b_c8", "output_tok_s"),
+    "overhead_8b_c64_throughput_ratio": ("llama8b", "8b_c64", "output_tok_s"),
+    "overhead_8b_ttft_ratio": ("llama8b", "8b_c8", "ttft_p50_ms"),
+}
+
+
 def ratio(runs: dict[str, Any], workload: str, variant: str, metric: str) -> float | None:
     plugin, plain = runs.get(f"{workload}/{variant}"), runs.get(f"{workload}/plain")
     if not plugin or not plain or not plain[metric]:
@@ -250,21 +263,26 @@ def ratio(runs: dict[str, Any], workload: str, variant: str, metric: str) -> flo
 
 
 def summarise(models: dict[str, dict[str, Any]], variant: str) -> dict[str, Any]:
-    small = models.get("smollm2", {}).get("runs", {})
-    large = models.get("llama8b", {}).get("runs", {})
-    summary = {
-        "c1_decode_ratio": ratio(small, "long_c1", variant, "output_tok_s"),
-        "c8_throughput_ratio": ratio(small, "long_c8", variant, "output_tok_s"),
-        "burst_throughput_ratio": ratio(small, "long_burst", variant, "output_tok_s"),
-        "burst_concurrency_ratio": ratio(small, "long_burst", variant, "peak_running"),
-        "chat_throughput_ratio": ratio(small, "chat", variant, "output_tok_s"),
-        "overhead_8b_c8_throughput_ratio": ratio(large, "8b_c8", variant, "output_tok_s"),
-        "overhead_8b_c64_throughput_ratio": ratio(large, "8b_c64", variant, "output_tok_s"),
-        "overhead_8b_ttft_ratio": ratio(large, "8b_c8", variant, "ttft_p50_ms"),
-    }
-    burst = small.get(f"long_burst/{variant}")
+    """Each ratio of the medians over rounds."""
+    summary = {key: ratio(models.get(model, {}).get("runs", {}), workload, variant, metric)
+               for key, (model, workload, metric) in RATIOS.items()}
+    burst = models.get("smollm2", {}).get("runs", {}).get(f"long_burst/{variant}")
     summary["burst_physical_budget"] = burst["physical_budget"] if burst else None
     return summary
+
+
+def round_ratios(models: dict[str, dict[str, Any]], variant: str) -> dict[str, list[float]]:
+    """Each ratio within every round (the two servers measured minutes apart): its spread shows
+    how much of a ratio is the machine's drift."""
+    paired: dict[str, list[float]] = {}
+    for key, (model, workload, metric) in RATIOS.items():
+        runs = models.get(model, {}).get("runs", {})
+        plugin, plain = runs.get(f"{workload}/{variant}"), runs.get(f"{workload}/plain")
+        if not plugin or not plain:
+            continue
+        pairs = zip(plugin.get("rounds", [plugin]), plain.get("rounds", [plain]), strict=True)
+        paired[key] = [a[metric] / b[metric] for a, b in pairs if b[metric]]
+    return paired
 
 
 def device_name(device: str) -> str:
@@ -315,7 +333,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "for diagnosis, ratios need plain)")
     parser.add_argument("--rounds", type=int, default=None,
                         help="times every workload runs on every engine, each round in another "
-                             "engine order; medians are reported (default: 2 on cuda, 1 on cpu)")
+                             "engine order; medians are reported (default: 3 on cuda, 1 on cpu)")
     parser.add_argument("--reuse", action="store_true",
                         help="reuse datasets and per-model results already in --work-dir "
                              "(a run split over several invocations)")
@@ -360,7 +378,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                sequential_start=args.sequential_start or cpu,
                                plain_v1=args.plain_v1 or "plain_v1" in (args.engines or ""),
                                only_engines=args.engines.split(",") if args.engines else None,
-                               rounds=args.rounds or (1 if cpu else 2), warm_up=not cpu)
+                               rounds=args.rounds or (1 if cpu else 3), warm_up=not cpu)
         if earlier is not None:
             earlier["workloads"].update(measured["workloads"])
             earlier["runs"].update(measured["runs"])
@@ -382,6 +400,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "wall_s": round(time.time() - started, 1),
         "summary": summarise(models, "default"),
         "summary_t0": summarise(models, "t0"),
+        "round_ratios": {variant: round_ratios(models, variant) for variant in ("default", "t0")},
         **({"summary_plain_v1": summarise(models, "plain_v1")}
            if any(key.endswith("/plain_v1") for model in models.values()
                   for key in model["runs"]) else {}),
