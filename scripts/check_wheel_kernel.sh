@@ -1,16 +1,17 @@
 #!/bin/bash
 # Build the wheel from this checkout, install it into an empty directory, and run the scoring
 # kernel tests against that installed copy (on a CUDA machine: its CUDA kernel is compiled from
-# the wheel's own sources). torch and vLLM come from the current environment.
+# the wheel's own sources). torch and vLLM come from the environment of $PYTHON (python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
 work=$(mktemp -d)
-python3 -m pip wheel -q --no-deps --no-build-isolation -w "$work/wheel" .
-python3 -m pip install -q --no-deps --target "$work/site" "$work"/wheel/refreekv_vllm-*.whl
+PYTHON=${PYTHON:-python3}
+"$PYTHON" -m pip wheel -q --no-deps --no-build-isolation -w "$work/wheel" .
+"$PYTHON" -m pip install -q --no-deps --target "$work/site" "$work"/wheel/refreekv_vllm-*.whl
 export PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}"
 # -P: the checkout's own copy must not shadow the installed one.
-python3 -P -c "
+"$PYTHON" -P -c "
 import sys
 import pytest
 import refreekv_vllm

@@ -15,6 +15,13 @@ def _pct(x: float | None, signed: bool = False) -> str:
     return f"{100 * x:+.1f}%" if signed else f"{100 * x:.1f}%"
 
 
+def _ci(interval: list[float] | None) -> str:
+    """`` [low, high]`` of a relative change in percent, or nothing (results without samples)."""
+    if interval is None:
+        return ""
+    return f" [{_pct(interval[0], True)}, {_pct(interval[1], True)}]"
+
+
 def _verdict(summary: Mapping[str, Any] | None) -> str:
     if summary is None:
         return "not run (left out by --policies)."
@@ -23,8 +30,12 @@ def _verdict(summary: Mapping[str, Any] | None) -> str:
              if summary["worst_task"] else "no task with a non-zero full-cache score")
     excluded = (f"; left out (full-cache score 0): {', '.join(summary['excluded_tasks'])}"
                 if summary["excluded_tasks"] else "")
-    return (f"**{summary['policy']}** {ok} the goal: mean relative change "
-            f"{_pct(summary['mean_rel_change'], True)}, {worst}, mean physical budget "
+    by_interval = (f" (by the 95% intervals: {summary['quality_goal_by_interval']})"
+                   if "quality_goal_by_interval" in summary else "")
+    return (f"**{summary['policy']}** {ok} the goal{by_interval}: mean relative change "
+            f"{_pct(summary['mean_rel_change'], True)}"
+            f"{_ci(summary.get('mean_rel_change_ci'))}, {worst}"
+            f"{_ci(summary.get('worst_rel_change_ci'))}, mean physical budget "
             f"{summary['mean_physical_budget']:.3f} (ideal {summary['mean_ideal_budget']:.3f}), "
             f"mean agreement with the full cache {_pct(summary['mean_agreement'])}{excluded}.")
 
@@ -43,24 +54,32 @@ def _fixed_failures(summary: Mapping[str, Any]) -> str:
 
 
 def _policy_table(summaries: list[Mapping[str, Any]]) -> list[str]:
-    lines = ["| policy | mean rel. change | worst task | mean physical budget | "
-             "mean ideal budget | mean agreement | meets goal |",
+    lines = ["| policy | mean rel. change [95% CI] | worst task [95% CI] | "
+             "mean physical budget | mean ideal budget | mean agreement | meets goal "
+             "(by the intervals) |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for s in summaries:
         worst = (f"{s['worst_task']} {_pct(s['worst_rel_change'], True)}"
-                 if s["worst_task"] else "n/a")
-        lines.append(f"| {s['policy']} | {_pct(s['mean_rel_change'], True)} | {worst} | "
+                 f"{_ci(s.get('worst_rel_change_ci'))}" if s["worst_task"] else "n/a")
+        judged = (f" ({s['quality_goal_by_interval']})" if "quality_goal_by_interval" in s
+                  else "")
+        lines.append(f"| {s['policy']} | {_pct(s['mean_rel_change'], True)}"
+                     f"{_ci(s.get('mean_rel_change_ci'))} | {worst} | "
                      f"{s['mean_physical_budget']:.3f} | {s['mean_ideal_budget']:.3f} | "
-                     f"{_pct(s['mean_agreement'])} | {'yes' if s['meets_goal'] else 'no'} |")
+                     f"{_pct(s['mean_agreement'])} | "
+                     f"{'yes' if s['meets_goal'] else 'no'}{judged} |")
     return lines
 
 
 def _task_table(task: Mapping[str, Any]) -> list[str]:
     lines = [f"### {task['name']} — {task['metric']} (%)", "", task["notes"], "",
-             "| policy | score | full score | agreement | ideal budget | physical budget | n | "
-             "wall s |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| policy | score | rel. change [95% CI] | full score | agreement | ideal budget | "
+             "physical budget | n | wall s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, m in task["policies"].items():
-        lines.append(f"| {name} | {_pct(m['score'])} | {_pct(m['full_score'])} | "
+        change = (m["score"] / m["full_score"] - 1.0) if m["full_score"] > 0 else None
+        lines.append(f"| {name} | {_pct(m['score'])} | {_pct(change, True)}"
+                     f"{_ci(m.get('rel_change_ci'))} | {_pct(m['full_score'])} | "
                      f"{_pct(m['agreement'])} | {m['ideal_budget']:.3f} | "
                      f"{m['physical_budget']:.3f} | {m['n_samples']} | {m['wall_s']:.1f} |")
     return lines + [""]

@@ -73,7 +73,7 @@ def run_task(llm: Any, task: Task, policies: list[pol.Policy], samples_file: Any
         scores = [task.score(s, out) for s, out in zip(task.samples, batch.outputs, strict=True)]
         if policy == pol.FULL:
             full_outputs, full_scores = batch.outputs, scores
-        metrics = task_metrics(scores, full_scores, batch.outputs, full_outputs,
+        metrics = task_metrics(task.name, scores, full_scores, batch.outputs, full_outputs,
                                [b.ideal for b in batch.budgets],
                                [b.physical for b in batch.budgets], batch.wall_s)
         if policy.kind != "full":

@@ -2,7 +2,8 @@
 
 Relative change of a task = score / full_score − 1. A task whose full-cache score is 0 has
 nothing to preserve and no defined relative change: it is left out of the mean and the worst
-change (and listed under ``excluded_tasks``); its agreement is still reported.
+change (and listed under ``excluded_tasks``); its agreement is still reported. Every score and
+change comes with a 95% bootstrap interval over the task's samples (``intervals.py``).
 """
 
 from __future__ import annotations
@@ -11,21 +12,26 @@ from collections.abc import Mapping, Sequence
 from statistics import mean
 from typing import Any
 
+from benchmarks.fidelity.intervals import summary_intervals, task_intervals
+
 GOAL = {"mean_rel_change": -0.01, "worst_rel_change": -0.03, "mean_physical_budget": 0.8}
 GOAL_TEXT = ("mean relative change ≥ −1%, no task below −3%, mean physical budget ≤ 0.8 "
              "(relative change = score / full-cache score − 1; tasks with a full-cache score "
              "of 0 are left out of the relative changes)")
 
 
-def task_metrics(scores: Sequence[float], full_scores: Sequence[float], outputs: Sequence[str],
-                 full_outputs: Sequence[str], ideal: Sequence[float], physical: Sequence[float],
-                 wall_s: float) -> dict[str, Any]:
+def task_metrics(task: str, scores: Sequence[float], full_scores: Sequence[float],
+                 outputs: Sequence[str], full_outputs: Sequence[str], ideal: Sequence[float],
+                 physical: Sequence[float], wall_s: float) -> dict[str, Any]:
     n = len(scores)
     return {
         "score": mean(scores), "full_score": mean(full_scores),
+        **task_intervals(task, scores, full_scores),
         "agreement": sum(a == b for a, b in zip(outputs, full_outputs, strict=True)) / n,
         "ideal_budget": mean(ideal), "physical_budget": mean(physical),
         "n_samples": n, "wall_s": round(wall_s, 2),
+        # Per sample, in the task's order: what the intervals of a summary are drawn from.
+        "scores": list(scores), "full_scores": list(full_scores),
     }
 
 
@@ -57,6 +63,12 @@ def policy_summary(results: Mapping[str, Mapping[str, Mapping[str, Any]]], polic
         "rel_change_per_task": per_task,
         "excluded_tasks": sorted(t for t, c in per_task.items() if c is None),
     }
+    if all("scores" in by_policy[policy] for by_policy in results.values()
+           if policy in by_policy):
+        summary.update(summary_intervals({task: by_policy[policy]
+                                          for task, by_policy in results.items()
+                                          if policy in by_policy}))
+        summary["quality_goal_by_interval"] = quality_by_interval(summary)
     summary["meets_quality_goal"] = meets_quality(summary)
     summary["meets_goal"] = summary["meets_quality_goal"] and (
         summary["mean_physical_budget"] is not None
@@ -69,6 +81,19 @@ def meets_quality(summary: Mapping[str, Any]) -> bool:
     if mean_c is None:  # no task with a non-zero full-cache score: nothing lost, nothing shown
         return True
     return mean_c >= GOAL["mean_rel_change"] and worst >= GOAL["worst_rel_change"]
+
+
+def quality_by_interval(summary: Mapping[str, Any]) -> str:
+    """The quality goal judged by the 95% intervals: "met" when both intervals lie above their
+    bounds, "missed" when either lies below, else "undecided" (more samples needed)."""
+    mean_ci, worst_ci = summary.get("mean_rel_change_ci"), summary.get("worst_rel_change_ci")
+    if mean_ci is None or worst_ci is None:
+        return "met"  # no task with a non-zero full-cache score, as in meets_quality
+    if mean_ci[0] >= GOAL["mean_rel_change"] and worst_ci[0] >= GOAL["worst_rel_change"]:
+        return "met"
+    if mean_ci[1] < GOAL["mean_rel_change"] or worst_ci[1] < GOAL["worst_rel_change"]:
+        return "missed"
+    return "undecided"
 
 
 def quality_shortfall(summary: Mapping[str, Any]) -> float:

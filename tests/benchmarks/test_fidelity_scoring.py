@@ -3,6 +3,7 @@
 import time
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from benchmarks.fidelity.budgets import match_reports, physical_budget, report_budgets
@@ -22,7 +23,7 @@ from benchmarks.fidelity.scoring import (
     token_f1,
     values_recalled,
 )
-from benchmarks.fidelity.summary import choose_default, policy_summary, rel_change
+from benchmarks.fidelity.summary import choose_default, policy_summary, rel_change, task_metrics
 from benchmarks.fidelity.tasks import humaneval_completion
 
 ADD_PROMPT = 'def add(x: int, y: int) -> int:\n    """Add two numbers."""\n'
@@ -159,3 +160,48 @@ def test_summary_and_default_choice():
     assert (chosen["policy"], met) == ("x", True)
     chosen, met = choose_default([z])
     assert (chosen["policy"], met) == ("z", False)
+
+
+def _sampled(task, scores, full_scores):
+    n = len(scores)
+    return task_metrics(task, scores, full_scores, ["o"] * n, ["o"] * n, [0.5] * n, [0.5] * n,
+                        0.0)
+
+
+def test_intervals_are_paired_by_sample():
+    rng = np.random.default_rng(1)
+    full = rng.integers(0, 2, 40).astype(float).tolist()
+    same = _sampled("t", full, full)
+    # Every draw takes the same samples for both: no change in any draw.
+    assert same["rel_change_ci"] == [0.0, 0.0]
+    low, high = same["score_ci"]
+    assert low < same["score"] < high
+    worse = list(full)
+    worse[full.index(1.0)] = 0.0  # one sample lost
+    lost = _sampled("t", worse, full)
+    point = lost["score"] / lost["full_score"] - 1
+    assert lost["rel_change_ci"][0] < point < 0 <= lost["rel_change_ci"][1] + 1e-12
+    assert _sampled("t", worse, full)["rel_change_ci"] == lost["rel_change_ci"]  # seeded
+    assert _sampled("t", [0.0] * 5, [0.0] * 5)["rel_change_ci"] is None
+
+
+def test_goal_judged_by_the_intervals():
+    full = [1.0] * 30 + [0.0] * 30
+
+    def summary(scores_a, scores_b):
+        results = {"a": {"p": _sampled("a", scores_a, full)},
+                   "b": {"p": _sampled("b", scores_b, full)},
+                   "zero": {"p": _sampled("zero", [0.0] * 4, [0.0] * 4)}}
+        return policy_summary(results, "p")
+
+    kept = summary(full, full)
+    assert kept["quality_goal_by_interval"] == "met" and kept["mean_rel_change_ci"] == [0, 0]
+    halved = [1.0] * 15 + [0.0] * 45
+    lost = summary(halved, full)
+    assert lost["quality_goal_by_interval"] == "missed"
+    assert lost["worst_rel_change_ci"][1] < -0.03 and lost["excluded_tasks"] == ["zero"]
+    one_lost = [1.0] * 29 + [0.0] * 31
+    unsure = summary(one_lost, full)
+    assert unsure["mean_rel_change"] == pytest.approx(-1 / 60)
+    assert unsure["quality_goal_by_interval"] == "undecided"
+    assert not unsure["meets_quality_goal"]  # the point alone says missed
