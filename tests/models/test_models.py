@@ -1,7 +1,10 @@
 """Model assets: conversion outputs, checksum verification, the tiny test model's shape."""
 
+import hashlib
 import json
 import shutil
+
+import pytest
 
 from refreekv_vllm.models.cache import MANIFEST, verified
 
@@ -36,3 +39,29 @@ def test_tiny_llama_shape(tiny_llama_dir):
     config = json.loads((tiny_llama_dir / "config.json").read_text())
     assert config["num_hidden_layers"] >= 4
     assert config["num_key_value_heads"] < config["num_attention_heads"]
+
+
+def test_qwen_coder_parts_are_joined_only_into_the_published_gguf(tmp_path, monkeypatch):
+    from refreekv_vllm.models import qwen_coder
+
+    parts = []
+    for i in range(qwen_coder.NUM_PARTS):
+        part = tmp_path / f"part{i + 1:02d}.bin"
+        part.write_bytes(bytes([i]) * 1000)
+        parts.append(part)
+    joined = tmp_path / "model.gguf"
+    with pytest.raises(RuntimeError, match="sha256"):
+        qwen_coder.assemble_gguf(parts, joined)
+    assert not joined.exists()  # no half-checked file left for a later run to trust
+    monkeypatch.setattr(qwen_coder, "GGUF_SHA256", hashlib.sha256(
+        b"".join(p.read_bytes() for p in parts)).hexdigest())
+    qwen_coder.assemble_gguf(parts, joined)
+    assert joined.read_bytes() == b"".join(p.read_bytes() for p in parts)
+
+
+def test_qwen_coder_without_its_wheels_names_the_requirements_file(monkeypatch):
+    from refreekv_vllm.models import qwen_coder
+
+    monkeypatch.setattr(qwen_coder.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="requirements/assets-qwen.txt"):
+        qwen_coder.part_paths()
