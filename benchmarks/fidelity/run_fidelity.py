@@ -3,9 +3,13 @@ multi-needle, GSM8K, HumanEval and reading-comprehension tasks, in one vLLM engi
 
     python benchmarks/fidelity/run_fidelity.py            # full run (~1 h on 2 CPU cores)
     python benchmarks/fidelity/run_fidelity.py --quick    # a few samples, 4 policies (< 5 min)
+    # with intervals: choose on the dev half, report once on the held-out test half
+    python benchmarks/fidelity/run_fidelity.py --size stats --split dev
+    python benchmarks/fidelity/run_fidelity.py --size stats --split test --chosen C \
+        --policies full-rerun,C,refreekv-w1-T0.01 --iso-budget-of C,refreekv-w1-T0.01
 
-Writes ``fidelity[_quick].json``, ``fidelity[_quick].md``, ``fidelity[_quick]_samples.jsonl``
-(every output) and PNG plots into ``--out-dir``.
+Writes ``fidelity[_quick][_stats][_<split>].json``, ``.md``, ``_samples.jsonl`` (every output)
+and PNG plots into ``--out-dir``.
 """
 
 from __future__ import annotations
@@ -35,9 +39,12 @@ from benchmarks.fidelity.summary import (  # noqa: E402
 from benchmarks.fidelity.tasks import (  # noqa: E402
     FULL_SIZES,
     QUICK_SIZES,
+    SPLITS,
+    STATS_SIZES,
     TASK_NAMES,
     Task,
     build_tasks,
+    keep_split,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -61,18 +68,23 @@ def model_path(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def run_task(llm: Any, task: Task, policies: list[pol.Policy], samples_file: Any,
-             start: float, position: str) -> dict[str, Any]:
+             start: float, position: str, reference: dict[str, list] | None = None
+             ) -> dict[str, Any]:
+    """Every policy on the task's samples. ``reference`` holds the full cache's ``outputs`` and
+    ``scores`` (filled by the ``full`` policy, or given when it ran in an earlier pass)."""
     log(f"task {position} {task.name}: {len(task.samples)} samples, prompts "
         f"{min(len(s.prompt_ids) for s in task.samples)}-"
         f"{max(len(s.prompt_ids) for s in task.samples)} tokens", start)
     by_policy: dict[str, dict[str, Any]] = {}
-    full_outputs: list[str] = []
-    full_scores: list[float] = []
+    reference = {} if reference is None else reference
+    full_outputs: list[str] = reference.get("outputs", [])
+    full_scores: list[float] = reference.get("scores", [])
     for i, policy in enumerate(policies):
         batch = eng.run_batch(llm, task, policy)
         scores = [task.score(s, out) for s, out in zip(task.samples, batch.outputs, strict=True)]
         if policy == pol.FULL:
             full_outputs, full_scores = batch.outputs, scores
+            reference.update(outputs=full_outputs, scores=full_scores)
         metrics = task_metrics(task.name, scores, full_scores, batch.outputs, full_outputs,
                                [b.ideal for b in batch.budgets],
                                [b.physical for b in batch.budgets], batch.wall_s)
@@ -94,20 +106,54 @@ def run_task(llm: Any, task: Task, policies: list[pol.Policy], samples_file: Any
             "prompt_tokens": [len(s.prompt_ids) for s in task.samples], "policies": by_policy}
 
 
-def summarise(result: dict[str, Any], policies: list[pol.Policy]) -> None:
+def run_iso_budget(llm: Any, tasks: list[Task], result: dict[str, Any], names: list[str],
+                   references: dict[str, dict[str, list]], samples_file: Any, start: float
+                   ) -> list[pol.Policy]:
+    """The fixed budget at the mean physical budget each named policy reached over the tasks
+    (the paper's comparison at equal memory); recorded under ``result["iso_budget"]``."""
+    table = {t["name"]: t["policies"] for t in result["tasks"]}
+    fixed: list[pol.Policy] = []
+    result["iso_budget"] = {}
+    for name in names:
+        budget = round(policy_summary(table, name)["mean_physical_budget"], 3)
+        policy = pol.Policy("fixed", budget=budget)
+        result["iso_budget"][name] = {"target_physical_budget": budget, "fixed": policy.name}
+        if policy not in fixed:
+            fixed.append(policy)
+    for task, record in zip(tasks, result["tasks"], strict=True):
+        done = run_task(llm, task, fixed, samples_file, start, "iso-budget",
+                        references[task.name])
+        record["policies"].update(done["policies"])
+    result["policies"] += [p.name for p in fixed if p.name not in result["policies"]]
+    result["policy_families"].update({p.name: p.family for p in fixed})
+    result["policy_xargs"].update({p.name: p.xargs() for p in fixed})
+    return fixed
+
+
+def summarise(result: dict[str, Any], policies: list[pol.Policy], chosen_name: str | None
+              ) -> None:
     table = {t["name"]: t["policies"] for t in result["tasks"]}
     summaries = {p.name: policy_summary(table, p.name) for p in policies if p != pol.FULL}
     result["policy_summaries"] = list(summaries.values())
-    refreekv = [summaries[p.name] for p in policies if p.kind == "refreekv"]
-    chosen, met = choose_default(refreekv)
-    result["summary"] = {**chosen, "met": met, "rule": (
-        "among the ReFreeKV policies meeting the goal, the lowest mean physical budget; if none "
-        "meets it, the one closest to the quality goal (smallest shortfall, then lowest budget)")}
+    if chosen_name is not None:
+        chosen = summaries[chosen_name]
+        result["summary"] = {**chosen, "met": chosen["meets_goal"],
+                             "rule": "chosen before this run (--chosen), reported as measured"}
+    else:
+        refreekv = [summaries[p.name] for p in policies if p.kind == "refreekv"]
+        chosen, met = choose_default(refreekv)
+        result["summary"] = {**chosen, "met": met, "rule": (
+            "among the ReFreeKV policies meeting the goal, the lowest mean physical budget; if "
+            "none meets it, the one closest to the quality goal (smallest shortfall, then lowest "
+            "budget)")}
+    result["summary"]["policies_compared"] = sum(p.kind == "refreekv" for p in policies)
     for key, policy in (("paper_rule_summary", pol.PAPER_RULE),
                         ("configured_default_summary", pol.CONFIGURED_DEFAULT)):
         result[key] = summaries.get(policy.name)
     result["fixed_summaries"] = [summaries[p.name] for p in policies if p.kind == "fixed"]
     result["noise_floor_summary"] = summaries.get(pol.FULL_RERUN.name)
+    for entry in result.get("iso_budget", {}).values():
+        entry["fixed_summary"] = summaries[entry["fixed"]]
 
 
 def main() -> None:
@@ -121,6 +167,17 @@ def main() -> None:
                         help="comma-separated policy names to run (full is always run)")
     parser.add_argument("--tasks", default=",".join(TASK_NAMES),
                         help=f"comma-separated subset of {','.join(TASK_NAMES)}")
+    parser.add_argument("--size", choices=("full", "stats"), default="full",
+                        help="stats: 120 samples per task (HumanEval 40), for intervals")
+    parser.add_argument("--split", choices=SPLITS, default="all",
+                        help="dev: the samples the default is chosen on; test: the held-out "
+                             "half it is reported on")
+    parser.add_argument("--chosen", default="",
+                        help="the default policy already chosen (on the dev split): the summary "
+                             "reports it instead of choosing again")
+    parser.add_argument("--iso-budget-of", default="",
+                        help="comma-separated ReFreeKV policies: after them, the fixed budget "
+                             "at each one's mean physical budget (the same memory)")
     args = parser.parse_args()
     start = time.perf_counter()
     grid = pol.quick_grid() if args.quick else pol.full_grid()
@@ -130,14 +187,22 @@ def main() -> None:
     name, path = model_path(args)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = "fidelity_quick" if args.quick else "fidelity"
+    stem = ("fidelity_quick" if args.quick else "fidelity") + (
+        f"_{args.size}" if args.size != "full" else "") + (
+        f"_{args.split}" if args.split != "all" else "")
+    iso_of = [name for name in args.iso_budget_of.split(",") if name]
+    running = {p.name for p in policies if p.kind == "refreekv"}
+    unknown = sorted(set(iso_of + ([args.chosen] if args.chosen else [])) - running)
+    if unknown:
+        raise SystemExit(f"--iso-budget-of / --chosen name policies that do not run: {unknown}")
 
     # The quick smoke run on CPUs uses fp32: vLLM's bf16 matmuls there take a path ~5x slower.
     dtype = "float32" if args.quick and not eng.on_gpu() else "bfloat16"
     llm = eng.build_engine(path, dtype)
     log(f"engine up ({name}, block size {eng.block_size_of(llm)})", start)
-    tasks = build_tasks(llm.get_tokenizer(), QUICK_SIZES if args.quick else FULL_SIZES,
-                        [t for t in args.tasks.split(",") if t])
+    sizes = QUICK_SIZES if args.quick else STATS_SIZES if args.size == "stats" else FULL_SIZES
+    tasks = keep_split(build_tasks(llm.get_tokenizer(), sizes,
+                                   [t for t in args.tasks.split(",") if t]), args.split)
     log(f"{len(tasks)} tasks, {len(policies)} policies", start)
     result: dict[str, Any] = {
         "command": shlex.join([Path(sys.executable).name, *sys.argv]), "quick": args.quick,
@@ -148,15 +213,20 @@ def main() -> None:
         "goal": {**GOAL, "text": GOAL_TEXT},
         "policies": [p.name for p in policies],
         "policy_families": {p.name: p.family for p in policies},
-        "policy_xargs": {p.name: p.xargs() for p in policies}, "tasks": []}
+        "policy_xargs": {p.name: p.xargs() for p in policies}, "size": args.size,
+        "split": args.split, "tasks": []}
+    references: dict[str, dict[str, list]] = {task.name: {} for task in tasks}
     with open(out_dir / f"{stem}_samples.jsonl", "w", encoding="utf-8") as samples_file:
         for k, task in enumerate(tasks):
             result["tasks"].append(run_task(llm, task, policies, samples_file, start,
-                                            f"{k + 1}/{len(tasks)}"))
+                                            f"{k + 1}/{len(tasks)}", references[task.name]))
+        if iso_of:
+            policies = policies + run_iso_budget(llm, tasks, result, iso_of, references,
+                                                 samples_file, start)
     result["wall_s"] = round(time.perf_counter() - start, 1)
-    summarise(result, policies)
+    summarise(result, policies, args.chosen or None)
     (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    images = plot(result, out_dir, "_quick" if args.quick else "")
+    images = plot(result, out_dir, stem[len("fidelity"):])
     write_markdown(result, out_dir / f"{stem}.md", images)
     summary = result["summary"]
     log(f"default policy {summary['policy']} (meets goal: {summary['met']}); wrote "

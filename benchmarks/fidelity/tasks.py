@@ -15,8 +15,10 @@ id is recorded in the results).
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,6 +69,12 @@ FULL_SIZES = TaskSizes(
     passkey_lengths=(1024, 2048, 4096, 6144), passkey_depths=(0.15, 0.5, 0.85),
     multi_needle_lengths=(2048, 3072), multi_needle_per_length=4,
     gsm8k=16, humaneval=16, reading=12, gsm8k_max_tokens=128, humaneval_max_tokens=160)
+# Enough samples for intervals (#samples per task: 120, HumanEval 40), halved by --split.
+STATS_SIZES = TaskSizes(
+    passkey_lengths=(1024, 2048, 4096, 6144),
+    passkey_depths=tuple(round(0.05 + 0.9 * i / 29, 3) for i in range(30)),
+    multi_needle_lengths=(2048, 3072), multi_needle_per_length=60,
+    gsm8k=120, humaneval=40, reading=120, gsm8k_max_tokens=128, humaneval_max_tokens=160)
 QUICK_SIZES = TaskSizes(
     passkey_lengths=(1024,), passkey_depths=(0.25, 0.75), multi_needle_lengths=(1024,),
     multi_needle_per_length=2, gsm8k=2, humaneval=2, reading=2,
@@ -312,6 +320,28 @@ def reading_task(builder: PromptBuilder, sizes: TaskSizes) -> Task:
 
 
 TASK_NAMES = ("passkey", "multi_needle", "gsm8k", "humaneval", "reading")
+SPLITS = ("all", "dev", "test")
+
+
+def split_of(task: str, sample_id: str) -> str:
+    """A sample's split, fixed by its task and id: "dev" chooses the default policy, "test"
+    reports it (about half each)."""
+    return "dev" if zlib.crc32(f"{task}/{sample_id}".encode()) % 2 == 0 else "test"
+
+
+def keep_split(tasks: Sequence[Task], split: str) -> list[Task]:
+    """The tasks with only the samples of ``split`` ("all" keeps every sample)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; known: {SPLITS}")
+    if split == "all":
+        return list(tasks)
+    kept = []
+    for task in tasks:
+        samples = [s for s in task.samples if split_of(task.name, s.id) == split]
+        if not samples:
+            raise ValueError(f"task {task.name} has no {split} sample at this size")
+        kept.append(dataclasses.replace(task, samples=samples))
+    return kept
 
 
 def build_tasks(tokenizer: Any, sizes: TaskSizes, names: Sequence[str] = TASK_NAMES

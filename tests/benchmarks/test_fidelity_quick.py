@@ -21,7 +21,8 @@ def quick_run(tmp_path_factory) -> tuple[dict, Path]:
     out_dir = tmp_path_factory.mktemp("fidelity")
     proc = subprocess.run(
         [sys.executable, "benchmarks/fidelity/run_fidelity.py", "--quick", "--out-dir",
-         str(out_dir)], cwd=REPO, capture_output=True, text=True, timeout=900)
+         str(out_dir), "--iso-budget-of", "refreekv-w1-T0.01"], cwd=REPO, capture_output=True,
+        text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return json.loads((out_dir / "fidelity_quick.json").read_text()), out_dir
 
@@ -42,8 +43,11 @@ def test_schema_and_summaries(quick_run):
     result, _ = quick_run
     for key in ("command", "machine", "model", "tasks", "policies", "wall_s"):
         assert result[key], key
+    iso = result["iso_budget"]["refreekv-w1-T0.01"]
+    assert iso["target_physical_budget"] == pytest.approx(
+        result["paper_rule_summary"]["mean_physical_budget"], abs=1e-3)
     assert set(result["policies"]) == {"full", "refreekv-w1-T0.01", "refreekv-w32-mean-T0.005",
-                                       "fixed-0.5"}
+                                       "fixed-0.5", iso["fixed"]}
     assert {t["name"] for t in result["tasks"]} == {
         "passkey", "multi_needle", "gsm8k", "humaneval", "reading"}
     for task in result["tasks"]:
@@ -83,6 +87,26 @@ def test_fixed_budget_keeps_half_at_block_granularity(quick_run):
         # Prompts of 500-1,000 tokens are 16-32 blocks of 32: the sink block and the block the
         # cut falls in stay resident, so up to ~2 blocks above one half.
         assert 0.45 <= fixed["physical_budget"] <= 0.65, task["name"]
+
+
+def test_intervals_and_the_fixed_budget_at_equal_memory(quick_run):
+    result, out_dir = quick_run
+    iso = result["iso_budget"]["refreekv-w1-T0.01"]
+    fixed = iso["fixed_summary"]
+    # The baseline at the paper rule's memory lands near it (whole blocks, the same prompts).
+    assert fixed["mean_physical_budget"] == pytest.approx(iso["target_physical_budget"],
+                                                          abs=0.1)
+    for task in result["tasks"]:
+        for metrics in task["policies"].values():
+            low, high = metrics["score_ci"]
+            assert low <= metrics["score"] <= high
+            assert len(metrics["scores"]) == metrics["n_samples"]
+    summary = result["summary"]
+    if summary["mean_rel_change"] is not None:
+        low, high = summary["mean_rel_change_ci"]
+        assert low <= high
+        assert summary["quality_goal_by_interval"] in ("met", "missed", "undecided")
+    assert "At equal memory" in (out_dir / "fidelity_quick.md").read_text()
 
 
 def test_refreekv_actually_pruned(quick_run):

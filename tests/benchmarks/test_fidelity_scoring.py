@@ -205,3 +205,22 @@ def test_goal_judged_by_the_intervals():
     assert unsure["mean_rel_change"] == pytest.approx(-1 / 60)
     assert unsure["quality_goal_by_interval"] == "undecided"
     assert not unsure["meets_quality_goal"]  # the point alone says missed
+
+
+def test_dev_and_test_splits_are_fixed_halves():
+    from benchmarks.fidelity.tasks import Sample, Task, keep_split, split_of
+
+    samples = [Sample(f"s{i}", [1, 2, 3]) for i in range(200)]
+    task = Task("t", "m", samples, max_tokens=4, score=lambda s, out: 0.0)
+    dev, = keep_split([task], "dev")
+    test, = keep_split([task], "test")
+    assert {s.id for s in dev.samples}.isdisjoint({s.id for s in test.samples})
+    assert len(dev.samples) + len(test.samples) == 200
+    assert 70 <= len(dev.samples) <= 130
+    assert all(split_of("t", s.id) == "dev" for s in dev.samples)
+    assert keep_split([task], "all")[0].samples == samples
+    assert len(task.samples) == 200  # the task itself is left whole
+    with pytest.raises(ValueError, match="no test sample"):
+        keep_split([Task("t", "m", dev.samples, max_tokens=4, score=task.score)], "test")
+    with pytest.raises(ValueError, match="unknown split"):
+        keep_split([task], "train")
