@@ -30,7 +30,7 @@ def _verdict(summary: Mapping[str, Any] | None) -> str:
              if summary["worst_task"] else "no task with a non-zero full-cache score")
     excluded = (f"; left out (full-cache score 0): {', '.join(summary['excluded_tasks'])}"
                 if summary["excluded_tasks"] else "")
-    by_interval = (f" (by the 95% intervals: {summary['quality_goal_by_interval']})"
+    by_interval = (f" (quality goal by the 95% intervals: {summary['quality_goal_by_interval']})"
                    if "quality_goal_by_interval" in summary else "")
     return (f"**{summary['policy']}** {ok} the goal{by_interval}: mean relative change "
             f"{_pct(summary['mean_rel_change'], True)}"

@@ -46,8 +46,11 @@ def test_schema_and_summaries(quick_run):
     iso = result["iso_budget"]["refreekv-w1-T0.01"]
     assert iso["target_physical_budget"] == pytest.approx(
         result["paper_rule_summary"]["mean_physical_budget"], abs=1e-3)
-    assert set(result["policies"]) == {"full", "refreekv-w1-T0.01", "refreekv-w32-mean-T0.005",
-                                       "fixed-0.5", iso["fixed"]}
+    fixed = {p for p in result["policies"] if p.startswith("fixed-")}
+    assert set(result["policies"]) - fixed == {"full", "refreekv-w1-T0.01",
+                                               "refreekv-w32-mean-T0.005"}
+    # fixed-0.5 of the grid, the baseline at equal memory and at most one corrected rerun of it.
+    assert "fixed-0.5" in fixed and iso["fixed"] in fixed and len(fixed) <= 3
     assert {t["name"] for t in result["tasks"]} == {
         "passkey", "multi_needle", "gsm8k", "humaneval", "reading"}
     for task in result["tasks"]:
@@ -93,9 +96,9 @@ def test_intervals_and_the_fixed_budget_at_equal_memory(quick_run):
     result, out_dir = quick_run
     iso = result["iso_budget"]["refreekv-w1-T0.01"]
     fixed = iso["fixed_summary"]
-    # The baseline at the paper rule's memory lands near it (whole blocks, the same prompts).
+    # The baseline at the paper rule's memory lands near it (corrected once for whole blocks).
     assert fixed["mean_physical_budget"] == pytest.approx(iso["target_physical_budget"],
-                                                          abs=0.1)
+                                                          abs=0.05)
     for task in result["tasks"]:
         for metrics in task["policies"].values():
             low, high = metrics["score_ci"]
