@@ -42,7 +42,7 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def build_engine(model: str, dtype: str = "bfloat16") -> Any:
+def build_engine(model: str, dtype: str = "bfloat16", max_model_len: int = 8192) -> Any:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM
 
@@ -52,7 +52,7 @@ def build_engine(model: str, dtype: str = "bfloat16") -> Any:
         {"block_size": 16, "gpu_memory_utilization": 0.5} if on_gpu() else
         {"block_size": 32, "enforce_eager": True, "kv_cache_memory_bytes": 2 << 30})
     return LLM(model=model, **refreekv_llm_kwargs(dict(ENGINE_CONFIG)),
-               enable_prefix_caching=True, dtype=dtype, max_model_len=8192, seed=0,
+               enable_prefix_caching=True, dtype=dtype, max_model_len=max_model_len, seed=0,
                **device_kwargs)
 
 

@@ -40,6 +40,7 @@ from benchmarks.fidelity.tasks import (  # noqa: E402
     FULL_SIZES,
     QUICK_SIZES,
     SPLITS,
+    STATS_LONG_SIZES,
     STATS_SIZES,
     TASK_NAMES,
     Task,
@@ -48,6 +49,7 @@ from benchmarks.fidelity.tasks import (  # noqa: E402
 )
 
 REPO = Path(__file__).resolve().parents[2]
+SIZES = {"full": FULL_SIZES, "stats": STATS_SIZES, "stats-long": STATS_LONG_SIZES}
 
 
 def log(message: str, start: float) -> None:
@@ -186,8 +188,10 @@ def main() -> None:
                         help="comma-separated policy names to run (full is always run)")
     parser.add_argument("--tasks", default=",".join(TASK_NAMES),
                         help=f"comma-separated subset of {','.join(TASK_NAMES)}")
-    parser.add_argument("--size", choices=("full", "stats"), default="full",
-                        help="stats: 120 samples per task (HumanEval 40), for intervals")
+    parser.add_argument("--size", choices=tuple(SIZES), default="full",
+                        help="stats: 140 samples per task (HumanEval 40), for intervals; "
+                             "stats-long: the same with retrieval prompts of 2K-24K tokens "
+                             "(models with a 32K context)")
     parser.add_argument("--split", choices=SPLITS, default="all",
                         help="dev: the samples the default is chosen on; test: the held-out "
                              "half it is reported on")
@@ -217,9 +221,10 @@ def main() -> None:
 
     # The quick smoke run on CPUs uses fp32: vLLM's bf16 matmuls there take a path ~5x slower.
     dtype = "float32" if args.quick and not eng.on_gpu() else "bfloat16"
-    llm = eng.build_engine(path, dtype)
+    max_model_len = 32768 if args.size == "stats-long" else 8192
+    llm = eng.build_engine(path, dtype, max_model_len)
     log(f"engine up ({name}, block size {eng.block_size_of(llm)})", start)
-    sizes = QUICK_SIZES if args.quick else STATS_SIZES if args.size == "stats" else FULL_SIZES
+    sizes = QUICK_SIZES if args.quick else SIZES[args.size]
     tasks = keep_split(build_tasks(llm.get_tokenizer(), sizes,
                                    [t for t in args.tasks.split(",") if t]), args.split)
     log(f"{len(tasks)} tasks, {len(policies)} policies", start)
@@ -228,7 +233,7 @@ def main() -> None:
         "model": name, "machine": eng.machine(),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "engine": {"refreekv": pol.ENGINE_CONFIG, "block_size": eng.block_size_of(llm),
-                   "prefix_caching": True, "dtype": dtype, "max_model_len": 8192},
+                   "prefix_caching": True, "dtype": dtype, "max_model_len": max_model_len},
         "goal": {**GOAL, "text": GOAL_TEXT},
         "policies": [p.name for p in policies],
         "policy_families": {p.name: p.family for p in policies},

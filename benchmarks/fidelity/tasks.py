@@ -63,18 +63,24 @@ class TaskSizes:
     reading: int
     gsm8k_max_tokens: int
     humaneval_max_tokens: int
+    reading_min_chars: int = 2000
 
 
 FULL_SIZES = TaskSizes(
     passkey_lengths=(1024, 2048, 4096, 6144), passkey_depths=(0.15, 0.5, 0.85),
     multi_needle_lengths=(2048, 3072), multi_needle_per_length=4,
     gsm8k=16, humaneval=16, reading=12, gsm8k_max_tokens=128, humaneval_max_tokens=160)
-# Enough samples for intervals (#samples per task: 120, HumanEval 40), halved by --split.
+# Enough samples for intervals: 140 per task (HumanEval 40), so that each half of --split holds
+# 60 or more.
 STATS_SIZES = TaskSizes(
     passkey_lengths=(1024, 2048, 4096, 6144),
-    passkey_depths=tuple(round(0.05 + 0.9 * i / 29, 3) for i in range(30)),
-    multi_needle_lengths=(2048, 3072), multi_needle_per_length=60,
-    gsm8k=120, humaneval=40, reading=120, gsm8k_max_tokens=128, humaneval_max_tokens=160)
+    passkey_depths=tuple(round(0.05 + 0.9 * i / 34, 3) for i in range(35)),
+    multi_needle_lengths=(2048, 3072), multi_needle_per_length=70,
+    gsm8k=140, humaneval=40, reading=140, gsm8k_max_tokens=128, humaneval_max_tokens=160,
+    reading_min_chars=1500)  # 127 abstracts have 2,000 characters or more, 324 have 1,500
+# For models with a 32K context (Qwen2.5-Coder): retrieval prompts of 2K-24K tokens.
+STATS_LONG_SIZES = dataclasses.replace(
+    STATS_SIZES, passkey_lengths=(2048, 8192, 16384, 24576), multi_needle_lengths=(8192, 16384))
 QUICK_SIZES = TaskSizes(
     passkey_lengths=(1024,), passkey_depths=(0.25, 0.75), multi_needle_lengths=(1024,),
     multi_needle_per_length=2, gsm8k=2, humaneval=2, reading=2,
@@ -302,10 +308,11 @@ def _gold_spans(ideal: str) -> list[str]:
 def reading_task(builder: PromptBuilder, sizes: TaskSizes) -> Task:
     """Extractive reading comprehension: quote the spans of a clinical-trial abstract that define
     the study population (``evals`` registry data, 497 abstracts); seeded subset of the
-    abstracts of at least 2,000 characters."""
+    abstracts of at least ``sizes.reading_min_chars`` characters."""
     rows = data.evals_jsonl(READING_MEMBER)
     candidates = [i for i, r in enumerate(rows)
-                  if len(r["input"][-1]["content"]) >= 2000 and _gold_spans(r["ideal"])]
+                  if len(r["input"][-1]["content"]) >= sizes.reading_min_chars
+                  and _gold_spans(r["ideal"])]
     subset = sorted(random.Random(SEED + 4).sample(candidates, sizes.reading))
     samples = []
     for i in subset:

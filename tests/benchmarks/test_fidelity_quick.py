@@ -124,3 +124,17 @@ def test_refreekv_actually_pruned(quick_run):
         for name, metrics in task["policies"].items():
             if name != "full":
                 assert metrics["unreported"] == 0, (task["name"], name)
+
+
+def test_stats_size_gives_each_split_sixty_samples_per_task():
+    from transformers import AutoTokenizer
+
+    from benchmarks.fidelity.tasks import STATS_SIZES, build_tasks, keep_split
+    from refreekv_vllm.models import prepare_smollm2
+
+    tasks = build_tasks(AutoTokenizer.from_pretrained(prepare_smollm2()), STATS_SIZES)
+    for split in ("dev", "test"):
+        for task in keep_split(tasks, split):
+            # HumanEval's subset is its 40 shortest problems (shots come from the others).
+            wanted = 15 if task.name == "humaneval" else 60
+            assert len(task.samples) >= wanted, (task.name, split)
