@@ -152,6 +152,13 @@ def report(models: Mapping[str, tuple[Path, Path]], out_dir: Path) -> dict[str, 
             raise ValueError(f"{name}: expected a dev and a test result, got "
                              f"{dev[name].get('split')} and {test[name].get('split')}")
     choice = choose_universal(list(dev.values()))
+    for name in models:
+        reported = test[name].get("summary", {})
+        if reported.get("rule", "").startswith("chosen before") and \
+                reported["policy"] != choice["policy"]:
+            raise ValueError(f"{name}: the test split reports {reported['policy']}, the dev "
+                             f"splits choose {choice['policy']}: rerun the test split with "
+                             f"--chosen {choice['policy']}")
     choice["by_model"] = {name: model_summary(test[name], choice["policy"]) for name in models}
     result = {"goal": {**GOAL, "text": GOAL_TEXT}, "summary": choice,
               "models": {name: {"dev": dev[name], "test": test[name]} for name in models}}

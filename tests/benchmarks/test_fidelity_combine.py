@@ -73,6 +73,10 @@ def test_report_on_the_test_splits(tmp_path):
         assert s["paper_rule"]["quality_goal_by_interval"] == "missed"
     markdown = (tmp_path / "out" / "fidelity.md").read_text()
     assert "ReFreeKV better at equal memory: yes" in markdown
+    test["small"]["summary"] = {"policy": "refreekv-w1-T0.01", "rule": "chosen before this run"}
+    (tmp_path / "small_test.json").write_text(json.dumps(test["small"]))
+    with pytest.raises(ValueError, match="rerun the test split with --chosen refreekv-a"):
+        report(paths, tmp_path / "out")
     with pytest.raises(ValueError, match="expected a dev and a test"):
         report({"small": (paths["small"][1], paths["small"][1])}, tmp_path / "bad")
 
