@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from benchmarks.fidelity.summary import GOAL_TEXT
+from benchmarks.fidelity.summary import GOAL_TEXT, rel_change
 
 
 def _pct(x: float | None, signed: bool = False) -> str:
@@ -77,8 +77,7 @@ def _task_table(task: Mapping[str, Any]) -> list[str]:
              "physical budget | n | wall s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, m in task["policies"].items():
-        change = (m["score"] / m["full_score"] - 1.0) if m["full_score"] > 0 else None
-        lines.append(f"| {name} | {_pct(m['score'])} | {_pct(change, True)}"
+        lines.append(f"| {name} | {_pct(m['score'])} | {_pct(rel_change(m), True)}"
                      f"{_ci(m.get('rel_change_ci'))} | {_pct(m['full_score'])} | "
                      f"{_pct(m['agreement'])} | {m['ideal_budget']:.3f} | "
                      f"{m['physical_budget']:.3f} | {m['n_samples']} | {m['wall_s']:.1f} |")

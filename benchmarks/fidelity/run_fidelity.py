@@ -122,29 +122,27 @@ def run_iso_budget(llm: Any, tasks: list[Task], result: dict[str, Any], names: l
     table = {t["name"]: t["policies"] for t in result["tasks"]}
     targets = {name: round(policy_summary(table, name)["mean_physical_budget"], 3)
                for name in names}
-    ran: list[pol.Policy] = []
+    physical: dict[pol.Policy, float] = {}  # each baseline run: its mean physical budget
 
     def run(budget: float) -> pol.Policy:
         policy = pol.Policy("fixed", budget=round(min(max(budget, 0.01), 1.0), 3))
-        if policy not in ran:
-            ran.append(policy)
+        if policy not in physical:
             for task, record in zip(tasks, result["tasks"], strict=True):
                 done = run_task(llm, task, [policy], samples_file, start, "iso-budget",
                                 references[task.name])
                 record["policies"].update(done["policies"])
+            physical[policy] = policy_summary(table, policy.name)["mean_physical_budget"]
         return policy
-
-    def physical(policy: pol.Policy) -> float:
-        return policy_summary(table, policy.name)["mean_physical_budget"]
 
     result["iso_budget"] = {}
     for name, target in targets.items():
         first = run(target)
         best = first
-        if abs(physical(first) - target) > ISO_TOLERANCE:
-            second = run(first.budget - (physical(first) - target))
-            best = min((first, second), key=lambda p: abs(physical(p) - target))
+        if abs(physical[first] - target) > ISO_TOLERANCE:
+            second = run(first.budget - (physical[first] - target))
+            best = min((first, second), key=lambda p: abs(physical[p] - target))
         result["iso_budget"][name] = {"target_physical_budget": target, "fixed": best.name}
+    ran = list(physical)
     result["policies"] += [p.name for p in ran if p.name not in result["policies"]]
     result["policy_families"].update({p.name: p.family for p in ran})
     result["policy_xargs"].update({p.name: p.xargs() for p in ran})

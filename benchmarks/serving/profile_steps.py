@@ -10,9 +10,9 @@ with one pass of the workload, then runs it again and traces ``--iterations`` en
 (``--variants``).
 Writes ``profile_steps.json``: per server and rule, the cadence of steps (host time from one
 ``execute_model`` to the next) for decode-only and mixed steps, decode steps also by how many
-requests ran, the share of that time the
-device was busy, device time per step, the heaviest kernels, and every CUDA runtime call that
-can make the host wait (synchronisations, blocking copies) with its count and time.
+requests ran, the share of that time the device was busy, device time per step, the heaviest
+kernels and host operations, and every CUDA runtime call that can make the host wait
+(synchronisations, blocking copies) with its count and time.
 """
 
 from __future__ import annotations
@@ -89,15 +89,16 @@ def summarise_trace(path: Path, top: int = 25) -> dict[str, Any]:
     cadence: dict[str, list[float]] = collections.defaultdict(list)
     host: dict[str, list[float]] = collections.defaultdict(list)
     by_running: dict[str, list[float]] = collections.defaultdict(list)
+    decode_running: list[int] = []
     for step, following in zip(steps, steps[1:], strict=False):
         ctx_reqs, _, gen_reqs, _ = (int(x) for x in STEP.fullmatch(step["name"]).groups())
         kind = "decode" if ctx_reqs == 0 else "mixed"
-        cadence[kind].append((following["ts"] - step["ts"]) / 1e3)
+        interval_ms = (following["ts"] - step["ts"]) / 1e3
+        cadence[kind].append(interval_ms)
         host[kind].append(step["dur"] / 1e3)
-        running = ctx_reqs + gen_reqs
-        cadence[f"{kind}_running"].append(running)
         if kind == "decode":
-            by_running[_running_bucket(running)].append((following["ts"] - step["ts"]) / 1e3)
+            decode_running.append(gen_reqs)
+            by_running[_running_bucket(gen_reqs)].append(interval_ms)
     kernels: collections.Counter[str] = collections.Counter()
     kernel_counts: collections.Counter[str] = collections.Counter()
     for e in device:
@@ -130,8 +131,7 @@ def summarise_trace(path: Path, top: int = 25) -> dict[str, Any]:
         "cadence_mixed": stats(cadence["mixed"]),
         "execute_model_host_decode": stats(host["decode"]),
         "execute_model_host_mixed": stats(host["mixed"]),
-        "mean_running_decode": (statistics.fmean(cadence["decode_running"])
-                                if cadence["decode_running"] else None),
+        "mean_running_decode": statistics.fmean(decode_running) if decode_running else None,
         "cadence_decode_by_running": {bucket: stats(values)
                                       for bucket, values in sorted(by_running.items())},
         "runtime_calls_per_step": {name: count / num_steps
