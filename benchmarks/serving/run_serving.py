@@ -36,8 +36,10 @@ from benchmarks.serving.server import (
     MetricsSampler,
     RunningServer,
     launch,
+    process_cpu_seconds,
     wait_healthy,
 )
+from benchmarks.serving.step_phases import read_records, summarise_steps
 from benchmarks.serving.workloads import Workload, write_workload
 
 REPO = Path(__file__).resolve().parents[2]
@@ -132,8 +134,15 @@ def run_workload(server: RunningServer, setup: ModelSetup, run: Run, dataset: Pa
     parser = FlexibleArgumentParser()
     add_cli_args(parser)
     args = parser.parse_args(bench_args(server, setup, run, dataset, extra_body))
+    cpu_before, started = process_cpu_seconds(server.process.pid), time.monotonic()
     with MetricsSampler(server) as sampler:
         result = main(args)
+    ended = time.monotonic()
+    cpu_after = process_cpu_seconds(server.process.pid)
+    steps = None
+    if server.step_dir is not None:
+        time.sleep(1.5)  # the step timer writes its records twice a second
+        steps = summarise_steps(read_records(server.step_dir, started, ended))
     budget_count = sampler.delta("refreekv:request_block_budget_count")
     return {
         "completed": result["completed"],
@@ -153,6 +162,10 @@ def run_workload(server: RunningServer, setup: ModelSetup, run: Run, dataset: Pa
         "physical_budget": (sampler.delta("refreekv:request_block_budget_sum") / budget_count
                             if budget_count else None),
         "errors": sorted({e for e in result.get("errors", []) if e})[:5],
+        # Busy share of each server process over the run (1.0: one core all the time).
+        "cpu_busy_share": {name: round((cpu_after[name] - cpu_before.get(name, 0.0))
+                                       / (ended - started), 3) for name in sorted(cpu_after)},
+        **({"step_phases": steps} if steps is not None else {}),
     }
 
 
@@ -172,7 +185,7 @@ PLAIN_RUNNER_NOTE = ("plain vLLM runs with its defaults (on GPUs the V2 model ru
 def bench_model(setup: ModelSetup, work_dir: Path, datasets: dict[str, Path], *,
                 sequential_start: bool, plain_v1: bool = False,
                 only_engines: list[str] | None = None, rounds: int = 1,
-                warm_up: bool = True) -> dict[str, Any]:
+                warm_up: bool = True, step_timer: bool = False) -> dict[str, Any]:
     """Every workload against every engine variant, ``rounds`` times; each round starts with
     another variant so that no engine always runs first (or last) on a machine whose speed
     drifts. Reported per (workload, variant): the median of each number over the rounds."""
@@ -187,7 +200,9 @@ def bench_model(setup: ModelSetup, work_dir: Path, datasets: dict[str, Path], *,
         for engine, (command, env, _) in engines.items():
             log = work_dir / f"{setup.model_dir.name}-{engine}.log"
             flags = [*setup.server_flags, "--served-model-name", setup.name]
-            servers[engine] = launch([*command, "--model", str(setup.model_dir), *flags], log, env)
+            step_dir = work_dir / f"steps-{setup.model_dir.name}-{engine}" if step_timer else None
+            servers[engine] = launch([*command, "--model", str(setup.model_dir), *flags], log, env,
+                                     step_dir)
             if sequential_start:
                 wait_healthy(servers[engine])
         for server in servers.values():
@@ -339,6 +354,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "(a run split over several invocations)")
     parser.add_argument("--commit", default=None,
                         help="the plugin's commit to record (default: git rev-parse HEAD)")
+    parser.add_argument("--step-timer", action="store_true",
+                        help="record every engine step's host phases in every server "
+                             "(step_phases per run)")
     parser.add_argument("--prepare-only", action="store_true",
                         help="write the datasets into --work-dir and stop")
     args = parser.parse_args(argv)
@@ -378,7 +396,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                sequential_start=args.sequential_start or cpu,
                                plain_v1=args.plain_v1 or "plain_v1" in (args.engines or ""),
                                only_engines=args.engines.split(",") if args.engines else None,
-                               rounds=args.rounds or (1 if cpu else 3), warm_up=not cpu)
+                               rounds=args.rounds or (1 if cpu else 3), warm_up=not cpu,
+                               step_timer=args.step_timer)
         if earlier is not None:
             earlier["workloads"].update(measured["workloads"])
             earlier["runs"].update(measured["runs"])

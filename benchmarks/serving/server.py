@@ -30,6 +30,7 @@ class RunningServer:
     process: subprocess.Popen
     base_url: str
     log_path: Path
+    step_dir: Path | None = None  # where the step timer writes, if it runs in this server
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -48,15 +49,25 @@ class RunningServer:
                 self.process.wait()
 
 
-def launch(command: list[str], log_path: Path, env: dict[str, str] | None = None
-           ) -> RunningServer:
-    """Start ``command`` (a server command line without ``--port``) on a free port."""
+STEP_TIMER_SITE = Path(__file__).resolve().parent / "step_timer"
+
+
+def launch(command: list[str], log_path: Path, env: dict[str, str] | None = None,
+           step_dir: Path | None = None) -> RunningServer:
+    """Start ``command`` (a server command line without ``--port``) on a free port; with
+    ``step_dir``, every engine step's host phases are recorded there (``step_timer``)."""
     port = free_port()
+    env = dict(env or {})
+    if step_dir is not None:
+        step_dir.mkdir(parents=True, exist_ok=True)
+        path = os.environ.get("PYTHONPATH")
+        env["PYTHONPATH"] = f"{STEP_TIMER_SITE}{os.pathsep}{path}" if path else str(STEP_TIMER_SITE)
+        env["STEP_TIMER_DIR"] = str(step_dir)
     with open(log_path, "w") as log_file:  # the child keeps its own copy of the descriptor
         process = subprocess.Popen([*command, "--port", str(port)], stdout=log_file,
-                                   stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                   stderr=subprocess.STDOUT, env={**os.environ, **env},
                                    start_new_session=True)
-    return RunningServer(process, f"http://127.0.0.1:{port}", log_path)
+    return RunningServer(process, f"http://127.0.0.1:{port}", log_path, step_dir)
 
 
 def wait_healthy(server: RunningServer, timeout_s: float = STARTUP_TIMEOUT_S) -> RunningServer:
@@ -136,3 +147,34 @@ class MetricsSampler:
             weighted += values.get(name, 0.0) * (t1 - t0)
             total += t1 - t0
         return weighted / total if total else 0.0
+
+
+def process_cpu_seconds(root_pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) of a process and its descendants, summed by process name
+    (vLLM names its processes, e.g. ``VLLM::EngineCore``). Linux only; empty elsewhere."""
+    parents: dict[int, int] = {}
+    stats: dict[int, tuple[str, float]] = {}
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            raw = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # The name is in parentheses and may hold spaces; fields follow the last ")".
+        name = raw[raw.index("(") + 1:raw.rindex(")")]
+        fields = raw[raw.rindex(")") + 2:].split()
+        pid = int(entry.name)
+        parents[pid] = int(fields[1])
+        stats[pid] = (name, (int(fields[11]) + int(fields[12])) / ticks)
+    tree, frontier = {root_pid}, [root_pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in tree]
+        tree.update(children)
+        frontier.extend(children)
+    seconds: dict[str, float] = {}
+    for pid in tree:
+        if pid in stats:
+            name, cpu = stats[pid]
+            seconds[name] = seconds.get(name, 0.0) + cpu
+    return seconds

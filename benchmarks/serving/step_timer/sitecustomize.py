@@ -1,0 +1,165 @@
+"""Host time of every engine-core phase, per step, in any vLLM server (plain or ReFreeKV).
+
+Loaded by Python at start-up when this directory is on ``PYTHONPATH`` (``run_serving
+--step-timer`` puts it there for every server alike); does nothing unless ``STEP_TIMER_DIR`` is
+set. When vLLM's engine core is imported it wraps, per instance, the calls one engine step makes
+on a single-GPU server: the scheduler's ``schedule`` and ``update_from_output``, the executor's
+``execute_model`` and ``sample_tokens``, the wait for a step's sampled tokens, and the model
+runner's sub-steps (in whichever process the worker runs). Each call becomes a record
+``[name, start, seconds]`` (monotonic clock, shared by the processes); ``schedule`` records also
+carry the step's scheduled requests and tokens. A daemon thread
+appends them to ``STEP_TIMER_DIR/steps-<pid>.jsonl`` twice a second.
+A wrapper costs well under a microsecond per call.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib.abc
+import importlib.util
+import json
+import os
+import sys
+import threading
+import time
+from typing import Any
+
+_DIR = os.environ.get("STEP_TIMER_DIR")
+RUNNER_PHASES = ("_update_states", "_prepare_inputs", "_determine_batch_execution_and_padding",
+                 "_build_attention_metadata", "_preprocess", "_model_forward", "_sample",
+                 "_bookkeeping_sync")
+
+
+class _Recorder:
+    def __init__(self, directory: str) -> None:
+        self.records: list[list[Any]] = []
+        self.path = os.path.join(directory, f"steps-{os.getpid()}.jsonl")
+        threading.Thread(target=self._flush_forever, daemon=True).start()
+
+    def _flush_forever(self) -> None:
+        while True:
+            time.sleep(0.5)
+            records, self.records = self.records, []
+            if records:
+                with open(self.path, "a") as file:
+                    file.write("".join(json.dumps(r) + "\n" for r in records))
+
+    def timed(self, name: str, call: Any, scheduling: bool = False) -> Any:
+        clock = time.monotonic
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            start = clock()
+            result = call(*args, **kwargs)
+            record = [name, start, clock() - start]
+            if scheduling:
+                record += [len(getattr(result, "num_scheduled_tokens", ()) or ()),
+                           getattr(result, "total_num_scheduled_tokens", 0)]
+            self.records.append(record)
+            return result
+
+        return wrapper
+
+
+_recorders: list[_Recorder] = []
+
+
+def _recorder() -> _Recorder:
+    if not _recorders:
+        _recorders.append(_Recorder(_DIR))
+    return _recorders[0]
+
+
+class _TimedFuture:
+    """A batch-queue future whose ``result()`` (the wait for a step's output) is timed."""
+
+    def __init__(self, future: Any, recorder: _Recorder) -> None:
+        self._future = future
+        self.result = recorder.timed("wait_output", future.result)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._future, name)
+
+
+class _TimedBatchQueue(collections.deque):
+    recorder: _Recorder
+
+    def pop(self) -> Any:
+        future, *rest = super().pop()
+        return (_TimedFuture(future, self.recorder), *rest)
+
+
+def _instrument_engine_core(engine_core: Any) -> None:
+    recorder = _recorder()
+    scheduler, executor = engine_core.scheduler, engine_core.model_executor
+    scheduler.schedule = recorder.timed("schedule", scheduler.schedule, scheduling=True)
+    scheduler.update_from_output = recorder.timed("update_from_output",
+                                                  scheduler.update_from_output)
+    executor.execute_model = recorder.timed("execute_model", executor.execute_model)
+    executor.sample_tokens = recorder.timed("sample_tokens", executor.sample_tokens)
+    if engine_core.batch_queue is not None:
+        queue = _TimedBatchQueue(engine_core.batch_queue, engine_core.batch_queue.maxlen)
+        queue.recorder = recorder
+        engine_core.batch_queue = queue
+
+
+def _instrument_runner(runner: Any) -> None:
+    recorder = _recorder()
+    for phase in RUNNER_PHASES:
+        if hasattr(runner, phase):
+            setattr(runner, phase, recorder.timed(phase, getattr(runner, phase)))
+
+
+def _patch_engine_core(module: Any) -> None:
+    init = module.EngineCore.__init__
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        _instrument_engine_core(self)
+
+    module.EngineCore.__init__ = __init__
+
+
+def _patch_worker_base(module: Any) -> None:
+    # The model runner exists once the worker's device is initialised, in whichever process
+    # the worker runs (the engine core's on one GPU, a worker process otherwise).
+    init_device = module.WorkerWrapperBase.init_device
+
+    def timed_init_device(self: Any, *args: Any, **kwargs: Any) -> Any:
+        result = init_device(self, *args, **kwargs)
+        runner = getattr(getattr(self, "worker", None), "model_runner", None)
+        if runner is not None:
+            _instrument_runner(runner)
+        return result
+
+    module.WorkerWrapperBase.init_device = timed_init_device
+
+
+_PATCHES = {"vllm.v1.engine.core": _patch_engine_core,
+            "vllm.v1.worker.worker_base": _patch_worker_base}
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    def __init__(self) -> None:
+        self.done: set[str] = set()
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+        patch = _PATCHES.get(name)
+        if patch is None or name in self.done:
+            return None
+        self.done.add(name)
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_and_patch(module: Any) -> None:
+            exec_module(module)
+            patch(module)
+
+        spec.loader.exec_module = exec_and_patch  # type: ignore[method-assign]
+        return spec
+
+
+if _DIR:
+    os.makedirs(_DIR, exist_ok=True)
+    sys.meta_path.insert(0, _PatchOnImport())

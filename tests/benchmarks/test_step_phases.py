@@ -1,0 +1,96 @@
+"""The step timer's records read back into per-step phases (synthetic records, known answers),
+and the timer itself loaded into a fresh interpreter the way servers load it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks.serving.server import STEP_TIMER_SITE, process_cpu_seconds
+from benchmarks.serving.step_phases import compare, read_records, summarise_steps
+
+
+def _records(steps):
+    """``steps``: (requests, tokens, schedule ms, execute ms, wait ms) per step, 10 ms apart;
+    each step's wait and update belong to the step before under async scheduling, and are
+    recorded after the step's schedule, as the engine core does."""
+    records = []
+    for i, (reqs, tokens, schedule_ms, execute_ms, wait_ms) in enumerate(steps):
+        t = i * 0.010
+        records.append(["schedule", t, schedule_ms / 1e3, reqs, tokens])
+        records.append(["execute_model", t + 0.001, execute_ms / 1e3])
+        records.append(["_prepare_inputs", t + 0.0012, execute_ms / 2e3])
+        records.append(["wait_output", t + 0.004, wait_ms / 1e3])
+        records.append(["update_from_output", t + 0.005, 0.5e-3])
+    # An idle poll of the scheduler: it scheduled nothing and starts no step.
+    records.append(["schedule", len(steps) * 0.010 - 0.002, 0.1e-3, 0, 0])
+    return records
+
+
+def test_steps_are_split_by_kind_and_running_requests():
+    steps = [(4, 4, 1.0, 2.0, 3.0)] * 5 + [(20, 500, 2.0, 6.0, 1.0)] * 2 + [(20, 20, 1.0, 2.0, 0.0)]
+    summary = summarise_steps(_records(steps))
+    # The last step has no successor, so it has no interval.
+    assert summary["decode"]["steps"] == 5 and summary["mixed"]["steps"] == 2
+    assert set(summary) == {"decode", "decode 002-008", "mixed"}
+    decode = summary["decode"]
+    assert decode["interval_median_ms"] == pytest.approx(10.0)
+    assert decode["phase_mean_ms"]["execute_model"] == pytest.approx(2.0)
+    assert decode["phase_mean_ms"]["_prepare_inputs"] == pytest.approx(1.0)
+    # The idle poll (0.1 ms) lands in the step before it: step 7 has no interval, so the
+    # decode steps keep their own schedule time.
+    assert decode["phase_mean_ms"]["schedule"] == pytest.approx(1.0)
+    # 10 ms per step: 1 + 2 + 3 + 0.5 ms of engine phases (the runner's run inside them).
+    assert decode["other_mean_ms"] == pytest.approx(3.5)
+    assert summary["mixed"]["mean_reqs"] == 20
+
+
+def test_compare_gives_the_plugins_extra_time_per_phase():
+    plain = summarise_steps(_records([(8, 8, 1.0, 2.0, 3.0)] * 4))
+    plugin = summarise_steps(_records([(8, 8, 1.5, 2.0, 3.0)] * 4))
+    extra = compare(plain, plugin)["decode"]
+    assert extra["phase_extra_ms"]["schedule"] == pytest.approx(0.5)
+    assert extra["phase_extra_ms"]["execute_model"] == pytest.approx(0.0)
+    # Same step interval: the extra schedule time came out of the unaccounted rest.
+    assert extra["interval_extra_ms"] == pytest.approx(0.0)
+    assert extra["other_extra_ms"] == pytest.approx(-0.5)
+
+
+def test_records_are_read_within_the_window(tmp_path):
+    lines = [["schedule", t, 0.001, 1, 1] for t in (1.0, 2.0, 3.0)]
+    (tmp_path / "steps-1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert [r[1] for r in read_records(tmp_path, 1.5, 3.0)] == [2.0]
+
+
+def test_the_timer_patches_vllm_only_when_asked(tmp_path):
+    code = ("import vllm.v1.engine.core as core, vllm.v1.worker.worker_base as base; "
+            "print(core.EngineCore.__init__.__name__, base.WorkerWrapperBase.init_device.__name__)")
+    env = {**os.environ, "PYTHONPATH": str(STEP_TIMER_SITE)}
+    env.pop("STEP_TIMER_DIR", None)
+    plain = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                           text=True, check=True).stdout.splitlines()[-1].split()
+    timed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           check=True, env={**env, "STEP_TIMER_DIR": str(tmp_path)}
+                           ).stdout.splitlines()[-1].split()
+    assert plain == ["__init__", "init_device"]
+    assert timed == ["__init__", "timed_init_device"]
+
+
+def test_process_cpu_seconds_counts_descendants():
+    # A shell (idle) whose child spins for 0.3 s of CPU and then waits.
+    spin = ("import time\nt = time.process_time()\n"
+            "while time.process_time() - t < 0.3: pass\ninput()")
+    shell = subprocess.Popen(["sh", "-c", f"{sys.executable} -c '{spin}'"], stdin=subprocess.PIPE)
+    try:
+        seconds: dict[str, float] = {}
+        for _ in range(100):
+            seconds = process_cpu_seconds(shell.pid)
+            if sum(seconds.values()) >= 0.3:
+                break
+            subprocess.run(["sleep", "0.1"], check=True)
+        assert sum(seconds.values()) >= 0.3
+        assert seconds.get("sh", 0.0) < 0.1  # the spinning is the child's, not the shell's
+    finally:
+        shell.communicate(b"\n")
