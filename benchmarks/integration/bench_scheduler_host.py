@@ -103,6 +103,83 @@ def time_decode_steps(scheduler, num_requests: int, prompt_len: int, steps: int)
             "max_ms": 1e3 * max(times)}
 
 
+def time_churn_steps(scheduler, rule: str, steps: int, concurrency: int = 32,
+                     seed: int = 0) -> dict:
+    """Serving-like steps: the pool first filled with prefix-cache entries of finished long
+    prompts, then ``concurrency`` requests running at all times (1K-6K-token prompts, 64-256
+    output tokens), a finished one replaced at once. ``rule`` "default" sends a cut report for
+    every prompt in the step after its prefill (layers 0-1 keep everything, the others keep the
+    sinks and the last 30-70%), as the worker does; "t0" none. Times ``schedule()`` and
+    ``update_from_output()`` of every step, decode-only and mixed steps apart."""
+    from vllm import SamplingParams
+    from vllm.utils.hashing import sha256
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher
+    from vllm.v1.outputs import ModelRunnerOutput
+    from vllm.v1.request import Request
+
+    from refreekv_vllm.outputs import CutReport, attach_cut_reports
+
+    rng = random.Random(seed)
+    hasher = get_request_block_hasher(BLOCK_SIZE, sha256)
+    counter = iter(range(10**9))
+
+    def add(prompt_len: int, output_len: int) -> None:
+        scheduler.add_request(Request(
+            request_id=f"r{next(counter)}",
+            prompt_token_ids=[rng.randrange(1000, 100_000) for _ in range(prompt_len)],
+            sampling_params=SamplingParams(max_tokens=output_len, ignore_eos=True,
+                                           extra_args={"refreekv_threshold": 0.0}),
+            pooling_params=None, block_hasher=hasher))
+
+    reports_due: dict[str, CutReport] = {}
+
+    def step() -> tuple[float, float, bool]:
+        start = time.perf_counter()
+        output = scheduler.schedule()
+        scheduled = time.perf_counter()
+        req_ids = list(output.num_scheduled_tokens)
+        mixed = output.total_num_scheduled_tokens > len(req_ids)
+        prefilling = [scheduler.requests[r].is_prefill_chunk for r in req_ids]
+        runner_output = ModelRunnerOutput(
+            req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
+            sampled_token_ids=[[] if p else [7] for p in prefilling])
+        due = {r: reports_due.pop(r) for r in req_ids if r in reports_due}
+        if due:
+            attach_cut_reports(runner_output, due)
+        for req_id, p in zip(req_ids, prefilling, strict=True):
+            request = scheduler.requests[req_id]
+            if rule == "default" and not p and request.num_output_tokens == 0:
+                n, m = request.num_prompt_tokens, 4
+                cuts = (m, m, *(m + int(n * rng.uniform(0.3, 0.7)) for _ in range(NUM_LAYERS - 2)))
+                reports_due[req_id] = CutReport(req_id=req_id, num_prompt_tokens=n,
+                                                num_sink_tokens=m, cuts=cuts)
+        before_update = time.perf_counter()
+        finished = scheduler.update_from_output(output, runner_output)
+        ended = time.perf_counter()
+        done = sum(len(o.finished_requests or ()) for o in finished.values())
+        for _ in range(done):
+            add(rng.randrange(1000, 6000), rng.randrange(64, 256))
+        return (scheduled - start) * 1e3, (ended - before_update) * 1e3, mixed
+
+    # Prefix-cache entries of finished requests hold pages, as after earlier workloads.
+    for _ in range(2 * concurrency):
+        add(rng.randrange(1000, 6000), 1)
+    while scheduler.requests:
+        step()
+    for _ in range(concurrency):
+        add(rng.randrange(1000, 6000), rng.randrange(64, 256))
+    for _ in range(64):
+        step()
+    timed: dict[str, list[tuple[float, float]]] = {"decode": [], "mixed": []}
+    for _ in range(steps):
+        schedule_ms, update_ms, mixed = step()
+        timed["mixed" if mixed else "decode"].append((schedule_ms, update_ms))
+    return {kind: {"steps": len(rows),
+                   "schedule_ms": statistics.fmean(r[0] for r in rows) if rows else None,
+                   "update_ms": statistics.fmean(r[1] for r in rows) if rows else None}
+            for kind, rows in timed.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--num-requests", type=int, default=64)

@@ -76,7 +76,8 @@ class PagePool:
                                f"pages, {self.num_free_pages} are free")
         ids = block_ids[0] if n == 1 else np.asarray(block_ids, dtype=np.int64)
         assert (self.pages[ids] == NO_PAGE).all(), f"blocks {block_ids} already hold pages"
-        if self._top.min() >= n:  # every layer from its own region
+        own = self._top >= n
+        if own.all():  # every layer from its own region
             if n == 1:  # the common case: one request's next block
                 self._top -= 1
                 self.pages[ids] = self._free[self._layers, self._top]
@@ -85,23 +86,45 @@ class PagePool:
                 self.pages[ids] = self._free[self._layers[:, None], picks].T
                 self._top -= n
         else:
-            rows = np.asarray(block_ids, dtype=np.int64)  # ``ids`` is a scalar for one block
-            for layer in range(self.num_layers):
+            # Some regions are used up (layers never pruned): the others still take from their
+            # own, in one go; only the short layers look elsewhere.
+            rows = np.asarray(block_ids, dtype=np.int64)
+            layers = self._layers[own]
+            picks = self._top[layers, None] - 1 - np.arange(n)
+            self.pages[rows[:, None], layers[None, :]] = self._free[layers[:, None], picks].T
+            self._top[layers] -= n
+            for layer in np.flatnonzero(~own).tolist():
                 self.pages[rows, layer] = self._take(layer, n)
         self.num_free_pages -= n * self.num_layers
         self._updated.update(dict.fromkeys(block_ids))
 
+    def move(self, from_ids: list[int], to_ids: list[int]) -> None:
+        """Hand every page of each ``from_ids`` block (which must hold all of its pages) to the
+        block at the same position of ``to_ids`` (which must hold none): a block evicted from
+        the prefix cache makes room for a new one without its pages going through the free
+        lists."""
+        src = np.asarray(from_ids, dtype=np.int64)
+        dst = np.asarray(to_ids, dtype=np.int64)
+        rows = self.pages[src]
+        assert (rows != NO_PAGE).all() and (self.pages[dst] == NO_PAGE).all(), (
+            f"cannot move the pages of blocks {from_ids} to blocks {to_ids}")
+        self.pages[dst] = rows
+        self.pages[src] = NO_PAGE
+        self._updated.update(dict.fromkeys(to_ids))
+
     def _take(self, home: int, n: int) -> np.ndarray:
-        """``n`` free pages for layer ``home``: its own region's first, then the fullest
-        other regions'."""
+        """``n`` free pages for layer ``home``: what is left in its own region, then from the
+        fullest region."""
         taken = []
-        for region in [home, *np.argsort(-self._top).tolist()]:
-            k = min(n - sum(len(t) for t in taken), int(self._top[region]))
-            if k <= 0:
-                continue
-            top = self._top[region]
-            taken.append(self._free[region, top - k:top][::-1])
-            self._top[region] -= k
+        region = home
+        while n > 0:
+            top = int(self._top[region])
+            k = min(n, top)
+            if k:
+                taken.append(self._free[region, top - k:top][::-1])
+                self._top[region] -= k
+                n -= k
+            region = int(np.argmax(self._top))
         return np.concatenate(taken)
 
     def release(self, block_id: int) -> int:
@@ -138,6 +161,17 @@ class PagePool:
         held = pages != NO_PAGE
         self._push(pages[held])
         self.pages[block_ids[held], layer] = NO_PAGE
+        return held
+
+    def release_where(self, block_ids: np.ndarray, layers: np.ndarray) -> np.ndarray:
+        """Return the pages of the (block, layer) pairs marked in ``layers`` (``[len(block_ids),
+        num_layers]`` bool; the blocks must be distinct), all in one go. Returns which of them
+        held a page."""
+        rows = self.pages[block_ids]
+        held = layers & (rows != NO_PAGE)
+        self._push(rows[held])
+        rows[held] = NO_PAGE
+        self.pages[block_ids] = rows
         return held
 
     def take_updates(self) -> tuple[np.ndarray, np.ndarray] | None:

@@ -18,6 +18,7 @@ more blocks; vLLM is told how many blocks it can allocate from the free pages
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -70,13 +71,15 @@ class PagedBlockPool(BlockPool):
             else:
                 need.append(block.block_id)
         shortfall = len(need) * self.num_layers - self.page_pool.num_free_pages
-        while shortfall > 0:
-            # get_num_free_blocks counted the cached free blocks' pages as free: take them.
-            oldest = next(iter(self._holding))
-            del self._holding[oldest]
-            victim = self.blocks[oldest]
-            self._maybe_evict_cached_block(victim)
-            shortfall -= self.page_pool.release(victim.block_id)
+        if shortfall > 0:
+            # get_num_free_blocks counted the cached free blocks' pages as free: the oldest of
+            # them (each holding a page in every layer) hand theirs straight to new blocks.
+            victims = list(itertools.islice(self._holding, -(-shortfall // self.num_layers)))
+            for block_id in victims:
+                del self._holding[block_id]
+                self._maybe_evict_cached_block(self.blocks[block_id])
+            self.page_pool.move(victims, need[:len(victims)])
+            need = need[len(victims):]
         self.page_pool.assign(need)
         return blocks
 
@@ -169,18 +172,20 @@ class PagedBlockPool(BlockPool):
         exclusive = np.fromiter(
             (block.ref_cnt == 1 and not block.is_null and block.block_id not in self._pruned_by
              for block in blocks), dtype=bool, count=len(blocks))
+        starts = np.fromiter((gap.start for gap in gaps), dtype=np.int64, count=len(gaps))
+        stops = np.minimum(np.fromiter((gap.stop for gap in gaps), dtype=np.int64,
+                                       count=len(gaps)), len(blocks))
+        released = [ids[start:stop].tolist() for start, stop in zip(starts.tolist(),
+                                                                    stops.tolist(), strict=True)]
+        alone = np.flatnonzero(exclusive)
+        in_gap = (alone[:, None] >= starts) & (alone[:, None] < stops)
+        freed = self.page_pool.release_where(ids[alone], in_gap)
+        num_freed = int(freed.sum())
         lost_pages = np.zeros(len(blocks), dtype=bool)
-        released: list[list[int]] = []
-        num_freed = 0
-        for layer, gap in enumerate(gaps):
-            span = slice(gap.start, min(gap.stop, len(blocks)))
-            released.append(ids[span].tolist())
-            alone = exclusive[span]
-            freed = self.page_pool.release_pages(ids[span][alone], layer)
-            num_freed += int(freed.sum())
-            lost = lost_pages[span]  # a view: marks the blocks that lost a page
-            lost[alone] |= freed
-            for index in np.flatnonzero(~alone) + span.start:
+        lost_pages[alone] = freed.any(axis=1)
+        for index in np.flatnonzero(~exclusive).tolist():
+            # Shared (or null) blocks: a layer's page goes once every holder pruned it.
+            for layer in np.flatnonzero((starts <= index) & (index < stops)).tolist():
                 num_freed += self.release_layer_page(blocks[index], layer)
         for index in np.flatnonzero(lost_pages):
             # A block missing a layer's KV can no longer serve as a prefix-cache hit.

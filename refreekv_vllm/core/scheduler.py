@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 from vllm.config import VllmConfig
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.output import SchedulerOutput
@@ -183,6 +184,8 @@ class RefreeKVSchedulerMixin:
         for reason, count in after.requests_skipped.items():
             if count > before.requests_skipped.get(reason, 0):
                 metrics.skipped(reason, count - before.requests_skipped.get(reason, 0))
+        prompt_tokens = 0
+        kept_tokens = np.zeros(self._refreekv_num_layers, dtype=np.int64)
         for report in reports.values():
             pruned = state.pruned(report.req_id)
             if pruned is None or pruned.report is not report:
@@ -191,8 +194,10 @@ class RefreeKVSchedulerMixin:
             metrics.block_budget.observe(state.block_budget_of(report.req_id))
             # Frozen layers report cut m (nothing pruned); the fixed baseline cuts them too.
             metrics.paper_budget.observe(paper_budget(report.cuts, n, m, frozen_layers=()))
-            for layer, cut in enumerate(report.cuts):
-                metrics.layer_tokens(layer, n, n - (cut - m))
+            prompt_tokens += n
+            kept_tokens += n - (np.asarray(report.cuts, dtype=np.int64) - m)
+        if prompt_tokens:
+            metrics.layer_tokens(prompt_tokens, kept_tokens.tolist())
 
     def _cap_cache_blocks(self) -> None:
         """Never publish blocks written after a request was pruned.

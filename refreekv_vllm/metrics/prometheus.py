@@ -17,7 +17,7 @@ import multiprocessing
 import os
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, values
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
@@ -58,18 +58,24 @@ class SchedulerMetrics:
         # Every series exists from the start (at 0), so dashboards and rate() see it.
         for reason in skip_reasons:
             self._skipped.labels(model_name, reason)
-        for layer in range(num_layers):
-            self._layer_prompt_tokens.labels(model_name, str(layer))
-            self._layer_kept_tokens.labels(model_name, str(layer))
+        # Label lookups cost microseconds: the per-layer series are looked up once.
+        self._layer_prompt = [self._layer_prompt_tokens.labels(model_name, str(layer))
+                              for layer in range(num_layers)]
+        self._layer_kept = [self._layer_kept_tokens.labels(model_name, str(layer))
+                            for layer in range(num_layers)]
         m["threshold"].labels(model_name).set(threshold)
         m["window"].labels(model_name).set(window)
 
     def skipped(self, reason: str, count: int = 1) -> None:
         self._skipped.labels(self._model_name, reason).inc(count)
 
-    def layer_tokens(self, layer: int, prompt_tokens: int, kept_tokens: int) -> None:
-        self._layer_prompt_tokens.labels(self._model_name, str(layer)).inc(prompt_tokens)
-        self._layer_kept_tokens.labels(self._model_name, str(layer)).inc(kept_tokens)
+    def layer_tokens(self, prompt_tokens: int, kept_tokens: Sequence[int]) -> None:
+        """Prompt tokens (the same in every layer) and kept tokens per layer, of one step's
+        reports together."""
+        for prompt, kept, value in zip(self._layer_prompt, self._layer_kept, kept_tokens,
+                                       strict=True):
+            prompt.inc(prompt_tokens)
+            kept.inc(value)
 
 
 class WorkerMetrics:

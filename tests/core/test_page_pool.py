@@ -37,12 +37,14 @@ def test_a_layer_whose_region_is_used_up_takes_pages_from_the_others():
     pool.assign([1, 2, 3])
     for block in (1, 2, 3):
         pool.release_page(block, 2)  # pruning frees layer 2's pages only
-    pool.assign([4, 5])  # layers 0-1 have one page of their own left: the rest comes from 2
-    assert pool.pages[[4, 5]].T.tolist() == [[4, 11], [8, 10], [9, 12]]
+    # Layers 0-1 have one page of their own left: layer 2 takes its two from its own region,
+    # then layers 0-1 the rest of it.
+    pool.assign([4, 5])
+    assert pool.pages[[4, 5]].T.tolist() == [[4, 9], [8, 12], [11, 10]]
     assert pool.num_free_pages == 0
     pool.release(5)
     pool.assign([5])  # one block at a time (vLLM's usual request) takes the same path
-    assert sorted(pool.pages[5].tolist()) == [10, 11, 12] and pool.num_free_pages == 0
+    assert sorted(pool.pages[5].tolist()) == [9, 10, 12] and pool.num_free_pages == 0
     pool.release(4)
     pool.release(5)
     pool.assign([6])  # freed pages went back to their home regions
@@ -214,3 +216,24 @@ def test_releasing_a_requests_gaps_in_every_layer():
     pool.free_blocks([blocks[2]])  # the other holder lets go: both pruned layers go back
     assert pages[blocks[2].block_id, 1] == NO_PAGE and pages[blocks[2].block_id, 2] == NO_PAGE
     pool.check_accounting()
+
+
+def test_release_where_and_move_keep_the_accounting():
+    pool = PagePool(num_pages=13, num_layers=LAYERS, num_blocks=8)  # regions of 4 pages
+    pool.assign([1, 2, 3])
+    held = pool.release_where(np.array([1, 3]), np.array([[False, True, True],
+                                                           [False, False, True]]))
+    assert held.tolist() == [[False, True, True], [False, False, True]]
+    assert (pool.pages[1] == [1, NO_PAGE, NO_PAGE]).all() and pool.pages[3, 2] == NO_PAGE
+    assert pool.num_free_pages == 12 - 9 + 3
+    # Marking a page that is already gone frees nothing.
+    assert not pool.release_where(np.array([1]), np.array([[False, True, False]])).any()
+    pool.take_updates()
+    pool.move([2], [4])  # an evicted cached block hands its pages to a new one
+    assert pool.pages[2].tolist() == [NO_PAGE] * LAYERS and pool.holds_all(4)
+    assert pool.take_updates()[0].tolist() == [4]
+    with pytest.raises(AssertionError):
+        pool.move([1], [5])  # block 1 lost pages: it has no whole row to hand over
+    free = pool.free_pages()
+    held_pages = pool.pages[1:][pool.pages[1:] != NO_PAGE]
+    assert len(np.unique(np.concatenate([free, held_pages]))) == 12

@@ -18,7 +18,7 @@ PARENT = textwrap.dedent("""
         metrics = SchedulerMetrics("m", 0.01, 32, num_layers=2, skip_reasons=["opted_out"])
         metrics.requests_pruned.inc(3)
         metrics.block_budget.observe(0.42)
-        metrics.layer_tokens(1, 100, 40)
+        metrics.layer_tokens(100, [100, 40])
 
     if __name__ == "__main__":
         install_metrics_dir()
