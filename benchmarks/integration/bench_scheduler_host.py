@@ -104,7 +104,8 @@ def time_decode_steps(scheduler, num_requests: int, prompt_len: int, steps: int)
 
 
 def time_churn_steps(scheduler, rule: str, steps: int, concurrency: int = 32,
-                     seed: int = 0) -> dict:
+                     prompt_lens: tuple[int, int] = (1000, 6000),
+                     output_lens: tuple[int, int] = (64, 256), seed: int = 0) -> dict:
     """Serving-like steps: the pool first filled with prefix-cache entries of finished long
     prompts, then ``concurrency`` requests running at all times (1K-6K-token prompts, 64-256
     output tokens), a finished one replaced at once. ``rule`` "default" sends a cut report for
@@ -156,18 +157,20 @@ def time_churn_steps(scheduler, rule: str, steps: int, concurrency: int = 32,
         before_update = time.perf_counter()
         finished = scheduler.update_from_output(output, runner_output)
         ended = time.perf_counter()
-        done = sum(len(o.finished_requests or ()) for o in finished.values())
-        for _ in range(done):
-            add(rng.randrange(1000, 6000), rng.randrange(64, 256))
+        done = sum(out.finish_reason is not None for o in finished.values() for out in o.outputs)
+        for _ in range(done if replacing else 0):
+            add(rng.randrange(*prompt_lens), rng.randrange(*output_lens))
         return (scheduled - start) * 1e3, (ended - before_update) * 1e3, mixed
 
     # Prefix-cache entries of finished requests hold pages, as after earlier workloads.
+    replacing = False
     for _ in range(2 * concurrency):
         add(rng.randrange(1000, 6000), 1)
     while scheduler.requests:
         step()
+    replacing = True
     for _ in range(concurrency):
-        add(rng.randrange(1000, 6000), rng.randrange(64, 256))
+        add(rng.randrange(*prompt_lens), rng.randrange(*output_lens))
     for _ in range(64):
         step()
     timed: dict[str, list[tuple[float, float]]] = {"decode": [], "mixed": []}

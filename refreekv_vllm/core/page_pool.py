@@ -75,7 +75,9 @@ class PagePool:
             raise RuntimeError(f"page pool exhausted: {n} blocks need {n * self.num_layers} "
                                f"pages, {self.num_free_pages} are free")
         ids = block_ids[0] if n == 1 else np.asarray(block_ids, dtype=np.int64)
-        assert (self.pages[ids] == NO_PAGE).all(), f"blocks {block_ids} already hold pages"
+        # One block: a scalar check (check_accounting verifies whole rows).
+        assert (self.pages[ids, 0] == NO_PAGE if n == 1 else (self.pages[ids] == NO_PAGE).all()), (
+            f"blocks {block_ids} already hold pages")
         own = self._top >= n
         if own.all():  # every layer from its own region
             if n == 1:  # the common case: one request's next block
@@ -103,12 +105,17 @@ class PagePool:
         block at the same position of ``to_ids`` (which must hold none): a block evicted from
         the prefix cache makes room for a new one without its pages going through the free
         lists."""
-        src = np.asarray(from_ids, dtype=np.int64)
-        dst = np.asarray(to_ids, dtype=np.int64)
-        rows = self.pages[src]
-        assert (rows != NO_PAGE).all() and (self.pages[dst] == NO_PAGE).all(), (
-            f"cannot move the pages of blocks {from_ids} to blocks {to_ids}")
-        self.pages[dst] = rows
+        if len(from_ids) == 1:  # the common case: one new block per request and step
+            src, dst = from_ids[0], to_ids[0]
+            # Scalar checks (check_accounting verifies whole rows).
+            assert self.pages[src, 0] != NO_PAGE and self.pages[dst, 0] == NO_PAGE, (
+                f"cannot move the pages of block {src} to block {dst}")
+        else:
+            src = np.asarray(from_ids, dtype=np.int64)
+            dst = np.asarray(to_ids, dtype=np.int64)
+            assert (self.pages[src] != NO_PAGE).all() and (self.pages[dst] == NO_PAGE).all(), (
+                f"cannot move the pages of blocks {from_ids} to blocks {to_ids}")
+        self.pages[dst] = self.pages[src]
         self.pages[src] = NO_PAGE
         self._updated.update(dict.fromkeys(to_ids))
 
@@ -181,10 +188,11 @@ class PagePool:
             return None
         ids = np.fromiter(self._updated, dtype=np.int32, count=len(self._updated))
         self._updated = {}
-        rows = self.pages[ids]
+        rows = self.pages[ids]  # a copy
         # A block released again before the workers heard of it: point it at the reserved page
-        # so that a worker never holds an out-of-range page id.
-        return ids, np.where(rows == NO_PAGE, RESERVED_PAGE, rows).astype(np.int32)
+        # so that a worker never holds an out-of-range page id (NO_PAGE < RESERVED_PAGE).
+        np.maximum(rows, RESERVED_PAGE, out=rows)
+        return ids, rows
 
     def _push(self, pages: np.ndarray) -> None:
         """Back to their home regions, on top, lowest ids last (so the next block of that

@@ -27,6 +27,8 @@ from vllm.v1.core.kv_cache_utils import KVCacheBlock
 
 from refreekv_vllm.core.page_pool import NO_PAGE, PagePool
 
+_ABSENT = object()
+
 
 class PagedBlockPool(BlockPool):
     page_pool: PagePool
@@ -64,12 +66,10 @@ class PagedBlockPool(BlockPool):
 
     def get_new_blocks(self, num_blocks: int) -> list[KVCacheBlock]:
         blocks = super().get_new_blocks(num_blocks)
-        need: list[int] = []
-        for block in blocks:
-            if block.block_id in self._holding:
-                del self._holding[block.block_id]  # reuses the pages it holds
-            else:
-                need.append(block.block_id)
+        holding = self._holding
+        # A cached free block that vLLM hands out again reuses the pages it holds.
+        need = [block.block_id for block in blocks
+                if holding.pop(block.block_id, _ABSENT) is _ABSENT]
         shortfall = len(need) * self.num_layers - self.page_pool.num_free_pages
         if shortfall > 0:
             # get_num_free_blocks counted the cached free blocks' pages as free: the oldest of
@@ -93,16 +93,14 @@ class PagedBlockPool(BlockPool):
     def free_blocks(self, ordered_blocks: Iterable[KVCacheBlock]) -> None:
         blocks = list(ordered_blocks)
         super().free_blocks(blocks)
-        unused: list[KVCacheBlock] = []
-        for block in blocks:
-            if block.is_null:
-                continue
-            if block.ref_cnt == 0:
-                self._pruned_by.pop(block.block_id, None)
-                unused.append(block)
-            elif block.block_id in self._pruned_by:
-                # A holder let go: a layer the remaining holders all pruned can go now.
-                self._release_settled_pages(block)
+        unused = [block for block in blocks if block.ref_cnt == 0 and not block.is_null]
+        if self._pruned_by:
+            for block in blocks:
+                if block.ref_cnt == 0:
+                    self._pruned_by.pop(block.block_id, None)
+                elif block.block_id in self._pruned_by:
+                    # A holder let go: a layer the remaining holders all pruned can go now.
+                    self._release_settled_pages(block)
         if not unused:
             return
         # A free block keeps its pages only as a whole prefix-cache entry.

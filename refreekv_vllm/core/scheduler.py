@@ -100,6 +100,7 @@ class RefreeKVSchedulerMixin:
         if reports:
             before = self._refreekv_state.stats()
             self._apply_cut_reports(reports)
+            self._route_cache_blocks()
             self._publish_metrics(before, reports)
         return super().update_from_output(  # type: ignore[misc]
             scheduler_output, model_runner_output)
@@ -115,6 +116,7 @@ class RefreeKVSchedulerMixin:
     def _preempt_request(self, request: Request, timestamp: float) -> None:
         super()._preempt_request(request, timestamp)  # type: ignore[misc]
         self._refreekv_state.on_preempted(request.request_id)
+        self._route_cache_blocks()
 
     def _free_request(
         self, request: Request, delay_free_blocks: bool = False
@@ -122,6 +124,7 @@ class RefreeKVSchedulerMixin:
         result = super()._free_request(  # type: ignore[misc]
             request, delay_free_blocks=delay_free_blocks)
         self._refreekv_state.on_finished(request.request_id)
+        self._route_cache_blocks()
         return result
 
     def _refreekv_opts_out(self, request: Request) -> bool:
@@ -208,16 +211,24 @@ class RefreeKVSchedulerMixin:
         """
         coordinator = self.kv_cache_manager.coordinator
         cache_blocks = coordinator.cache_blocks
-        caps = self._refreekv_state.cache_caps  # called per request and step: one dict lookup
+        caps = self._refreekv_state.cache_caps
 
         def capped_cache_blocks(request: Request, num_computed_tokens: int) -> None:
-            if caps:
-                cap = caps.get(request.request_id)
-                if cap is not None and num_computed_tokens > cap:
-                    num_computed_tokens = cap
+            cap = caps.get(request.request_id)
+            if cap is not None and num_computed_tokens > cap:
+                num_computed_tokens = cap
             cache_blocks(request, num_computed_tokens)
 
-        coordinator.cache_blocks = capped_cache_blocks
+        # Called per request and step: the wrapper is in place only while a request is capped
+        # (_route_cache_blocks), so that unpruned serving pays nothing for it.
+        self._refreekv_cache_blocks = (cache_blocks, capped_cache_blocks)
+
+    def _route_cache_blocks(self) -> None:
+        if self._refreekv_pool is None:
+            return
+        plain, capped = self._refreekv_cache_blocks
+        self.kv_cache_manager.coordinator.cache_blocks = (
+            capped if self._refreekv_state.cache_caps else plain)
 
 
     def _unprune_before_free(self) -> None:

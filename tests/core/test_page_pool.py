@@ -221,10 +221,10 @@ def test_releasing_a_requests_gaps_in_every_layer():
 def test_release_where_and_move_keep_the_accounting():
     pool = PagePool(num_pages=13, num_layers=LAYERS, num_blocks=8)  # regions of 4 pages
     pool.assign([1, 2, 3])
-    held = pool.release_where(np.array([1, 3]), np.array([[False, True, True],
+    held = pool.release_where(np.array([1, 3]), np.array([[True, True, False],
                                                            [False, False, True]]))
-    assert held.tolist() == [[False, True, True], [False, False, True]]
-    assert (pool.pages[1] == [1, NO_PAGE, NO_PAGE]).all() and pool.pages[3, 2] == NO_PAGE
+    assert held.tolist() == [[True, True, False], [False, False, True]]
+    assert (pool.pages[1] == [NO_PAGE, NO_PAGE, 9]).all() and pool.pages[3, 2] == NO_PAGE
     assert pool.num_free_pages == 12 - 9 + 3
     # Marking a page that is already gone frees nothing.
     assert not pool.release_where(np.array([1]), np.array([[False, True, False]])).any()
