@@ -183,8 +183,51 @@ def time_churn_steps(scheduler, rule: str, steps: int, concurrency: int = 32,
             for kind, rows in timed.items()}
 
 
+CHURN_SHAPES = {"long": {"prompt_lens": (1000, 6000), "output_lens": (64, 256)},
+                "chat": {"prompt_lens": (60, 200), "output_lens": (384, 512)}}
+
+
+def churn(model_dir: Path, steps: int, rounds: int, out_dir: Path) -> None:
+    """``--churn``: serving-like steps (``time_churn_steps``) for plain vLLM and ReFreeKV at
+    T = 0 and at the default rule, long and chat shapes, interleaved rounds; medians."""
+    variants = (("plain", "t0"), ("refreekv", "t0"), ("refreekv", "default"))
+    measured: dict[str, list[dict]] = {}
+    for _ in range(rounds):
+        for shape, lens in CHURN_SHAPES.items():
+            for kind, rule in variants:
+                scheduler = build(kind, 16, 6000, model_dir)
+                key = f"{shape}/{kind}" + (f" {rule}" if kind == "refreekv" else "")
+                measured.setdefault(key, []).append(time_churn_steps(scheduler, rule, steps,
+                                                                     **lens))
+    results = {key: {kind: {stat: statistics.median(r[kind][stat] for r in runs
+                                                       if r[kind][stat] is not None)
+                            for stat in ("schedule_ms", "update_ms")}
+                     for kind in ("decode", "mixed")} | {"rounds": runs}
+               for key, runs in measured.items()}
+    print(f"{'variant':24} {'decode sched':>12} {'update':>8} {'mixed sched':>12} {'update':>8}")
+    for key, r in results.items():
+        print(f"{key:24} {r['decode']['schedule_ms']:12.3f} {r['decode']['update_ms']:8.3f} "
+              f"{r['mixed']['schedule_ms']:12.3f} {r['mixed']['update_ms']:8.3f}")
+    summary = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "workload": (f"Llama-3-8B KV layout (32 layers), block size {BLOCK_SIZE}, prefix caching; "
+                     "the pool first filled with cached blocks of finished 1K-6K-token prompts, "
+                     f"then 32 requests kept running ({CHURN_SHAPES}); {steps} timed steps, "
+                     f"{rounds} interleaved rounds; ms per step, medians over rounds"),
+        "results": results,
+        "command": f"python benchmarks/integration/bench_scheduler_host.py --churn --steps {steps}"
+                   f" --rounds {rounds}",
+    }
+    out = out_dir / "scheduler_churn_cpu.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--churn", action="store_true",
+                        help="serving-like churn instead of steady decode "
+                             "(scheduler_churn_cpu.json)")
     parser.add_argument("--num-requests", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=8000)
     parser.add_argument("--steps", type=int, default=200)
@@ -199,6 +242,9 @@ def main() -> None:
 
     init_none_hash(sha256)
     model_dir = prepare_tiny_llama()
+    if args.churn:
+        churn(model_dir, args.steps, args.rounds, Path(args.out_dir))
+        return
     kinds = ("plain", "refreekv")
     rounds: dict[str, list[dict]] = {kind: [] for kind in kinds}
     for _ in range(args.rounds):  # interleaved, so that machine noise hits both alike
