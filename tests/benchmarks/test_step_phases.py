@@ -78,6 +78,19 @@ def test_the_timer_patches_vllm_only_when_asked(tmp_path):
     assert timed == ["__init__", "timed_init_device"]
 
 
+def test_extra_functions_and_methods_are_timed(tmp_path):
+    code = ("import colorsys, calendar, time\n"
+            "colorsys.rgb_to_hsv(1.0, 0.0, 0.0)\n"
+            "calendar.Calendar().getfirstweekday()\n"
+            "time.sleep(1.2)\n")  # the writer thread flushes twice a second
+    env = {**os.environ, "PYTHONPATH": str(STEP_TIMER_SITE), "STEP_TIMER_DIR": str(tmp_path),
+           "STEP_TIMER_EXTRA": "colorsys:rgb_to_hsv, calendar:Calendar.getfirstweekday"}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)
+    records = read_records(tmp_path, 0.0, float("inf"))
+    assert sorted(r[0] for r in records) == ["Calendar.getfirstweekday", "rgb_to_hsv"]
+    assert all(r[2] >= 0 for r in records)
+
+
 def test_process_cpu_seconds_counts_descendants():
     # A shell (idle) whose child spins for 0.3 s of CPU and then waits.
     spin = ("import time\nt = time.process_time()\n"

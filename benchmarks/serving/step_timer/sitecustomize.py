@@ -7,8 +7,9 @@ on a single-GPU server: the scheduler's ``schedule`` and ``update_from_output``,
 ``execute_model`` and ``sample_tokens``, the wait for a step's sampled tokens, and the model
 runner's sub-steps (in whichever process the worker runs). Each call becomes a record
 ``[name, start, seconds]`` (monotonic clock, shared by the processes); ``schedule`` records also
-carry the step's scheduled requests and tokens. A daemon thread
-appends them to ``STEP_TIMER_DIR/steps-<pid>.jsonl`` twice a second.
+carry the step's scheduled requests and tokens. ``STEP_TIMER_EXTRA`` names more functions to
+time (``module:function`` or ``module:Class.method``, comma-separated). A daemon thread appends
+the records to ``STEP_TIMER_DIR/steps-<pid>.jsonl`` twice a second.
 A wrapper costs well under a microsecond per call.
 """
 
@@ -44,69 +45,68 @@ class _Recorder:
                 with open(self.path, "a") as file:
                     file.write("".join(json.dumps(r) + "\n" for r in records))
 
-    def timed(self, name: str, call: Any, scheduling: bool = False) -> Any:
-        clock = time.monotonic
 
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            start = clock()
-            result = call(*args, **kwargs)
-            record = [name, start, clock() - start]
-            if scheduling:
-                record += [len(getattr(result, "num_scheduled_tokens", ()) or ()),
-                           getattr(result, "total_num_scheduled_tokens", 0)]
-            self.records.append(record)
-            return result
-
-        return wrapper
-
-
-_recorders: list[_Recorder] = []
+_recorders: dict[int, _Recorder] = {}
 
 
 def _recorder() -> _Recorder:
-    if not _recorders:
-        _recorders.append(_Recorder(_DIR))
-    return _recorders[0]
+    """This process's recorder (a forked child starts its own: the parent's writer thread does
+    not survive the fork)."""
+    pid = os.getpid()
+    recorder = _recorders.get(pid)
+    if recorder is None:
+        recorder = _recorders[pid] = _Recorder(_DIR)
+    return recorder
+
+
+def timed(name: str, call: Any, scheduling: bool = False) -> Any:
+    clock = time.monotonic
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        start = clock()
+        result = call(*args, **kwargs)
+        record = [name, start, clock() - start]
+        if scheduling:
+            record += [len(getattr(result, "num_scheduled_tokens", ()) or ()),
+                       getattr(result, "total_num_scheduled_tokens", 0)]
+        _recorder().records.append(record)
+        return result
+
+    return wrapper
 
 
 class _TimedFuture:
     """A batch-queue future whose ``result()`` (the wait for a step's output) is timed."""
 
-    def __init__(self, future: Any, recorder: _Recorder) -> None:
+    def __init__(self, future: Any) -> None:
         self._future = future
-        self.result = recorder.timed("wait_output", future.result)
+        self.result = timed("wait_output", future.result)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._future, name)
 
 
 class _TimedBatchQueue(collections.deque):
-    recorder: _Recorder
-
     def pop(self) -> Any:
         future, *rest = super().pop()
-        return (_TimedFuture(future, self.recorder), *rest)
+        return (_TimedFuture(future), *rest)
 
 
 def _instrument_engine_core(engine_core: Any) -> None:
-    recorder = _recorder()
     scheduler, executor = engine_core.scheduler, engine_core.model_executor
-    scheduler.schedule = recorder.timed("schedule", scheduler.schedule, scheduling=True)
-    scheduler.update_from_output = recorder.timed("update_from_output",
-                                                  scheduler.update_from_output)
-    executor.execute_model = recorder.timed("execute_model", executor.execute_model)
-    executor.sample_tokens = recorder.timed("sample_tokens", executor.sample_tokens)
+    scheduler.schedule = timed("schedule", scheduler.schedule, scheduling=True)
+    scheduler.update_from_output = timed("update_from_output", scheduler.update_from_output)
+    executor.execute_model = timed("execute_model", executor.execute_model)
+    executor.sample_tokens = timed("sample_tokens", executor.sample_tokens)
     if engine_core.batch_queue is not None:
-        queue = _TimedBatchQueue(engine_core.batch_queue, engine_core.batch_queue.maxlen)
-        queue.recorder = recorder
-        engine_core.batch_queue = queue
+        engine_core.batch_queue = _TimedBatchQueue(engine_core.batch_queue,
+                                                   engine_core.batch_queue.maxlen)
 
 
 def _instrument_runner(runner: Any) -> None:
-    recorder = _recorder()
     for phase in RUNNER_PHASES:
         if hasattr(runner, phase):
-            setattr(runner, phase, recorder.timed(phase, getattr(runner, phase)))
+            setattr(runner, phase, timed(phase, getattr(runner, phase)))
 
 
 def _patch_engine_core(module: Any) -> None:
@@ -134,8 +134,28 @@ def _patch_worker_base(module: Any) -> None:
     module.WorkerWrapperBase.init_device = timed_init_device
 
 
+def _extra_patches(spec: str) -> dict[str, Any]:
+    """``STEP_TIMER_EXTRA``: comma list of ``module:function`` or ``module:Class.method`` to
+    time as well (named by their qualified name), patched when their module is imported."""
+    names: dict[str, list[str]] = collections.defaultdict(list)
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        module, _, qualname = item.partition(":")
+        names[module].append(qualname)
+
+    def patcher(qualnames: list[str]) -> Any:
+        def patch(module: Any) -> None:
+            for qualname in qualnames:
+                owner_name, _, attr = qualname.rpartition(".")
+                owner = getattr(module, owner_name) if owner_name else module
+                setattr(owner, attr, timed(qualname, getattr(owner, attr)))
+        return patch
+
+    return {module: patcher(qualnames) for module, qualnames in names.items()}
+
+
 _PATCHES = {"vllm.v1.engine.core": _patch_engine_core,
-            "vllm.v1.worker.worker_base": _patch_worker_base}
+            "vllm.v1.worker.worker_base": _patch_worker_base,
+            **_extra_patches(os.environ.get("STEP_TIMER_EXTRA", ""))}
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
