@@ -21,10 +21,15 @@ def _cell(value: Any, fmt: str) -> str:
 
 def write_markdown(result: dict[str, Any], path: Path) -> None:
     v1 = "summary_plain_v1" in result
+    # A run split over invocations (--reuse) records each command.
+    commands = result["command"] if isinstance(result["command"], list) else [result["command"]]
     lines = [f"# Serving: plain vLLM vs ReFreeKV ({result['device']})", "",
-             f"`{result['command']}` — vLLM {result['vllm_version']}, plugin "
-             f"{result['plugin_commit']}. {result['note']}.", "",
+             " and ".join(f"`{command}`" for command in commands)
+             + f" — vLLM {result['vllm_version']}, plugin {result['plugin_commit']}. "
+             f"{result['note']}." + (f" {result['not_measured']}." if "not_measured" in result
+                                     else ""), "",
              "## Ratios (ReFreeKV / plain vLLM, same run)", "",
+             "Median over rounds of the ratio within each round.", "",
              "| ratio | default rule | T = 0 |" + (" plain vLLM, V1 runner |" if v1 else ""),
              "|---|---|---|" + ("---|" if v1 else "")]
     for key, value in result["summary"].items():

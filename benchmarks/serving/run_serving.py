@@ -278,12 +278,21 @@ def ratio(runs: dict[str, Any], workload: str, variant: str, metric: str) -> flo
 
 
 def summarise(models: dict[str, dict[str, Any]], variant: str) -> dict[str, Any]:
-    """Each ratio of the medians over rounds."""
-    summary = {key: ratio(models.get(model, {}).get("runs", {}), workload, variant, metric)
-               for key, (model, workload, metric) in RATIOS.items()}
+    """Each ratio as the median over rounds of the ratio within the round: a round measures
+    both servers minutes apart, while the machine's speed drifts by more than the effect
+    between rounds (the ratio of the medians pairs runs of different rounds)."""
+    paired = round_ratios(models, variant)
+    summary: dict[str, Any] = {key: statistics.median(paired[key]) if paired.get(key) else None
+                               for key in RATIOS}
     burst = models.get("smollm2", {}).get("runs", {}).get(f"long_burst/{variant}")
     summary["burst_physical_budget"] = burst["physical_budget"] if burst else None
     return summary
+
+
+def ratio_of_medians(models: dict[str, dict[str, Any]], variant: str) -> dict[str, Any]:
+    """Each ratio of the medians over rounds (the estimate before rounds were paired)."""
+    return {key: ratio(models.get(model, {}).get("runs", {}), workload, variant, metric)
+            for key, (model, workload, metric) in RATIOS.items()}
 
 
 def round_ratios(models: dict[str, dict[str, Any]], variant: str) -> dict[str, list[float]]:
@@ -420,6 +429,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "summary": summarise(models, "default"),
         "summary_t0": summarise(models, "t0"),
         "round_ratios": {variant: round_ratios(models, variant) for variant in ("default", "t0")},
+        "ratio_of_medians": {variant: ratio_of_medians(models, variant)
+                             for variant in ("default", "t0")},
         **({"summary_plain_v1": summarise(models, "plain_v1")}
            if any(key.endswith("/plain_v1") for model in models.values()
                   for key in model["runs"]) else {}),
