@@ -32,6 +32,7 @@ import requests
 
 from benchmarks.serving.run_serving import ENGINES, PLAIN_V1, run_workload, smollm2_setup
 from benchmarks.serving.server import RunningServer, launch, wait_healthy
+from benchmarks.serving.step_phases import running_bucket
 from benchmarks.serving.workloads import write_workload
 
 RULES = {"plain": None, "plain_v1": None, "default": None, "t0": {"refreekv_threshold": 0.0}}
@@ -46,19 +47,6 @@ def profiler_flag(trace_dir: Path, iterations: int) -> list[str]:
               "torch_profiler_with_stack": False, "ignore_frontend": True,
               "max_iterations": iterations}
     return ["--profiler-config", json.dumps(config)]
-
-
-RUNNING_BUCKETS = (1, 8, 16, 24, 32, 48, 64)
-
-
-def _running_bucket(running: int) -> str:
-    """Decode steps are compared among steps with about as many requests."""
-    low = 1
-    for high in RUNNING_BUCKETS:
-        if running <= high:
-            return f"{low:02d}-{high:02d}"
-        low = high + 1
-    return f"{low:02d}+"
 
 
 def _union_length(intervals: list[tuple[float, float]]) -> float:
@@ -98,7 +86,7 @@ def summarise_trace(path: Path, top: int = 25) -> dict[str, Any]:
         host[kind].append(step["dur"] / 1e3)
         if kind == "decode":
             decode_running.append(gen_reqs)
-            by_running[_running_bucket(gen_reqs)].append(interval_ms)
+            by_running[running_bucket(gen_reqs)].append(interval_ms)
     kernels: collections.Counter[str] = collections.Counter()
     kernel_counts: collections.Counter[str] = collections.Counter()
     for e in device:

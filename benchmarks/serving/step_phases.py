@@ -25,6 +25,7 @@ RUNNING_BUCKETS = (1, 8, 16, 24, 32, 48, 64, 128, 256)
 
 
 def running_bucket(running: int) -> str:
+    """Decode steps are compared among steps with about as many requests."""
     low = 1
     for high in RUNNING_BUCKETS:
         if running <= high:

@@ -38,7 +38,7 @@ def test_step_cadence_busy_share_and_waits(tmp_path):
     assert summary["cadence_decode"]["n"] == 6 and summary["cadence_mixed"]["n"] == 3
     assert summary["cadence_decode"]["median_ms"] == pytest.approx(10.0)
     assert summary["execute_model_host_mixed"]["median_ms"] == pytest.approx(8.0)
-    assert set(summary["cadence_decode_by_running"]) == {"02-08"}
+    assert set(summary["cadence_decode_by_running"]) == {"002-008"}
     assert summary["waiting_calls"]["cudaStreamSynchronize"]["count"] == 9
     assert summary["top_kernels"][0]["per_step"] == pytest.approx(1.0)
     assert summary["top_host_ops"][0]["name"] == "aten::copy_"
