@@ -83,19 +83,3 @@ def _group_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "phase_mean_ms": mean_phases,
         "other_mean_ms": mean_interval - sum(mean_phases.get(p, 0.0) for p in ENGINE_PHASES),
     }
-
-
-def compare(plain: dict[str, Any], plugin: dict[str, Any]) -> dict[str, Any]:
-    """Per kind present in both: the plugin's extra milliseconds per step, by phase."""
-    rows: dict[str, Any] = {}
-    for kind in sorted(set(plain) & set(plugin)):
-        a, b = plain[kind], plugin[kind]
-        names = set(a["phase_mean_ms"]) | set(b["phase_mean_ms"])
-        rows[kind] = {
-            "steps": (a["steps"], b["steps"]),
-            "interval_extra_ms": b["interval_mean_ms"] - a["interval_mean_ms"],
-            "other_extra_ms": b["other_mean_ms"] - a["other_mean_ms"],
-            "phase_extra_ms": {n: b["phase_mean_ms"].get(n, 0.0) - a["phase_mean_ms"].get(n, 0.0)
-                               for n in sorted(names)},
-        }
-    return rows

@@ -162,14 +162,6 @@ class PagePool:
         self.pages[block_id, layer] = NO_PAGE
         return True
 
-    def release_pages(self, block_ids: np.ndarray, layer: int) -> np.ndarray:
-        """Return one layer's page of each block; returns which blocks held one."""
-        pages = self.pages[block_ids, layer]
-        held = pages != NO_PAGE
-        self._push(pages[held])
-        self.pages[block_ids[held], layer] = NO_PAGE
-        return held
-
     def release_where(self, block_ids: np.ndarray, layers: np.ndarray) -> np.ndarray:
         """Return the pages of the (block, layer) pairs marked in ``layers`` (``[len(block_ids),
         num_layers]`` bool; the blocks must be distinct), all in one go. Returns which of them

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from benchmarks.serving.server import STEP_TIMER_SITE, process_cpu_seconds
-from benchmarks.serving.step_phases import compare, read_records, summarise_steps
+from benchmarks.serving.step_phases import read_records, summarise_steps
 
 
 def _records(steps):
@@ -45,17 +45,6 @@ def test_steps_are_split_by_kind_and_running_requests():
     # 10 ms per step: 1 + 2 + 3 + 0.5 ms of engine phases (the runner's run inside them).
     assert decode["other_mean_ms"] == pytest.approx(3.5)
     assert summary["mixed"]["mean_reqs"] == 20
-
-
-def test_compare_gives_the_plugins_extra_time_per_phase():
-    plain = summarise_steps(_records([(8, 8, 1.0, 2.0, 3.0)] * 4))
-    plugin = summarise_steps(_records([(8, 8, 1.5, 2.0, 3.0)] * 4))
-    extra = compare(plain, plugin)["decode"]
-    assert extra["phase_extra_ms"]["schedule"] == pytest.approx(0.5)
-    assert extra["phase_extra_ms"]["execute_model"] == pytest.approx(0.0)
-    # Same step interval: the extra schedule time came out of the unaccounted rest.
-    assert extra["interval_extra_ms"] == pytest.approx(0.0)
-    assert extra["other_extra_ms"] == pytest.approx(-0.5)
 
 
 def test_records_are_read_within_the_window(tmp_path):
