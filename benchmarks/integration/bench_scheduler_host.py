@@ -64,29 +64,43 @@ def build(kind: str, num_requests: int, prompt_len: int, model_dir: Path):
     return (Scheduler if kind == "plain" else RefreeKVScheduler)(**kwargs)
 
 
-def time_decode_steps(scheduler, num_requests: int, prompt_len: int, steps: int) -> dict:
+def add_request(scheduler, request_id: str, prompt_len: int, max_tokens: int,
+                rng: random.Random) -> None:
+    """A request of random prompt tokens that ignores EOS (T = 0 if the plugin runs)."""
     from vllm import SamplingParams
     from vllm.utils.hashing import sha256
     from vllm.v1.core.kv_cache_utils import get_request_block_hasher
-    from vllm.v1.outputs import ModelRunnerOutput
     from vllm.v1.request import Request
 
+    scheduler.add_request(Request(
+        request_id=request_id,
+        prompt_token_ids=[rng.randrange(1000, 100_000) for _ in range(prompt_len)],
+        sampling_params=SamplingParams(max_tokens=max_tokens, ignore_eos=True,
+                                       extra_args={"refreekv_threshold": 0.0}),
+        pooling_params=None, block_hasher=get_request_block_hasher(BLOCK_SIZE, sha256)))
+
+
+def runner_output(scheduler, output) -> tuple[list[str], list[bool], object]:
+    """What a model runner would return for ``output``: one token per request that is not in
+    the middle of its prompt. Also the scheduled request ids and which of them were."""
+    from vllm.v1.outputs import ModelRunnerOutput
+
+    req_ids = list(output.num_scheduled_tokens)
+    prefilling = [scheduler.requests[r].is_prefill_chunk for r in req_ids]
+    return req_ids, prefilling, ModelRunnerOutput(
+        req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
+        sampled_token_ids=[[] if p else [7] for p in prefilling])
+
+
+def time_decode_steps(scheduler, num_requests: int, prompt_len: int, steps: int) -> dict:
     rng = random.Random(0)
     for i in range(num_requests):
-        scheduler.add_request(Request(
-            request_id=f"r{i}", prompt_token_ids=[rng.randrange(1000, 100_000)
-                                                  for _ in range(prompt_len)],
-            sampling_params=SamplingParams(max_tokens=steps + 64, ignore_eos=True,
-                                           extra_args={"refreekv_threshold": 0.0}),
-            pooling_params=None, block_hasher=get_request_block_hasher(BLOCK_SIZE, sha256)))
+        add_request(scheduler, f"r{i}", prompt_len, steps + 64, rng)
 
     def step() -> bool:
         output = scheduler.schedule()
-        req_ids = list(output.num_scheduled_tokens)
-        prefilling = [scheduler.requests[r].is_prefill_chunk for r in req_ids]
-        scheduler.update_from_output(output, ModelRunnerOutput(
-            req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
-            sampled_token_ids=[[] if p else [7] for p in prefilling]))
+        req_ids, prefilling, model_output = runner_output(scheduler, output)
+        scheduler.update_from_output(output, model_output)
         return len(req_ids) == num_requests and not any(prefilling)
 
     while not step():
@@ -112,25 +126,13 @@ def time_churn_steps(scheduler, rule: str, steps: int, concurrency: int = 32,
     every prompt in the step after its prefill (layers 0-1 keep everything, the others keep the
     sinks and the last 30-70%), as the worker does; "t0" none. Times ``schedule()`` and
     ``update_from_output()`` of every step, decode-only and mixed steps apart."""
-    from vllm import SamplingParams
-    from vllm.utils.hashing import sha256
-    from vllm.v1.core.kv_cache_utils import get_request_block_hasher
-    from vllm.v1.outputs import ModelRunnerOutput
-    from vllm.v1.request import Request
-
     from refreekv_vllm.outputs import CutReport, attach_cut_reports
 
     rng = random.Random(seed)
-    hasher = get_request_block_hasher(BLOCK_SIZE, sha256)
     counter = iter(range(10**9))
 
     def add(prompt_len: int, output_len: int) -> None:
-        scheduler.add_request(Request(
-            request_id=f"r{next(counter)}",
-            prompt_token_ids=[rng.randrange(1000, 100_000) for _ in range(prompt_len)],
-            sampling_params=SamplingParams(max_tokens=output_len, ignore_eos=True,
-                                           extra_args={"refreekv_threshold": 0.0}),
-            pooling_params=None, block_hasher=hasher))
+        add_request(scheduler, f"r{next(counter)}", prompt_len, output_len, rng)
 
     reports_due: dict[str, CutReport] = {}
 
@@ -138,15 +140,11 @@ def time_churn_steps(scheduler, rule: str, steps: int, concurrency: int = 32,
         start = time.perf_counter()
         output = scheduler.schedule()
         scheduled = time.perf_counter()
-        req_ids = list(output.num_scheduled_tokens)
+        req_ids, prefilling, model_output = runner_output(scheduler, output)
         mixed = output.total_num_scheduled_tokens > len(req_ids)
-        prefilling = [scheduler.requests[r].is_prefill_chunk for r in req_ids]
-        runner_output = ModelRunnerOutput(
-            req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
-            sampled_token_ids=[[] if p else [7] for p in prefilling])
         due = {r: reports_due.pop(r) for r in req_ids if r in reports_due}
         if due:
-            attach_cut_reports(runner_output, due)
+            attach_cut_reports(model_output, due)
         for req_id, p in zip(req_ids, prefilling, strict=True):
             request = scheduler.requests[req_id]
             if rule == "default" and not p and request.num_output_tokens == 0:
@@ -155,7 +153,7 @@ def time_churn_steps(scheduler, rule: str, steps: int, concurrency: int = 32,
                 reports_due[req_id] = CutReport(req_id=req_id, num_prompt_tokens=n,
                                                 num_sink_tokens=m, cuts=cuts)
         before_update = time.perf_counter()
-        finished = scheduler.update_from_output(output, runner_output)
+        finished = scheduler.update_from_output(output, model_output)
         ended = time.perf_counter()
         done = sum(out.finish_reason is not None for o in finished.values() for out in o.outputs)
         for _ in range(done if replacing else 0):
@@ -199,15 +197,20 @@ def churn(model_dir: Path, steps: int, rounds: int, out_dir: Path) -> None:
                 key = f"{shape}/{kind}" + (f" {rule}" if kind == "refreekv" else "")
                 measured.setdefault(key, []).append(time_churn_steps(scheduler, rule, steps,
                                                                      **lens))
-    results = {key: {kind: {stat: statistics.median(r[kind][stat] for r in runs
-                                                       if r[kind][stat] is not None)
+    def median(values: list[float | None]) -> float | None:
+        present = [v for v in values if v is not None]  # a round may have had no mixed step
+        return statistics.median(present) if present else None
+
+    results = {key: {kind: {stat: median([r[kind][stat] for r in runs])
                             for stat in ("schedule_ms", "update_ms")}
                      for kind in ("decode", "mixed")} | {"rounds": runs}
                for key, runs in measured.items()}
     print(f"{'variant':24} {'decode sched':>12} {'update':>8} {'mixed sched':>12} {'update':>8}")
     for key, r in results.items():
-        print(f"{key:24} {r['decode']['schedule_ms']:12.3f} {r['decode']['update_ms']:8.3f} "
-              f"{r['mixed']['schedule_ms']:12.3f} {r['mixed']['update_ms']:8.3f}")
+        cells = [r[kind][stat] for kind in ("decode", "mixed")
+                 for stat in ("schedule_ms", "update_ms")]
+        print(f"{key:24} " + " ".join(f"{'-' if c is None else f'{c:.3f}':>{width}}"
+                                      for c, width in zip(cells, (12, 8, 12, 8), strict=True)))
     summary = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "workload": (f"Llama-3-8B KV layout (32 layers), block size {BLOCK_SIZE}, prefix caching; "
