@@ -129,6 +129,12 @@ def _patch_worker_base(module: Any) -> None:
         runner = getattr(getattr(self, "worker", None), "model_runner", None)
         if runner is not None:
             _instrument_runner(runner)
+        if os.environ.get("STEP_TIMER_SYNC_DEBUG"):
+            # "warn" names (once per source line) every call that makes the host wait for the
+            # GPU; allocator syncs (cudaMalloc/cudaFree) are not among them.
+            import torch
+
+            torch.cuda.set_sync_debug_mode(os.environ["STEP_TIMER_SYNC_DEBUG"])
         return result
 
     module.WorkerWrapperBase.init_device = timed_init_device
