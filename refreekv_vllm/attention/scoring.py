@@ -7,6 +7,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from refreekv_vllm.config import RefreeKVConfig
@@ -141,23 +142,23 @@ class _PairInputs:
 
 def _pair_inputs(step: StepContext, rows: list[ScoringRow], layers: list[int],
                  device: torch.device) -> _PairInputs:
-    """Built with one non-blocking copy per tensor (a blocking host-to-device copy would wait
-    for the step's forward)."""
+    """All five vectors packed in one int32 array (thresholds as their fp32 bits), so that a
+    step pays one pinned buffer and one non-blocking copy (a blocking host-to-device copy
+    would wait for the step's forward)."""
     per_row = len(layers)
-    host = _PairInputs(
-        layers=torch.tensor(layers * len(rows), dtype=torch.int64),
-        batch_rows=torch.tensor([row.batch_row for row in rows],
-                                dtype=torch.int64).repeat_interleave(per_row),
-        prompt_lens=torch.tensor([row.num_prompt_tokens for row in rows],
-                                 dtype=torch.int32).repeat_interleave(per_row),
-        window_lens=torch.tensor([row.window for row in rows],
-                                 dtype=torch.int32).repeat_interleave(per_row),
-        thresholds=torch.tensor([row.threshold for row in rows],
-                                dtype=torch.float32).repeat_interleave(per_row))
-    if device.type == "cpu":
-        return host
-    return _PairInputs(**{name: getattr(host, name).pin_memory().to(device, non_blocking=True)
-                          for name in host.__dataclass_fields__})
+    packed = np.empty((5, len(rows) * per_row), dtype=np.int32)
+    packed[0] = np.tile(np.asarray(layers, dtype=np.int32), len(rows))
+    for index, values in enumerate(
+            ([row.batch_row for row in rows], [row.num_prompt_tokens for row in rows],
+             [row.window for row in rows]), start=1):
+        packed[index] = np.repeat(np.asarray(values, dtype=np.int32), per_row)
+    packed[4] = np.repeat(np.asarray([row.threshold for row in rows], dtype=np.float32),
+                          per_row).view(np.int32)
+    tensor = torch.from_numpy(packed)
+    if device.type != "cpu":
+        tensor = tensor.pin_memory().to(device, non_blocking=True)
+    return _PairInputs(layers=tensor[0], batch_rows=tensor[1], prompt_lens=tensor[2],
+                       window_lens=tensor[3], thresholds=tensor[4].view(torch.float32))
 
 
 def _right_aligned(rows: list[ScoringRow], windows: list[torch.Tensor], max_window: int
