@@ -42,6 +42,11 @@ class RefreeKVConfig:
     kernel: str = "auto"
     """Scoring backend: auto (the faster GPU kernel on GPUs, torch on CPU), triton, cuda or
     torch."""
+    reuse_attention_lse: bool = False
+    """Windows (w > 1) take their rows' softmax normalisers from the prefill's FlashAttention
+    instead of a first pass of the Triton kernel over the keys: less device time per scoring
+    step, more host time in every layer's attention call of that step (on the H200 the host
+    cost was the larger one; docs/design.md)."""
     policy: str = "threshold"
     """threshold: ReFreeKV's budget-free cut. fixed: a StreamingLLM-style baseline that keeps the
     sinks plus the most recent tokens, ``budget`` of the prompt, in every layer."""
@@ -84,6 +89,9 @@ class RefreeKVConfig:
                 raise ConfigError(f"{prefix}frozen_layers must be a list of layer indices")
             values["frozen_layers"] = tuple(
                 sorted({_parse_int(x, 0, 100_000, prefix + "frozen_layers") for x in layers}))
+        if "reuse_attention_lse" in raw:
+            values["reuse_attention_lse"] = _parse_bool(raw["reuse_attention_lse"],
+                                                        prefix + "reuse_attention_lse")
         if "kernel" in raw:
             values["kernel"] = _parse_choice(raw["kernel"], KERNELS, prefix + "kernel")
         if "policy" in raw:

@@ -12,6 +12,9 @@ def test_defaults_are_the_documented_ones():
     assert (config.threshold, config.window, config.window_agg) == (0.005, 32, "mean")
     assert (config.num_sink_tokens, config.frozen_layers, config.policy) == (4, (0, 1),
                                                                               "threshold")
+    assert not config.reuse_attention_lse
+    assert RefreeKVConfig.from_additional_config(
+        {"refreekv": {"reuse_attention_lse": True}}).reuse_attention_lse
 
 
 @pytest.mark.parametrize(("raw", "field"), [
@@ -23,6 +26,7 @@ def test_defaults_are_the_documented_ones():
     ({"budget": math.nan}, "budget"),
     ({"frozen_layers": 3}, "frozen_layers"),
     ({"thresold": 0.1}, "thresold"),
+    ({"reuse_attention_lse": "yes"}, "reuse_attention_lse"),
 ])
 def test_bad_server_config_names_the_field(raw, field):
     with pytest.raises(ConfigError, match=field):

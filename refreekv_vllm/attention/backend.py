@@ -135,8 +135,8 @@ def _wrap(backend: type, impl: type,
             with keeping_lse as lse:
                 result = super().forward(layer, query, key, value, kv_cache, attn_metadata,
                                          output, *args, **kwargs)
-            capture(step, layer_index, query.view(-1, self.num_heads, self.head_size),
-                    lse[0] if lse else None)
+            capture(step, layer_index, tables.num_layers,
+                    query.view(-1, self.num_heads, self.head_size), lse[0] if lse else None)
             if layer_index == tables.num_layers - 1:
                 end_of_forward(step, key_view(self, kv_cache), tables.tables, self.scale,
                                kernel(step))
@@ -149,7 +149,8 @@ def _wrap(backend: type, impl: type,
                 return  # torch needs no compile; the CUDA kernel is built once, at load
             warm_up_scoring(key_view(self, kv_cache), tables, config, backend,
                             self.num_heads, self.head_size, kv_cache.dtype, self.scale,
-                            with_lse=lse_module is not None and _plain_softmax(self))
+                            with_lse=config.reuse_attention_lse and lse_module is not None
+                            and _plain_softmax(self))
 
     class Backend(backend):
         @staticmethod

@@ -29,23 +29,27 @@ SCORING_CHUNK = 1024
 
 
 def wants_prefill_lse(step: StepContext, layer: int) -> bool:
-    """Whether this layer's forward should keep the attention's softmax normaliser: only the
-    Triton kernel uses it, and only for windows of more than one row."""
-    return (step.kernel == "triton" and layer not in step.config.frozen_layers
+    """Whether this layer's forward should keep the attention's softmax normaliser: only when
+    the config asks for it, only the Triton kernel uses it, and only for windows of more than
+    one row."""
+    return (step.config.reuse_attention_lse and step.kernel == "triton"
+            and layer not in step.config.frozen_layers
             and any(capture.window > 1 for capture in step.captures))
 
 
-def capture(step: StepContext, layer: int, query: torch.Tensor,
+def capture(step: StepContext, layer: int, num_layers: int, query: torch.Tensor,
             prefill_lse: torch.Tensor | None = None) -> None:
     """Keep this layer's queries of the window rows that ran in this step, every capture's at
-    once. ``query``: ``[num_tokens, num_heads, head_size]``; ``prefill_lse``: the attention's
-    ``[num_heads, >= num_tokens]`` softmax normaliser of this step's rows, if it gave one."""
+    once, in the step's buffer (one launch per layer: this runs in every layer's attention
+    call of the step). ``query``: ``[num_tokens, num_heads, head_size]``; ``prefill_lse``: the
+    attention's ``[num_heads, >= num_tokens]`` softmax normaliser of this step's rows, if it
+    gave one."""
     if layer in step.config.frozen_layers or not step.captures:
         return
     index = step.capture_index(query.device)
-    step.captured_queries[layer] = query.index_select(0, index)
-    step.captured_lse[layer] = None if prefill_lse is None else prefill_lse.index_select(
-        1, index).T
+    torch.index_select(query, 0, index, out=step.query_rows(layer, num_layers, query))
+    if prefill_lse is not None:
+        step.captured_lse[layer] = prefill_lse.index_select(1, index).T
 
 
 def end_of_forward(step: StepContext, key_cache: torch.Tensor, layer_tables: torch.Tensor,
@@ -58,18 +62,24 @@ def end_of_forward(step: StepContext, key_cache: torch.Tensor, layer_tables: tor
 
 
 def _store_captures(step: StepContext) -> None:
-    layers = tuple(sorted(step.captured_queries))
-    if not layers:
+    if step.captured_queries is None:
         return
-    queries = torch.stack([step.captured_queries[layer] for layer in layers])
-    lses = [step.captured_lse[layer] for layer in layers]
+    layers, queries = step.scored_layers, step.captured_queries
+    lses = [step.captured_lse.get(layer) for layer in layers]
     lse = None if any(x is None for x in lses) else torch.stack(lses)  # type: ignore[arg-type]
+    scored_now = {row.req_id for row in step.scoring}
     start = 0
     for window in step.captures:
         rows = slice(start, start + len(window.token_indices))
-        window_store.put(window, layers, queries[:, rows], None if lse is None else lse[:, rows])
         start = rows.stop
-    step.captured_queries.clear()
+        whole = len(window.window_slots) == window.window
+        if lse is None and whole and window.req_id in scored_now:
+            # The whole window ran in this step and is scored now: no need to file it.
+            step.whole_windows[window.req_id] = queries[:, rows]
+        else:
+            window_store.put(window, layers, queries[:, rows],
+                             None if lse is None else lse[:, rows])
+    step.captured_queries = None
     step.captured_lse.clear()
 
 
@@ -84,7 +94,7 @@ def score(step: StepContext, key_cache: torch.Tensor, layer_tables: torch.Tensor
     request being scored has no gap yet)."""
     layers = [layer for layer in range(layer_tables.shape[0])
               if layer not in step.config.frozen_layers]
-    windows = {row.req_id: window_store.get(row.req_id) for row in step.scoring}
+    windows = {row.req_id: _window(step, row.req_id) for row in step.scoring}
     rows = [row for row in step.scoring if row.fixed_cut is None
             and windows[row.req_id] is not None and windows[row.req_id][0] == tuple(layers)]
     if not rows or not layers:
@@ -98,12 +108,18 @@ def score(step: StepContext, key_cache: torch.Tensor, layer_tables: torch.Tensor
         step.observe_scoring(time.perf_counter() - started)
 
 
+def _window(step: StepContext, req_id: str) -> tuple[tuple[int, ...], torch.Tensor] | None:
+    """Scored layers and ``[len(layers), window, Hq, D]`` queries of a request's whole window,
+    or None if some of it never ran."""
+    whole = step.whole_windows.get(req_id)
+    return (step.scored_layers, whole) if whole is not None else window_store.get(req_id)
+
+
 def _score_rows(step: StepContext, layers: list[int], rows: list[ScoringRow],
                 key_cache: torch.Tensor, layer_tables: torch.Tensor, scale: float, agg: str,
                 backend: str) -> None:
     max_window = max(row.window for row in rows)
-    queries = _right_aligned(rows, [window_store.get(row.req_id)[1] for row in rows],
-                             max_window)
+    queries = _right_aligned(rows, [_window(step, row.req_id)[1] for row in rows], max_window)
     lses = [window_store.get_lse(row.req_id) for row in rows]
     have_lse = all(lse is not None for lse in lses)
     window_lse = _right_aligned(rows, lses, max_window) if have_lse else None

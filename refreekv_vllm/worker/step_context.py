@@ -57,8 +57,15 @@ class StepContext:
     request-major: one per request and layer)``; read back once the step has finished."""
     observe_scoring: Callable[[float], None] | None = None
     """Receives the host seconds one layer's scoring launch took."""
-    captured_queries: dict[int, torch.Tensor] = field(default_factory=dict)
-    """Per layer, ``[n, Hq, D]``: the query rows of every capture, in ``captures`` order."""
+    captured_queries: torch.Tensor | None = None
+    """``[len(scored_layers), n, Hq, D]``: the query rows of every capture, in ``captures``
+    order, per scored layer (allocated by the first layer that captures)."""
+    scored_layers: tuple[int, ...] = ()
+    whole_windows: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Windows that ran whole in this step and are scored in it (views of the captured
+    queries, ``[len(scored_layers), window, Hq, D]``); other windows go to ``window_store``."""
+    _query_rows: tuple[torch.Tensor, ...] = ()
+    _slot_of_layer: dict[int, int] = field(default_factory=dict)
     captured_lse: dict[int, torch.Tensor | None] = field(default_factory=dict)
     """Per layer, ``[n, Hq]`` softmax normalisers of the same rows, or None."""
     _capture_index: torch.Tensor | None = None
@@ -75,6 +82,19 @@ class StepContext:
             self._capture_index = (host if device.type == "cpu"
                                    else host.pin_memory().to(device, non_blocking=True))
         return self._capture_index
+
+    def query_rows(self, layer: int, num_layers: int, query: torch.Tensor) -> torch.Tensor:
+        """``[n, Hq, D]`` slot of ``layer`` in ``captured_queries`` (``query``: a layer's
+        ``[num_tokens, Hq, D]`` queries, for shape, dtype and device)."""
+        if self.captured_queries is None:
+            frozen = self.config.frozen_layers
+            self.scored_layers = tuple(i for i in range(num_layers) if i not in frozen)
+            self._slot_of_layer = {layer: i for i, layer in enumerate(self.scored_layers)}
+            n = sum(len(c.token_indices) for c in self.captures)
+            self.captured_queries = query.new_empty((len(self.scored_layers), n,
+                                                     *query.shape[1:]))
+            self._query_rows = self.captured_queries.unbind(0)
+        return self._query_rows[self._slot_of_layer[layer]]
 
     def cuts_by_request(self, values: list[int] | None) -> dict[str, dict[int, int]]:
         """request -> model layer -> cut, from ``values``: the step's cut tensors concatenated

@@ -51,7 +51,7 @@ def _steps(with_lse_in_first_chunk: bool = True) -> StepContext:
     first = StepContext(config=config, kernel="triton", captures=[
         WindowCapture("a", 10, 4, token_indices=range(3, 5), window_slots=range(0, 2))])
     for layer in range(LAYER + 1):
-        scoring.capture(first, layer, _query(1, 5),
+        scoring.capture(first, layer, LAYER + 1, _query(1, 5),
                         _lse(1, 5) if with_lse_in_first_chunk else None)
     scoring.end_of_forward(first, key_cache, layer_tables, 1.0, "triton")
     assert recorded_nothing_yet(first)
@@ -61,14 +61,14 @@ def _steps(with_lse_in_first_chunk: bool = True) -> StepContext:
                   WindowCapture("b", 5, 2, token_indices=range(5, 7), window_slots=range(0, 2))],
         scoring=[ScoringRow("a", 0, 10, 4, "mean", 0.01), ScoringRow("b", 1, 5, 2, "mean", 0.01)])
     for layer in range(LAYER + 1):
-        scoring.capture(second, layer, _query(2, 7), _lse(2, 7))
+        scoring.capture(second, layer, LAYER + 1, _query(2, 7), _lse(2, 7))
     scoring.end_of_forward(second, key_cache, layer_tables, 1.0, "triton")
     return second
 
 
 def recorded_nothing_yet(step: StepContext) -> bool:
     """A step without a finishing prompt files its rows and scores nothing."""
-    return not step.cuts and not step.captured_queries
+    return not step.cuts and step.captured_queries is None
 
 
 def test_window_rows_and_normalisers_reach_the_kernel_aligned(recorded):
@@ -99,7 +99,10 @@ def test_a_chunk_without_normalisers_sends_none(recorded):
 
 
 def test_only_the_triton_kernel_with_a_window_asks_for_normalisers():
-    config = RefreeKVConfig()
+    window = [WindowCapture("a", 10, 4, token_indices=range(0, 1), window_slots=range(3, 4))]
+    assert not scoring.wants_prefill_lse(StepContext(RefreeKVConfig(), "triton", captures=window),
+                                         LAYER)  # off unless the config asks for it
+    config = RefreeKVConfig(reuse_attention_lse=True)
     window = [WindowCapture("a", 10, 4, token_indices=range(0, 1), window_slots=range(3, 4))]
     one_row = [WindowCapture("a", 10, 1, token_indices=range(0, 1), window_slots=range(0, 1))]
     assert scoring.wants_prefill_lse(StepContext(config, "triton", captures=window), LAYER)
@@ -108,3 +111,25 @@ def test_only_the_triton_kernel_with_a_window_asks_for_normalisers():
     frozen = config.frozen_layers[0]
     assert not scoring.wants_prefill_lse(StepContext(config, "triton", captures=window), frozen)
     assert not scoring.wants_prefill_lse(StepContext(config, "triton"), LAYER)
+
+
+def test_windows_that_run_whole_in_their_scoring_step_skip_the_store(recorded):
+    """Request a (window 3) is tokens 0-2 and request b (window 2) tokens 4-5 of one step that
+    scores both; no normalisers: the kernel gets the rows straight from the step's buffer."""
+    config = RefreeKVConfig()
+    step = StepContext(
+        config=config, kernel="triton",
+        captures=[WindowCapture("a", 3 + 5, 3, token_indices=range(0, 3), window_slots=range(3)),
+                  WindowCapture("b", 6, 2, token_indices=range(4, 6), window_slots=range(2))],
+        scoring=[ScoringRow("a", 0, 8, 3, "mean", 0.01), ScoringRow("b", 1, 6, 2, "mean", 0.01)])
+    for layer in range(LAYER + 1):
+        scoring.capture(step, layer, LAYER + 1, _query(3, 6))
+    scoring.end_of_forward(step, torch.zeros(4, 16, 1, HEAD_SIZE),
+                           torch.zeros(LAYER + 1, 2, 2, dtype=torch.int32), 1.0, "triton")
+    assert window_store.get("a") is None and window_store.get("b") is None
+    (call,) = recorded
+    assert call["window_lens"] == [3, 2] and call["window_lse"] is None
+    query, heads = call["query"], torch.arange(HEADS, dtype=torch.float32)
+    for req, tokens in ((0, [0, 1, 2]), (1, [4, 5])):
+        for slot, t in enumerate(tokens, start=3 - len(tokens)):
+            torch.testing.assert_close(query[req, slot, :, 0], 3000 + 10 * t + heads)
