@@ -191,6 +191,17 @@ class PagedBlockPool(BlockPool):
                 self._maybe_evict_cached_block(blocks[index])
         return released, num_freed
 
+    def unprune_released(self, released_block_ids: Sequence[Sequence[int]]) -> None:
+        """Before a request that pruned ``released_block_ids[layer]`` lets go of its blocks:
+        :meth:`unprune_layer_page` for each, visiting only the blocks still shared (a pruned
+        6K-token prompt releases thousands of (block, layer) pairs, nearly all unshared)."""
+        pruned_by = self._pruned_by
+        if not pruned_by:
+            return
+        for layer, block_ids in enumerate(released_block_ids):
+            for block_id in pruned_by.keys() & block_ids:
+                self.unprune_layer_page(self.blocks[block_id], layer)
+
     def unprune_layer_page(self, block: KVCacheBlock, layer: int) -> None:
         """Before a request that pruned ``layer`` of a still-shared ``block`` lets go of it."""
         counts = self._pruned_by.get(block.block_id)

@@ -233,7 +233,7 @@ class RefreeKVSchedulerMixin:
 
     def _unprune_before_free(self) -> None:
         """A request that lets go of a block it shares must first withdraw its pruned layers
-        from the block's count (``PagedBlockPool.unprune_layer_page``); every path that frees a
+        from the block's count (``PagedBlockPool.unprune_released``); every path that frees a
         request's blocks (finish, abort, preemption) goes through ``KVCacheManager.free``."""
         manager = self.kv_cache_manager
         free = manager.free
@@ -244,9 +244,7 @@ class RefreeKVSchedulerMixin:
         def unpruned_free(request: Request) -> None:
             pruned = state.pruned(request.request_id)
             if pruned is not None:
-                for layer, block_ids in enumerate(pruned.released_block_ids):
-                    for block_id in block_ids:
-                        pool.unprune_layer_page(pool.blocks[block_id], layer)
+                pool.unprune_released(pruned.released_block_ids)
             free(request)
             if envs.REFREEKV_DEBUG_ACCOUNTING:
                 pool.check_accounting()

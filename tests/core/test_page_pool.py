@@ -153,7 +153,9 @@ def test_a_shared_page_goes_back_once_every_holder_pruned_it():
 
     pool.touch([block])
     assert not pool.release_layer_page(block, 2)
-    pool.unprune_layer_page(block, 2)  # the pruning holder leaves first
+    other = pool.get_new_blocks(1)[0].block_id  # not shared: nothing to withdraw
+    pool.unprune_released([[other], [], [block.block_id, other]])  # the pruning holder leaves
+    pool.free_blocks([pool.blocks[other]])
     pool.free_blocks([block])
     assert pool.page_pool.pages[block.block_id, 2] != NO_PAGE  # the other one still reads it
     pool.free_blocks([block])
