@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -185,7 +186,8 @@ PLAIN_RUNNER_NOTE = ("plain vLLM runs with its defaults (on GPUs the V2 model ru
 def bench_model(setup: ModelSetup, work_dir: Path, datasets: dict[str, Path], *,
                 sequential_start: bool, plain_v1: bool = False,
                 only_engines: list[str] | None = None, rounds: int = 1,
-                warm_up: bool = True, step_timer: bool = False) -> dict[str, Any]:
+                warm_up: bool = True, step_timer: bool = False, pin_cpus: bool = False
+                ) -> dict[str, Any]:
     """Every workload against every engine variant, ``rounds`` times; each round starts with
     another variant so that no engine always runs first (or last) on a machine whose speed
     drifts. Reported per (workload, variant): the median of each number over the rounds."""
@@ -207,6 +209,7 @@ def bench_model(setup: ModelSetup, work_dir: Path, datasets: dict[str, Path], *,
                 wait_healthy(servers[engine])
         for server in servers.values():
             wait_healthy(server)
+        pinning = pin_servers(servers) if pin_cpus else None
         for engine, server in servers.items() if warm_up else ():
             # First requests pay one-off costs (lazy kernel builds, allocator growth).
             print(f"[serving] {setup.name}: warm-up of {engine}", flush=True)
@@ -231,10 +234,24 @@ def bench_model(setup: ModelSetup, work_dir: Path, datasets: dict[str, Path], *,
             server.stop()
     return {"model": setup.name, "dummy_weights": setup.dummy_weights,
             "server_flags": setup.server_flags, **setup.extra, "rounds": rounds,
+            **({"cpu_pinning": pinning} if pinning is not None else {}),
             "workloads": {run.workload.name: {**asdict(run.workload),
                                               "max_concurrency": run.max_concurrency}
                           for run in setup.runs},
             "runs": results}
+
+
+def pin_servers(servers: dict[str, RunningServer]) -> dict[str, Any]:
+    """``--pin-cpus``: every server's engine core on the same whole cores, its other processes
+    on the next ones, this process (the load generator) on the rest (``cpu_pinning``)."""
+    from benchmarks.serving.cpu_pinning import physical_cores, pin_self, pin_server, plan_cpus
+
+    plan = plan_cpus(physical_cores(os.sched_getaffinity(0)))
+    pinned = {engine: sorted(set(pin_server(server.process.pid, plan).values()))
+              for engine, server in servers.items()}
+    pin_self(plan.load)
+    return {"engine_core": sorted(plan.engine_core), "server": sorted(plan.server),
+            "load_generator": sorted(plan.load), "processes": pinned}
 
 
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -366,9 +383,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--step-timer", action="store_true",
                         help="record every engine step's host phases in every server "
                              "(step_phases per run)")
+    parser.add_argument("--pin-cpus", action="store_true",
+                        help="pin every server's engine core to the same whole cores, its API "
+                             "server to the next ones and the load generator to the rest "
+                             "(cpu_pinning in the results)")
     parser.add_argument("--prepare-only", action="store_true",
                         help="write the datasets into --work-dir and stop")
     args = parser.parse_args(argv)
+    if args.pin_cpus:
+        from benchmarks.serving.cpu_pinning import physical_cores, plan_cpus
+
+        try:  # refused before any server starts
+            plan_cpus(physical_cores(os.sched_getaffinity(0)))
+        except ValueError as error:
+            parser.error(str(error))
     cpu = args.device == "cpu"
     wanted = (args.models or ("smollm2" if cpu else "smollm2,llama8b")).split(",")
     work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="refreekv-serving-"))
@@ -406,7 +434,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                plain_v1=args.plain_v1 or "plain_v1" in (args.engines or ""),
                                only_engines=args.engines.split(",") if args.engines else None,
                                rounds=args.rounds or (1 if cpu else 3), warm_up=not cpu,
-                               step_timer=args.step_timer)
+                               step_timer=args.step_timer, pin_cpus=args.pin_cpus)
         if earlier is not None:
             earlier["workloads"].update(measured["workloads"])
             earlier["runs"].update(measured["runs"])

@@ -149,32 +149,35 @@ class MetricsSampler:
         return weighted / total if total else 0.0
 
 
-def process_cpu_seconds(root_pid: int) -> dict[str, float]:
-    """CPU seconds (user + system) of a process and its descendants, summed by process name
-    (vLLM names its processes, e.g. ``VLLM::EngineCore``). Linux only; empty elsewhere."""
+def process_tree(root_pid: int, proc: Path = Path("/proc")) -> dict[int, tuple[str, list[str]]]:
+    """A process and its descendants: pid -> (name, the ``stat`` fields after the name). vLLM
+    names its processes (e.g. ``VLLM::EngineCore``, cut to 15 characters). Linux only; empty
+    elsewhere."""
     parents: dict[int, int] = {}
-    stats: dict[int, tuple[str, float]] = {}
-    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    for entry in Path("/proc").glob("[0-9]*"):
+    stats: dict[int, tuple[str, list[str]]] = {}
+    for entry in proc.glob("[0-9]*"):
         try:
             raw = (entry / "stat").read_text()
         except OSError:
             continue
         # The name is in parentheses and may hold spaces; fields follow the last ")".
-        name = raw[raw.index("(") + 1:raw.rindex(")")]
         fields = raw[raw.rindex(")") + 2:].split()
         pid = int(entry.name)
         parents[pid] = int(fields[1])
-        stats[pid] = (name, (int(fields[11]) + int(fields[12])) / ticks)
+        stats[pid] = (raw[raw.index("(") + 1:raw.rindex(")")], fields)
     tree, frontier = {root_pid}, [root_pid]
     while frontier:
         parent = frontier.pop()
         children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in tree]
         tree.update(children)
         frontier.extend(children)
+    return {pid: stats[pid] for pid in tree if pid in stats}
+
+
+def process_cpu_seconds(root_pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) of a process and its descendants, summed by process name."""
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
     seconds: dict[str, float] = {}
-    for pid in tree:
-        if pid in stats:
-            name, cpu = stats[pid]
-            seconds[name] = seconds.get(name, 0.0) + cpu
+    for name, fields in process_tree(root_pid).values():
+        seconds[name] = seconds.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
     return seconds
