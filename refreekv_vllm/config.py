@@ -53,6 +53,10 @@ class RefreeKVConfig:
     budget: float | None = None
     """Fraction of the prompt the fixed policy keeps, in (0, 1]; required for policy fixed."""
 
+    def scored_layers(self, num_layers: int) -> tuple[int, ...]:
+        """The layers of a ``num_layers``-layer model that are scored (not frozen)."""
+        return tuple(layer for layer in range(num_layers) if layer not in self.frozen_layers)
+
     def __post_init__(self) -> None:
         if self.policy == "fixed" and self.budget is None:
             raise ConfigError(f"additional_config.{ADDITIONAL_CONFIG_KEY}.budget is required "

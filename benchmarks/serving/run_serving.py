@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.integration.engine_run import LLAMA3_8B_CONFIG
+from benchmarks.serving.cpu_pinning import CpuPlan, physical_cores, pin_self, pin_server, plan_cpus
 from benchmarks.serving.server import (
     PLAIN_SERVER,
     REFREEKV_SERVER,
@@ -186,8 +187,8 @@ PLAIN_RUNNER_NOTE = ("plain vLLM runs with its defaults (on GPUs the V2 model ru
 def bench_model(setup: ModelSetup, work_dir: Path, datasets: dict[str, Path], *,
                 sequential_start: bool, plain_v1: bool = False,
                 only_engines: list[str] | None = None, rounds: int = 1,
-                warm_up: bool = True, step_timer: bool = False, pin_cpus: bool = False
-                ) -> dict[str, Any]:
+                warm_up: bool = True, step_timer: bool = False,
+                pin_plan: CpuPlan | None = None) -> dict[str, Any]:
     """Every workload against every engine variant, ``rounds`` times; each round starts with
     another variant so that no engine always runs first (or last) on a machine whose speed
     drifts. Reported per (workload, variant): the median of each number over the rounds."""
@@ -209,7 +210,7 @@ def bench_model(setup: ModelSetup, work_dir: Path, datasets: dict[str, Path], *,
                 wait_healthy(servers[engine])
         for server in servers.values():
             wait_healthy(server)
-        pinning = pin_servers(servers) if pin_cpus else None
+        pinning = pin_servers(servers, pin_plan) if pin_plan is not None else None
         for engine, server in servers.items() if warm_up else ():
             # First requests pay one-off costs (lazy kernel builds, allocator growth).
             print(f"[serving] {setup.name}: warm-up of {engine}", flush=True)
@@ -241,12 +242,9 @@ def bench_model(setup: ModelSetup, work_dir: Path, datasets: dict[str, Path], *,
             "runs": results}
 
 
-def pin_servers(servers: dict[str, RunningServer]) -> dict[str, Any]:
+def pin_servers(servers: dict[str, RunningServer], plan: CpuPlan) -> dict[str, Any]:
     """``--pin-cpus``: every server's engine core on the same whole cores, its other processes
     on the next ones, this process (the load generator) on the rest (``cpu_pinning``)."""
-    from benchmarks.serving.cpu_pinning import physical_cores, pin_self, pin_server, plan_cpus
-
-    plan = plan_cpus(physical_cores(os.sched_getaffinity(0)))
     pinned = {engine: sorted(set(pin_server(server.process.pid, plan).values()))
               for engine, server in servers.items()}
     pin_self(plan.load)
@@ -390,11 +388,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--prepare-only", action="store_true",
                         help="write the datasets into --work-dir and stop")
     args = parser.parse_args(argv)
+    pin_plan = None
     if args.pin_cpus:
-        from benchmarks.serving.cpu_pinning import physical_cores, plan_cpus
-
         try:  # refused before any server starts
-            plan_cpus(physical_cores(os.sched_getaffinity(0)))
+            pin_plan = plan_cpus(physical_cores(os.sched_getaffinity(0)))
         except ValueError as error:
             parser.error(str(error))
     cpu = args.device == "cpu"
@@ -434,7 +431,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                plain_v1=args.plain_v1 or "plain_v1" in (args.engines or ""),
                                only_engines=args.engines.split(",") if args.engines else None,
                                rounds=args.rounds or (1 if cpu else 3), warm_up=not cpu,
-                               step_timer=args.step_timer, pin_cpus=args.pin_cpus)
+                               step_timer=args.step_timer, pin_plan=pin_plan)
         if earlier is not None:
             earlier["workloads"].update(measured["workloads"])
             earlier["runs"].update(measured["runs"])

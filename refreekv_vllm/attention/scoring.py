@@ -92,8 +92,7 @@ def score(step: StepContext, key_cache: torch.Tensor, layer_tables: torch.Tensor
     ``key_cache``: ``[num_pages, block_size, num_kv_heads, head_size]`` key view of the pool;
     ``layer_tables``: ``[num_layers, max_reqs, max_blocks]`` pages per layer and batch row (a
     request being scored has no gap yet)."""
-    layers = [layer for layer in range(layer_tables.shape[0])
-              if layer not in step.config.frozen_layers]
+    layers = list(step.config.scored_layers(layer_tables.shape[0]))
     windows = {row.req_id: _window(step, row.req_id) for row in step.scoring}
     rows = [row for row in step.scoring if row.fixed_cut is None
             and windows[row.req_id] is not None and windows[row.req_id][0] == tuple(layers)]
@@ -195,8 +194,7 @@ def warm_up_scoring(key_cache: torch.Tensor, layer_tables: "LayerTables", config
                     scale: float, with_lse: bool) -> None:
     """One scoring call per aggregation with the server's window, on placeholder queries over
     the real key pool, so that the kernels are compiled before the first request."""
-    layers = [layer for layer in range(layer_tables.num_layers)
-              if layer not in config.frozen_layers]
+    layers = list(config.scored_layers(layer_tables.num_layers))
     window, device = config.window, key_cache.device
     num_prompt_tokens = window + config.num_sink_tokens + 1
     queries = torch.zeros(len(layers), window, num_heads, head_size, dtype=dtype, device=device)

@@ -87,8 +87,7 @@ class StepContext:
         """``[n, Hq, D]`` slot of ``layer`` in ``captured_queries`` (``query``: a layer's
         ``[num_tokens, Hq, D]`` queries, for shape, dtype and device)."""
         if self.captured_queries is None:
-            frozen = self.config.frozen_layers
-            self.scored_layers = tuple(i for i in range(num_layers) if i not in frozen)
+            self.scored_layers = self.config.scored_layers(num_layers)
             self._slot_of_layer = {layer: i for i, layer in enumerate(self.scored_layers)}
             n = sum(len(c.token_indices) for c in self.captures)
             self.captured_queries = query.new_empty((len(self.scored_layers), n,
