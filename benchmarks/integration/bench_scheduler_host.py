@@ -64,9 +64,13 @@ def build(kind: str, num_requests: int, prompt_len: int, model_dir: Path):
     return (Scheduler if kind == "plain" else RefreeKVScheduler)(**kwargs)
 
 
+T0_ARGS = {"refreekv_threshold": 0.0}
+
+
 def add_request(scheduler, request_id: str, prompt_len: int, max_tokens: int,
-                rng: random.Random) -> None:
-    """A request of random prompt tokens that ignores EOS (T = 0 if the plugin runs)."""
+                rng: random.Random, extra_args: dict | None = T0_ARGS) -> None:
+    """A request of random prompt tokens that ignores EOS (by default T = 0, which opts it out
+    of pruning; ``extra_args=None``: the server's default rule)."""
     from vllm import SamplingParams
     from vllm.utils.hashing import sha256
     from vllm.v1.core.kv_cache_utils import get_request_block_hasher
@@ -76,7 +80,7 @@ def add_request(scheduler, request_id: str, prompt_len: int, max_tokens: int,
         request_id=request_id,
         prompt_token_ids=[rng.randrange(1000, 100_000) for _ in range(prompt_len)],
         sampling_params=SamplingParams(max_tokens=max_tokens, ignore_eos=True,
-                                       extra_args={"refreekv_threshold": 0.0}),
+                                       extra_args=extra_args),
         pooling_params=None, block_hasher=get_request_block_hasher(BLOCK_SIZE, sha256)))
 
 
@@ -131,8 +135,11 @@ def time_churn_steps(scheduler, rule: str, steps: int, concurrency: int = 32,
     rng = random.Random(seed)
     counter = iter(range(10**9))
 
+    # A T = 0 request opts out, and the scheduler would skip its report.
+    extra_args = None if rule == "default" else T0_ARGS
+
     def add(prompt_len: int, output_len: int) -> None:
-        add_request(scheduler, f"r{next(counter)}", prompt_len, output_len, rng)
+        add_request(scheduler, f"r{next(counter)}", prompt_len, output_len, rng, extra_args)
 
     reports_due: dict[str, CutReport] = {}
 

@@ -8,13 +8,18 @@ resume; opted out). Everything is dropped when the request finishes or is aborte
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from refreekv_vllm import envs
 from refreekv_vllm.outputs import CutReport
 from refreekv_vllm.policy.budget import resident_budget
+
+if TYPE_CHECKING:
+    from refreekv_vllm.core.paged_block_pool import ReleasedPages
 
 
 class SkipReason(str, Enum):
@@ -31,7 +36,7 @@ class SkipReason(str, Enum):
 class PrunedRequest:
     report: CutReport
     # Per model layer, the blocks whose page of that layer the request released.
-    released_block_ids: tuple[tuple[int, ...], ...]
+    released: ReleasedPages
     # Pages that went back to the pool at release time (not held by another request).
     num_freed_blocks: int
 
@@ -95,7 +100,7 @@ class CutState:
     def block_budget_of(self, req_id: str) -> float:
         """Block budget of a pruned request (resident prompt blocks / prompt blocks)."""
         pruned = self._pruned[req_id]
-        return self._block_budget(pruned.report, pruned.released_block_ids)
+        return self._block_budget(pruned.report, pruned.released.counts())
 
     def cap_cache(self, req_id: str, num_tokens: int) -> None:
         self._cache_cap[req_id] = min(num_tokens, self._cache_cap.get(req_id, num_tokens))
@@ -110,22 +115,23 @@ class CutState:
         self._requests_skipped[reason.value] += 1
 
     def record_report(
-        self, report: CutReport, released_block_ids: Sequence[Sequence[int]], num_freed_blocks: int
+        self, report: CutReport, released: ReleasedPages, num_freed_blocks: int
     ) -> None:
-        """Record an accepted report and what releasing its gaps did (one entry per layer)."""
+        """Record an accepted report and what releasing its gaps did."""
         req_id = report.req_id
         assert req_id not in self._reported, f"request {req_id} reported twice"
-        assert len(released_block_ids) == len(report.cuts)
-        released = tuple(tuple(ids) for ids in released_block_ids)
+        assert len(released.starts) == len(report.cuts)
         if envs.REFREEKV_DEBUG_ACCOUNTING:
-            for layer, ids in enumerate(released):
-                assert len(set(ids)) == len(ids), (
+            for layer in range(len(report.cuts)):
+                ids = released.layer(layer)
+                assert len(np.unique(ids)) == len(ids), (
                     f"request {req_id}: a block's layer-{layer} page released twice")
+        counts = released.counts()
         self._reported.add(req_id)
-        self._recent_block_budgets.append(self._block_budget(report, released))
+        self._recent_block_budgets.append(self._block_budget(report, counts))
         self._recent_reports.append(report)
 
-        num_released = sum(len(ids) for ids in released)
+        num_released = int(counts.sum())
         if num_released == 0:
             self.record_skip(SkipReason.NO_GAP)
             return
@@ -165,6 +171,6 @@ class CutState:
             recent_block_budgets=tuple(self._recent_block_budgets),
         )
 
-    def _block_budget(self, report: CutReport, released: tuple[tuple[int, ...], ...]) -> float:
-        return resident_budget(report.num_prompt_tokens, [len(ids) for ids in released],
+    def _block_budget(self, report: CutReport, released_per_layer: np.ndarray) -> float:
+        return resident_budget(report.num_prompt_tokens, released_per_layer.tolist(),
                                self.block_size)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from vllm.v1.core.block_pool import BlockPool
@@ -28,6 +29,23 @@ from vllm.v1.core.kv_cache_utils import KVCacheBlock
 from refreekv_vllm.core.page_pool import NO_PAGE, PagePool
 
 _ABSENT = object()
+
+
+@dataclass(frozen=True, slots=True)
+class ReleasedPages:
+    """What one request's pruning released: in layer ``l``, the page of each block in
+    ``block_ids[starts[l]:stops[l]]`` (slices of the request's block list, so that a 6K-token
+    prompt's thousands of (block, layer) pairs are three arrays, not a list per layer)."""
+    block_ids: np.ndarray
+    starts: np.ndarray
+    stops: np.ndarray
+
+    def layer(self, layer: int) -> np.ndarray:
+        return self.block_ids[self.starts[layer]:self.stops[layer]]
+
+    def counts(self) -> np.ndarray:
+        """Released blocks per layer."""
+        return self.stops - self.starts
 
 
 class PagedBlockPool(BlockPool):
@@ -160,21 +178,21 @@ class PagedBlockPool(BlockPool):
         return True
 
     def release_gap_pages(self, blocks: Sequence[KVCacheBlock], gaps: Sequence[range]
-                          ) -> tuple[list[list[int]], int]:
+                          ) -> tuple[ReleasedPages, int]:
         """One request prunes, in each layer ``l``, its blocks ``blocks[gaps[l]]``: what
         :meth:`release_layer_page` does for each (block, layer), with the blocks only this
-        request holds (nearly all) handled a layer at a time. Returns the block ids per layer
-        and how many pages went back to the pool now."""
+        request holds (nearly all) handled a layer at a time. Returns what was released and
+        how many pages went back to the pool now."""
         ids = np.fromiter((block.block_id for block in blocks), dtype=np.int64,
                           count=len(blocks))
+        pruned_by = self._pruned_by
         exclusive = np.fromiter(
-            (block.ref_cnt == 1 and not block.is_null and block.block_id not in self._pruned_by
+            (block.ref_cnt == 1 and not block.is_null and block.block_id not in pruned_by
              for block in blocks), dtype=bool, count=len(blocks))
         starts = np.fromiter((gap.start for gap in gaps), dtype=np.int64, count=len(gaps))
-        stops = np.minimum(np.fromiter((gap.stop for gap in gaps), dtype=np.int64,
-                                       count=len(gaps)), len(blocks))
-        released = [ids[start:stop].tolist() for start, stop in zip(starts.tolist(),
-                                                                    stops.tolist(), strict=True)]
+        stops = np.fromiter((gap.stop for gap in gaps), dtype=np.int64, count=len(gaps))
+        stops = np.maximum(np.minimum(stops, len(blocks)), starts)
+        released = ReleasedPages(ids, starts, stops)
         alone = np.flatnonzero(exclusive)
         in_gap = (alone[:, None] >= starts) & (alone[:, None] < stops)
         freed = self.page_pool.release_where(ids[alone], in_gap)
@@ -185,21 +203,22 @@ class PagedBlockPool(BlockPool):
             # Shared (or null) blocks: a layer's page goes once every holder pruned it.
             for layer in np.flatnonzero((starts <= index) & (index < stops)).tolist():
                 num_freed += self.release_layer_page(blocks[index], layer)
-        for index in np.flatnonzero(lost_pages):
+        for index in np.flatnonzero(lost_pages).tolist():
             # A block missing a layer's KV can no longer serve as a prefix-cache hit.
-            if blocks[index].block_hash is not None:
-                self._maybe_evict_cached_block(blocks[index])
+            block = blocks[index]
+            if block.block_hash is not None:
+                self._maybe_evict_cached_block(block)
         return released, num_freed
 
-    def unprune_released(self, released_block_ids: Sequence[Sequence[int]]) -> None:
-        """Before a request that pruned ``released_block_ids[layer]`` lets go of its blocks:
+    def unprune_released(self, released: ReleasedPages) -> None:
+        """Before a request that pruned ``released`` lets go of its blocks:
         :meth:`unprune_layer_page` for each, visiting only the blocks still shared (a pruned
         6K-token prompt releases thousands of (block, layer) pairs, nearly all unshared)."""
         pruned_by = self._pruned_by
         if not pruned_by:
             return
-        for layer, block_ids in enumerate(released_block_ids):
-            for block_id in pruned_by.keys() & block_ids:
+        for layer in range(len(released.starts)):
+            for block_id in pruned_by.keys() & set(released.layer(layer).tolist()):
                 self.unprune_layer_page(self.blocks[block_id], layer)
 
     def unprune_layer_page(self, block: KVCacheBlock, layer: int) -> None:

@@ -244,7 +244,7 @@ class RefreeKVSchedulerMixin:
         def unpruned_free(request: Request) -> None:
             pruned = state.pruned(request.request_id)
             if pruned is not None:
-                pool.unprune_released(pruned.released_block_ids)
+                pool.unprune_released(pruned.released)
             free(request)
             if envs.REFREEKV_DEBUG_ACCOUNTING:
                 pool.check_accounting()

@@ -7,7 +7,7 @@ from vllm.v1.core.block_pool import BlockPool
 from vllm.v1.core.kv_cache_utils import make_block_hash_with_group_id
 
 from refreekv_vllm.core.page_pool import NO_PAGE, RESERVED_PAGE, PagePool
-from refreekv_vllm.core.paged_block_pool import PagedBlockPool
+from refreekv_vllm.core.paged_block_pool import PagedBlockPool, ReleasedPages
 
 LAYERS = 3
 
@@ -154,7 +154,9 @@ def test_a_shared_page_goes_back_once_every_holder_pruned_it():
     pool.touch([block])
     assert not pool.release_layer_page(block, 2)
     other = pool.get_new_blocks(1)[0].block_id  # not shared: nothing to withdraw
-    pool.unprune_released([[other], [], [block.block_id, other]])  # the pruning holder leaves
+    # The pruning holder leaves: it released ``other`` in layer 0, both blocks in layer 2.
+    pool.unprune_released(ReleasedPages(np.array([block.block_id, other]), np.array([1, 0, 0]),
+                                        np.array([2, 0, 2])))
     pool.free_blocks([pool.blocks[other]])
     pool.free_blocks([block])
     assert pool.page_pool.pages[block.block_id, 2] != NO_PAGE  # the other one still reads it
@@ -208,7 +210,9 @@ def test_releasing_a_requests_gaps_in_every_layer():
     cache(pool, blocks[1], 5)
     pool.touch([blocks[2]])  # another request holds block 2 too
     released, freed = pool.release_gap_pages(blocks, [range(0), range(1, 3), range(1, 4)])
-    assert released == [[], [b.block_id for b in blocks[1:3]], [b.block_id for b in blocks[1:]]]
+    assert [released.layer(layer).tolist() for layer in range(LAYERS)] == [
+        [], [b.block_id for b in blocks[1:3]], [b.block_id for b in blocks[1:]]]
+    assert released.counts().tolist() == [0, 2, 3]
     assert freed == 3  # blocks 1 (layers 1, 2) and 3 (layer 2): block 2 is still read elsewhere
     pages = pool.page_pool.pages
     assert pages[blocks[1].block_id, 1] == NO_PAGE and pages[blocks[3].block_id, 2] == NO_PAGE
