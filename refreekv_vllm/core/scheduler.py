@@ -31,7 +31,7 @@ from refreekv_vllm.core.kv_cache_layout import num_pages
 from refreekv_vllm.core.paged_block_pool import PagedBlockPool
 from refreekv_vllm.core.prefix_hits import capped_hit_tokens, trim_hit
 from refreekv_vllm.core.support import check_supported
-from refreekv_vllm.metrics.prometheus import SchedulerMetrics
+from refreekv_vllm.metrics.prometheus import SchedulerMetrics, engine_index
 from refreekv_vllm.outputs import CutReport, get_cut_reports
 from refreekv_vllm.policy.budget import freeable_block_range, paper_budget
 from refreekv_vllm.worker.layer_tables import SCHEDULER_OUTPUT_ATTR
@@ -70,7 +70,8 @@ class RefreeKVSchedulerMixin:
         model_config = vllm_config.model_config
         self._refreekv_metrics = SchedulerMetrics(
             model_config.served_model_name if model_config is not None else "",
-            self._refreekv_config.threshold, self._refreekv_config.window,
+            engine_index(vllm_config), self._refreekv_config.threshold,
+            self._refreekv_config.window,
             num_layers=self._refreekv_num_layers,
             skip_reasons=[reason.value for reason in SkipReason])
 

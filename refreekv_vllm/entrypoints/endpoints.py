@@ -1,12 +1,14 @@
 """HTTP views of what ReFreeKV did (a ``vllm.endpoint_plugins`` plugin; ``refreekv-serve``
 allow-lists it). Both live under ``/v1``, so vLLM's ``--api-key`` guards them.
 
-- ``GET /v1/refreekv/stats``: server totals, read from the same Prometheus collectors
-  ``/metrics`` serves.
+- ``GET /v1/refreekv/stats``: server totals over every engine, read from the same Prometheus
+  collectors ``/metrics`` serves.
 - ``GET /v1/refreekv/requests/{request_id}``: one recent request's cuts and budgets, from the
-  workers (``collective_rpc``). The id is the one the completion response carries.
+  workers of every engine (``collective_rpc``). The id is the one the completion response
+  carries.
 """
 
+import asyncio
 import re
 from argparse import Namespace
 from typing import Any
@@ -34,9 +36,12 @@ async def refreekv_stats() -> dict[str, Any]:
                 reason = sample.labels["reason"]
                 totals["requests_skipped"][reason] = (
                     totals["requests_skipped"].get(reason, 0) + sample.value)
-            elif key.endswith(("_total", "_count", "_sum")) or family.type == "gauge":
-                if "layer" in sample.labels:
-                    continue
+            elif "layer" in sample.labels:
+                continue
+            elif family.type == "gauge":
+                # Settings every engine reports alike (one series per engine).
+                totals[key] = max(totals.get(key, sample.value), sample.value)
+            elif key.endswith(("_total", "_count", "_sum")):
                 totals[key] = totals.get(key, 0) + sample.value
     return totals
 
@@ -46,7 +51,7 @@ async def refreekv_request(request_id: str, raw_request: Request) -> dict[str, A
     engine_client = raw_request.app.state.refreekv_engine_client
     if engine_client is None:
         raise HTTPException(503, "no engine")
-    per_worker = await engine_client.collective_rpc("refreekv_request_records")
+    per_worker = await records_of_every_engine(engine_client)
     # Oldest first, so that a later request reusing an id wins.
     found: dict[tuple[int, int], dict[str, Any]] = {}
     for records in per_worker:
@@ -62,6 +67,21 @@ async def refreekv_request(request_id: str, raw_request: Request) -> dict[str, A
         return record
     # Several prompts or samples (n > 1) behind one response: one record each that was pruned.
     return {"request_id": request_id, "records": [found[key] for key in sorted(found)]}
+
+
+async def records_of_every_engine(engine_client: Any) -> list[list[dict[str, Any]]]:
+    """Every worker's recent records. With ``--data-parallel-size`` a request ran on one of
+    several engines, and vLLM's data-parallel client answers a utility call with the first
+    engine's result only: each engine is asked on its own."""
+    core = getattr(engine_client, "engine_core", None)
+    engines = getattr(core, "core_engines", None) or []
+    if len(engines) < 2 or not hasattr(core, "_call_utility_async"):
+        return await engine_client.collective_rpc("refreekv_request_records")
+    per_engine = await asyncio.gather(*(
+        core._call_utility_async("collective_rpc", "refreekv_request_records", None, (), None,
+                                 engine=engine)
+        for engine in engines))
+    return [records for per_worker in per_engine for records in per_worker]
 
 
 _ENGINE_SUFFIX = re.compile(r"-[0-9a-f]{8}$")

@@ -18,6 +18,7 @@ import os
 import tempfile
 import threading
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, values
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
@@ -34,40 +35,42 @@ SCORING_BUCKETS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)
 
 
 class SchedulerMetrics:
-    """Updated by the scheduler (engine core): what was released and freed."""
+    """Updated by the scheduler (engine core): what was released and freed. ``engine`` is the
+    engine's index, as on vLLM's own series: with ``--data-parallel-size`` each engine prunes
+    on its own and its series carry its index."""
 
-    def __init__(self, model_name: str, threshold: float, window: int, num_layers: int,
-                 skip_reasons: list[str]) -> None:
+    def __init__(self, model_name: str, engine: int, threshold: float, window: int,
+                 num_layers: int, skip_reasons: list[str]) -> None:
         with _file_backed_values():
-            self._create(model_name, threshold, window, num_layers, skip_reasons)
+            self._create((model_name, str(engine)), threshold, window, num_layers, skip_reasons)
 
-    def _create(self, model_name: str, threshold: float, window: int, num_layers: int,
+    def _create(self, labels: tuple[str, str], threshold: float, window: int, num_layers: int,
                 skip_reasons: list[str]) -> None:
         m = _collectors()
-        self.requests_pruned = m["requests_pruned"].labels(model_name)
+        self.requests_pruned = m["requests_pruned"].labels(*labels)
         self._skipped = m["requests_skipped"]
-        self._model_name = model_name
-        self.blocks_released = m["blocks_released"].labels(model_name)
-        self.blocks_freed = m["blocks_freed"].labels(model_name)
-        self.tokens_pruned = m["tokens_pruned"].labels(model_name)
-        self.bytes_freed = m["bytes_freed"].labels(model_name)
-        self.block_budget = m["block_budget"].labels(model_name)
-        self.paper_budget = m["paper_budget"].labels(model_name)
+        self._labels = labels
+        self.blocks_released = m["blocks_released"].labels(*labels)
+        self.blocks_freed = m["blocks_freed"].labels(*labels)
+        self.tokens_pruned = m["tokens_pruned"].labels(*labels)
+        self.bytes_freed = m["bytes_freed"].labels(*labels)
+        self.block_budget = m["block_budget"].labels(*labels)
+        self.paper_budget = m["paper_budget"].labels(*labels)
         self._layer_prompt_tokens = m["layer_prompt_tokens"]
         self._layer_kept_tokens = m["layer_kept_tokens"]
         # Every series exists from the start (at 0), so dashboards and rate() see it.
         for reason in skip_reasons:
-            self._skipped.labels(model_name, reason)
+            self._skipped.labels(*labels, reason)
         # Label lookups cost microseconds: the per-layer series are looked up once.
-        self._layer_prompt = [self._layer_prompt_tokens.labels(model_name, str(layer))
+        self._layer_prompt = [self._layer_prompt_tokens.labels(*labels, str(layer))
                               for layer in range(num_layers)]
-        self._layer_kept = [self._layer_kept_tokens.labels(model_name, str(layer))
+        self._layer_kept = [self._layer_kept_tokens.labels(*labels, str(layer))
                             for layer in range(num_layers)]
-        m["threshold"].labels(model_name).set(threshold)
-        m["window"].labels(model_name).set(window)
+        m["threshold"].labels(*labels).set(threshold)
+        m["window"].labels(*labels).set(window)
 
     def skipped(self, reason: str, count: int = 1) -> None:
-        self._skipped.labels(self._model_name, reason).inc(count)
+        self._skipped.labels(*self._labels, reason).inc(count)
 
     def layer_tokens(self, prompt_tokens: int, kept_tokens: Sequence[int]) -> None:
         """Prompt tokens (the same in every layer) and kept tokens per layer, of one step's
@@ -81,9 +84,16 @@ class SchedulerMetrics:
 class WorkerMetrics:
     """Updated by the worker: how long scoring took."""
 
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, engine: int) -> None:
         with _file_backed_values():
-            self.scoring_seconds = _collectors()["scoring_seconds"].labels(model_name)
+            self.scoring_seconds = _collectors()["scoring_seconds"].labels(model_name,
+                                                                          str(engine))
+
+
+def engine_index(vllm_config: Any) -> int:
+    """The engine's index among data-parallel engines (0 without data parallelism): vLLM runs
+    each engine of a dense model as an engine of its own, keeping the index here."""
+    return int(getattr(vllm_config.parallel_config, "data_parallel_index", 0) or 0)
 
 
 def install_metrics_dir() -> None:
@@ -190,7 +200,7 @@ def _collectors() -> dict:
     # Outside any registry: /metrics reads the values from the files (an in-process registry
     # entry would repeat them in a process that serves /metrics itself).
     registry = None if _values_dir() else REGISTRY
-    model = ["model_name"]
+    model = ["model_name", "engine"]
     return {
         "requests_pruned": Counter(
             PREFIX + "requests_pruned", "Requests whose KV blocks were released after prefill.",

@@ -19,7 +19,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
 
 from refreekv_vllm.config import RefreeKVConfig, RequestSettings, pruning_settings
 from refreekv_vllm.core.kv_cache_layout import is_paged_layout
-from refreekv_vllm.metrics.prometheus import WorkerMetrics
+from refreekv_vllm.metrics.prometheus import WorkerMetrics, engine_index
 from refreekv_vllm.outputs import CutReport, attach_cut_reports
 from refreekv_vllm.policy.budget import freeable_block_range, paper_budget, resident_budget
 from refreekv_vllm.worker.layer_tables import (
@@ -70,7 +70,8 @@ class RefreeKVModelRunnerMixin:
         self._refreekv_kernel = resolve_kernel(config.kernel, self.device)
         self._refreekv_pending = []
         self._refreekv_reports = {}
-        self._refreekv_metrics = WorkerMetrics(self.model_config.served_model_name)
+        self._refreekv_metrics = WorkerMetrics(self.model_config.served_model_name,
+                                               engine_index(self.vllm_config))
         self.refreekv_records: deque[dict[str, Any]] = deque(maxlen=RECORDS_KEPT)
 
     def get_kv_cache_spec(self) -> dict[str, KVCacheSpec]:

@@ -15,7 +15,7 @@ PARENT = textwrap.dedent("""
 
     def engine_core():
         from refreekv_vllm.metrics.prometheus import SchedulerMetrics
-        metrics = SchedulerMetrics("m", 0.01, 32, num_layers=2, skip_reasons=["opted_out"])
+        metrics = SchedulerMetrics("m", 0, 0.01, 32, num_layers=2, skip_reasons=["opted_out"])
         metrics.requests_pruned.inc(3)
         metrics.block_budget.observe(0.42)
         metrics.layer_tokens(100, [100, 40])
