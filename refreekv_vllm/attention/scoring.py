@@ -141,6 +141,7 @@ def _score_rows(step: StepContext, layers: list[int], rows: list[ScoringRow],
         # One chunk size for every call: the kernels compile once, not per batch shape.
         chunk_size=SCORING_CHUNK,
         window_lse=window_lse,
+        head_reduction=step.head_reduction,
     )
     step.cuts.append((layers, [row.req_id for row in rows], cuts))
 

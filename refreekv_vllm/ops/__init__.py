@@ -9,9 +9,17 @@ returns one cut per request. The ``torch`` backend gathers each request's keys a
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
-from refreekv_vllm.policy.reference import AGGREGATIONS, layer_cut
+from refreekv_vllm.policy.reference import (
+    AGGREGATIONS,
+    cut_from_head_norm_sum,
+    head_norm_sum,
+    window_probs,
+)
 
 BACKENDS = ("triton", "cuda", "torch")
 
@@ -58,6 +66,16 @@ def gather_request_keys(
     return key_cache[ids].reshape(num_blocks * bs, hkv, d)[:num_tokens].transpose(0, 1)
 
 
+@dataclass(frozen=True)
+class HeadReduction:
+    """How ranks that each hold ``1 / world_size`` of the query heads (tensor parallelism)
+    combine their heads' part of the rule: ``all_reduce`` sums a tensor over the ranks, in place
+    or not, and returns the sum; ``broadcast`` hands rank 0's tensor to every rank."""
+    world_size: int
+    all_reduce: Callable[[torch.Tensor], torch.Tensor]
+    broadcast: Callable[[torch.Tensor], torch.Tensor]
+
+
 def torch_compute_cuts(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -72,30 +90,46 @@ def torch_compute_cuts(
     curve_out: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     compute_dtype: torch.dtype = torch.float32,
+    head_reduction: HeadReduction | None = None,
 ) -> torch.Tensor:
-    """``compute_cuts`` by gathering keys and running the reference per request (host sync)."""
+    """``compute_cuts`` by gathering keys and running the reference per request (host sync).
+
+    With ``head_reduction`` (tensor parallelism) every request's heads' part of the rule goes
+    through one all-reduce of ``sum(n - m)`` fp32 values per call, and rank 0's cuts are
+    broadcast, so that every rank applies the same cuts."""
     r, w_max = query.shape[:2]
     if out is None:
         out = torch.empty(r, dtype=torch.int32, device=query.device)
     lens = prompt_lens.tolist()
     wins = window_lens.tolist()
     thrs = thresholds.tolist()
-    cuts = []
+    norm_sums = []
     for i in range(r):
         w = max(1, min(int(wins[i]), w_max))
         keys = gather_request_keys(key_cache, block_tables[i], int(lens[i]))
-        cut, ratio = layer_cut(
-            query[i, w_max - w :].to(compute_dtype),
-            keys.to(compute_dtype),
-            num_sink_tokens=num_sink_tokens,
-            threshold=float(thrs[i]),
-            scale=scale,
-            agg=agg,
-        )
+        probs = window_probs(query[i, w_max - w :].to(compute_dtype), keys.to(compute_dtype),
+                             scale=scale, agg=agg)
+        norm_sums.append(head_norm_sum(probs, num_sink_tokens=num_sink_tokens)
+                         if probs.shape[-1] > num_sink_tokens else probs.new_zeros(0))
+    num_heads = query.shape[2]
+    if head_reduction is not None and head_reduction.world_size > 1:
+        sizes = [x.numel() for x in norm_sums]
+        total = head_reduction.all_reduce(torch.cat(norm_sums).contiguous())
+        norm_sums = list(total.split(sizes))
+        num_heads *= head_reduction.world_size
+    cuts = []
+    for i, norm_sum in enumerate(norm_sums):
+        cut, ratio = cut_from_head_norm_sum(norm_sum, num_heads,
+                                            num_sink_tokens=num_sink_tokens,
+                                            threshold=float(thrs[i]))
         cuts.append(cut)
         if curve_out is not None and ratio.numel():
             curve_out[i, : ratio.numel()] = ratio.to(curve_out.dtype)
-    out.copy_(torch.tensor(cuts, dtype=torch.int32))
+    result = torch.tensor(cuts, dtype=torch.int32, device=query.device)
+    if head_reduction is not None and head_reduction.world_size > 1:
+        # Sums over ranks can differ in their last bits from rank to rank: one rank decides.
+        result = head_reduction.broadcast(result)
+    out.copy_(result)
     return out
 
 
@@ -150,6 +184,7 @@ def compute_cuts(
     workspace: torch.Tensor | None = None,
     chunk_size: int | None = None,
     window_lse: torch.Tensor | None = None,
+    head_reduction: HeadReduction | None = None,
 ) -> torch.Tensor:
     """ReFreeKV cut of every request of one layer, keys read from the paged cache.
 
@@ -180,6 +215,8 @@ def compute_cuts(
             of every query row (FlashAttention's ``softmax_lse`` of the prefill), aligned with
             ``query``. The Triton backend then reads the keys once instead of twice for
             windows of w > 1 rows; the other backends compute the normaliser themselves.
+        head_reduction: tensor parallelism (``query`` holds this rank's heads): combine the
+            ranks' heads (``torch`` backend only).
 
     Returns:
         ``[R]`` int32 cuts: keep ``[0, m)`` and ``[cut, n)``; ``cut == m`` keeps everything.
@@ -190,7 +227,11 @@ def compute_cuts(
         return torch_compute_cuts(
             query, key_cache, block_tables, prompt_lens, window_lens, thresholds,
             num_sink_tokens=num_sink_tokens, scale=scale, agg=agg, curve_out=curve_out, out=out,
+            head_reduction=head_reduction,
         )  # fmt: skip
+    if head_reduction is not None and head_reduction.world_size > 1:
+        raise ValueError(f"the {backend} backend scores all heads on one rank; tensor "
+                         "parallelism needs the torch backend")
     extra: dict = {}
     if backend == "triton":
         from refreekv_vllm.ops.triton_last_row_scores import triton_compute_cuts
@@ -211,6 +252,7 @@ def compute_cuts(
 
 __all__ = [
     "BACKENDS",
+    "HeadReduction",
     "compute_cuts",
     "gather_request_keys",
     "key_view_from_flash_kv_cache",

@@ -74,6 +74,47 @@ def window_probs(
     return probs.amax(dim=1) if agg == "max" else probs.mean(dim=1)
 
 
+def head_norm_sum(probs: torch.Tensor, *, num_sink_tokens: int = 4) -> torch.Tensor:
+    """``sum_h sqrt(tail_h[j])`` for ``j = 0 .. n - m - 1``: the heads' part of ``K(j)``.
+
+    Heads add up, so ranks that each hold some of the heads (tensor parallelism) combine their
+    sums by one all-reduce before :func:`cut_from_head_norm_sum`.
+
+    Args:
+        probs: ``[num_q_heads, n]`` per-head attention mass per prompt position.
+    """
+    sq = probs[:, num_sink_tokens:].square()  # [Hq, n - m], oldest candidate first
+    tail = sq.flip(-1).cumsum(-1).flip(-1)  # tail[h, j] = sum_{p >= j} sq[h, p]
+    return tail.sqrt().sum(dim=0)
+
+
+def cut_from_head_norm_sum(
+    norm_sum: torch.Tensor,
+    num_heads: int,
+    *,
+    num_sink_tokens: int = 4,
+    threshold: float = 0.01,
+) -> tuple[int, torch.Tensor]:
+    """Cut of one layer from :func:`head_norm_sum` over all ``num_heads`` query heads.
+
+    Returns:
+        ``(cut, ratio)`` with ``ratio`` of shape ``[n - num_sink_tokens]`` holding
+        ``ratio(j)`` for ``j = 0 .. n - m - 1`` (0 where the baseline norm is 0).
+        Positions ``[num_sink_tokens, cut)`` are pruned; ``cut == num_sink_tokens`` keeps all.
+    """
+    m = num_sink_tokens
+    if not norm_sum.numel():
+        return m, norm_sum
+    kept = norm_sum / num_heads  # K(j), kept[0] = baseline
+    base = kept[0]
+    ratio = torch.where(base > 0, (base - kept) / base, torch.zeros_like(kept))
+    if kept.numel() <= 1 or threshold <= 0:
+        return m, ratio
+    ok = (base - kept) <= threshold * base
+    j_star = int(torch.nonzero(ok).max()) if bool(ok.any()) else 0
+    return m + j_star, ratio
+
+
 def cut_from_probs(
     probs: torch.Tensor,
     *,
@@ -86,24 +127,14 @@ def cut_from_probs(
         probs: ``[num_q_heads, n]`` per-head attention mass per prompt position.
 
     Returns:
-        ``(cut, ratio)`` with ``ratio`` of shape ``[max(n - num_sink_tokens, 0)]`` holding
-        ``ratio(j)`` for ``j = 0 .. n - m - 1`` (0 where the baseline norm is 0).
-        Positions ``[num_sink_tokens, cut)`` are pruned; ``cut == num_sink_tokens`` keeps all.
+        ``(cut, ratio)`` with ``ratio`` of shape ``[max(n - num_sink_tokens, 0)]``, see
+        :func:`cut_from_head_norm_sum`.
     """
     m = num_sink_tokens
-    n = probs.shape[-1]
-    if n <= m:
+    if probs.shape[-1] <= m:
         return m, probs.new_zeros(0)
-    sq = probs[:, m:].square()  # [Hq, n - m], oldest candidate first
-    tail = sq.flip(-1).cumsum(-1).flip(-1)  # tail[h, j] = sum_{p >= j} sq[h, p]
-    kept = tail.sqrt().mean(dim=0)  # K(j), kept[0] = baseline
-    base = kept[0]
-    ratio = torch.where(base > 0, (base - kept) / base, torch.zeros_like(kept))
-    if n <= m + 1 or threshold <= 0:
-        return m, ratio
-    ok = (base - kept) <= threshold * base
-    j_star = int(torch.nonzero(ok).max()) if bool(ok.any()) else 0
-    return m + j_star, ratio
+    return cut_from_head_norm_sum(head_norm_sum(probs, num_sink_tokens=m), probs.shape[0],
+                                  num_sink_tokens=m, threshold=threshold)
 
 
 def layer_cut(

@@ -20,6 +20,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
 from refreekv_vllm.config import RefreeKVConfig, RequestSettings, pruning_settings
 from refreekv_vllm.core.kv_cache_layout import is_paged_layout
 from refreekv_vllm.metrics.prometheus import WorkerMetrics, engine_index
+from refreekv_vllm.ops import HeadReduction
 from refreekv_vllm.outputs import CutReport, attach_cut_reports
 from refreekv_vllm.policy.budget import freeable_block_range, paper_budget, resident_budget
 from refreekv_vllm.worker.layer_tables import (
@@ -59,6 +60,7 @@ class RefreeKVModelRunnerMixin:
     _refreekv_no_prune: set[str]
     _refreekv_step: StepContext | None
     _refreekv_kernel: str
+    _refreekv_heads: HeadReduction | None
     _refreekv_pending: list[_PendingCuts]
     _refreekv_reports: dict[str, CutReport]
 
@@ -67,7 +69,10 @@ class RefreeKVModelRunnerMixin:
         self._refreekv_tables = None
         self._refreekv_no_prune = set()
         self._refreekv_step = None
-        self._refreekv_kernel = resolve_kernel(config.kernel, self.device)
+        self._refreekv_heads = tensor_parallel_heads()
+        self._refreekv_kernel = resolve_kernel(
+            config.kernel, self.device,
+            tensor_parallel=self._refreekv_heads is not None)
         self._refreekv_pending = []
         self._refreekv_reports = {}
         self._refreekv_metrics = WorkerMetrics(self.model_config.served_model_name,
@@ -154,7 +159,8 @@ class RefreeKVModelRunnerMixin:
         config = self.refreekv_config
         batch = self.input_batch
         step = StepContext(config, self._refreekv_kernel,
-                           observe_scoring=self._refreekv_metrics.scoring_seconds.observe)
+                           observe_scoring=self._refreekv_metrics.scoring_seconds.observe,
+                           head_reduction=self._refreekv_heads)
         num_reqs = len(num_scheduled_tokens)
         computed_all = batch.num_computed_tokens_cpu[:num_reqs]
         prompt_all = batch.num_prompt_tokens[:num_reqs]
@@ -266,7 +272,9 @@ class RefreeKVModelRunnerMixin:
         the cut reports for this step's output."""
         waiting: list[_PendingCuts] = []
         for pending in self._refreekv_pending:
-            if pending.ready is not None and not pending.ready.query() and pending.age < 2:
+            # Ranks of a tensor-parallel engine must start skipping in the same step: they wait.
+            if pending.ready is not None and self._refreekv_heads is None \
+                    and not pending.ready.query() and pending.age < 2:
                 pending.age += 1
                 waiting.append(pending)
                 continue
@@ -309,12 +317,30 @@ class RefreeKVModelRunnerMixin:
         return reports
 
 
-def resolve_kernel(kernel: str, device: Any) -> str:
+def resolve_kernel(kernel: str, device: Any, tensor_parallel: bool = False) -> str:
     if getattr(device, "type", str(device)) != "cuda":
         if kernel not in ("auto", "torch"):
             raise ValueError(f"refreekv kernel {kernel!r} needs a CUDA device; use 'torch'")
         return "torch"
+    if tensor_parallel:
+        # The GPU kernels fuse the sum over heads into the cut search; across ranks the heads'
+        # sums must be all-reduced first, which the torch backend does.
+        if kernel not in ("auto", "torch"):
+            raise ValueError(f"refreekv kernel {kernel!r} scores all heads on one GPU; with "
+                             "--tensor-parallel-size > 1 use 'auto' or 'torch'")
+        return "torch"
     return DEFAULT_GPU_KERNEL if kernel == "auto" else kernel
+
+
+def tensor_parallel_heads() -> HeadReduction | None:
+    """The tensor-parallel group's sum and broadcast, when heads are split over ranks."""
+    from vllm.distributed import get_tp_group
+
+    group = get_tp_group()
+    if group.world_size == 1:
+        return None
+    return HeadReduction(world_size=group.world_size, all_reduce=group.all_reduce,
+                         broadcast=lambda tensor: group.broadcast(tensor, src=0))
 
 
 def check_dense_specs(specs: dict[str, KVCacheSpec]) -> None:

@@ -17,6 +17,7 @@ import torch
 from refreekv_vllm.config import RefreeKVConfig
 
 if TYPE_CHECKING:
+    from refreekv_vllm.ops import HeadReduction
     from refreekv_vllm.worker.layer_tables import LayerTables
 
 
@@ -57,6 +58,8 @@ class StepContext:
     request-major: one per request and layer)``; read back once the step has finished."""
     observe_scoring: Callable[[float], None] | None = None
     """Receives the host seconds one layer's scoring launch took."""
+    head_reduction: HeadReduction | None = None
+    """Tensor parallelism: how this rank's heads combine with the other ranks'."""
     captured_queries: torch.Tensor | None = None
     """``[len(scored_layers), n, Hq, D]``: the query rows of every capture, in ``captures``
     order, per scored layer (allocated by the first layer that captures)."""
