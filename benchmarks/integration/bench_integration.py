@@ -4,6 +4,8 @@ OpenAI server by ``benchmarks/serving/run_serving.py``.
 
     python benchmarks/integration/bench_integration.py --device cpu   # results/integration_cpu.json
     python benchmarks/integration/bench_integration.py --device cuda  # results/integration_gpu.json
+    python benchmarks/integration/bench_integration.py --device cuda --part parallel \
+        --tensor-parallel-size 2                                       # results/parallel_gpu.json
 
 Every engine runs in a child process (``engine_run.py``); this script compares their outputs.
 """
@@ -106,13 +108,22 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], required=True)
     parser.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--part",
-                        choices=["all", "exactness", "reference", "capacity"],
+                        choices=["all", "exactness", "reference", "capacity", "parallel"],
                         default="all",
                         help="run part of the benchmark, merging into an existing result file")
+    parser.add_argument("--tensor-parallel-size", type=int, default=2,
+                        help="parallel: ranks of the tensor-parallel engines")
     args = parser.parse_args()
 
     scratch = Path("/tmp/refreekv-bench")
     scratch.mkdir(parents=True, exist_ok=True)
+    if args.part == "parallel":
+        out = Path(args.out_dir) / f"parallel_{'gpu' if args.device == 'cuda' else 'cpu'}.json"
+        result = run_parallel(args, scratch)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2))
+        return
     name = "integration_gpu.json" if args.device == "cuda" else "integration_cpu.json"
     out = Path(args.out_dir) / name
     result = json.loads(out.read_text()) if out.exists() and args.part != "all" else {}
@@ -181,6 +192,47 @@ def run_exactness(args, scratch: Path) -> dict:
         result.update(compare_with_reference(args, scratch, model, int(block_size)))
         result.update(compare_capacity(args, scratch, common))
     return result
+
+
+def run_parallel(args, scratch: Path) -> dict:
+    """Tensor parallelism: plain vLLM and ReFreeKV with ``--tensor-parallel-size`` ranks, and
+    ReFreeKV on one rank. The tiny Llama (4 query heads, 2 KV heads, head size 64) splits over
+    two ranks, which SmolLM2's 9 heads do not."""
+    import os
+
+    from refreekv_vllm.models import prepare_tiny_llama
+
+    tp = args.tensor_parallel_size
+    if args.device == "cpu" and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        # vLLM's CPU workers bind their threads per rank; split this machine's CPUs.
+        cpus = sorted(os.sched_getaffinity(0))
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
+            ",".join(map(str, cpus[rank::tp])) for rank in range(tp))
+    common = ["--model", str(prepare_tiny_llama(head_dim=64)),
+              "--block-size", "16", "--filler", "60"]
+    parallel = [*common, "--tensor-parallel-size", str(tp)]
+    plain = child("exactness", "plain", args, scratch, parallel)
+    pruned = child("exactness", "refreekv", args, scratch, parallel)
+    one_rank = child("exactness", "refreekv", args, scratch, common)
+    ranks = pruned["cuts_per_rank"]
+    (single,) = one_rank["cuts_per_rank"]
+    pairs = [(a, b) for n, cuts in single.items() for a, b in zip(ranks[0].get(n, []), cuts,
+                                                                  strict=False)]
+    return {
+        "device": device_name(args.device),
+        "tensor_parallel_size": tp,
+        "model": "tiny random Llama (4 query heads, 2 KV heads, head size 64)",
+        "t0_identical": plain["t0_token_ids"] == pruned["t0_token_ids"],
+        "cuts_identical_across_ranks": len(ranks) == tp and all(r == ranks[0] for r in ranks),
+        "layer_cuts_compared_with_one_rank": len(pairs),
+        "layer_cuts_differing_from_one_rank": sum(a != b for a, b in pairs),
+        "prompts_scored_on_every_rank": len(ranks[0]),
+        "leaked_blocks": plain["leaked_blocks"] + pruned["leaked_blocks"],
+        "pruning_stats": pruned["stats"],
+        "command": " ".join(["python", *sys.argv]),
+        "note": "TTFT and decode throughput against plain vLLM with the same parallelism come "
+                "from benchmarks/serving/run_serving.py --tensor-parallel-size",
+    }
 
 
 def compare_capacity(args, scratch: Path, common: list[str]) -> dict:

@@ -36,7 +36,7 @@ def build_llm(args, model: str, **extra):
     from refreekv_vllm.offline import refreekv_llm_kwargs
 
     kwargs = dict(model=model, dtype="bfloat16", block_size=args.block_size, seed=0,
-                  enable_prefix_caching=True)
+                  enable_prefix_caching=True, tensor_parallel_size=args.tensor_parallel_size)
     kwargs.update(extra)
     if args.engine == "refreekv":
         kwargs.update(refreekv_llm_kwargs(json.loads(args.refreekv)))
@@ -77,6 +77,17 @@ def run_exactness(args) -> dict:
         from refreekv_vllm.attention.scoring import window_normalisers
 
         result["window_normalisers"] = dict(window_normalisers)
+        # Every worker's cuts of the long prompts, by the prompt's index (tensor parallelism:
+        # one mapping per rank).
+        from refreekv_vllm.entrypoints.endpoints import record_key
+
+        def prompt_index(record: dict) -> str | None:
+            return next((str(i) for i, o in enumerate(long_outputs)
+                         if record_key(record["request_id"], o.request_id) is not None), None)
+
+        result["cuts_per_rank"] = [
+            {prompt_index(r): r["cuts"] for r in records if prompt_index(r) is not None}
+            for records in llm.collective_rpc("refreekv_request_records")]
     result["leaked_blocks"] = start_free - free_blocks(llm)
     return result
 
@@ -204,6 +215,7 @@ def main() -> None:
     parser.add_argument("--filler", type=int, default=90)
     parser.add_argument("--prompt-len", type=int, default=8000)
     parser.add_argument("--submit", type=int, default=0, help="capacity: requests to submit")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--scratch", default="/tmp/refreekv-bench")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()

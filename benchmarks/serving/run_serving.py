@@ -385,6 +385,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="pin every server's engine core to the same whole cores, its API "
                              "server to the next ones and the load generator to the rest "
                              "(cpu_pinning in the results)")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1,
+                        help="both servers shard the model over this many GPUs")
     parser.add_argument("--prepare-only", action="store_true",
                         help="write the datasets into --work-dir and stop")
     args = parser.parse_args(argv)
@@ -404,6 +406,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for key in wanted:
         setup = smollm2_setup(args.device, args.quick) if key == "smollm2" \
             else llama8b_setup(work_dir)
+        if args.tensor_parallel_size > 1:
+            setup.server_flags += ["--tensor-parallel-size", str(args.tensor_parallel_size)]
         if args.workloads:
             setup.runs = [run for run in setup.runs
                           if run.workload.name in args.workloads.split(",")]
