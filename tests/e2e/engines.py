@@ -61,3 +61,22 @@ def scheduler_of(llm: Any) -> Any:
 
 def free_blocks(llm: Any) -> int:
     return scheduler_of(llm).kv_cache_manager.block_pool.get_num_free_blocks()
+
+
+def abort_once_pruned(llm: Any, prompts: list[str], params: Any) -> None:
+    """Add ``prompts``, step until every one of them is pruned and decoding, check that they
+    hold fewer blocks than before, then abort them all and step until the engine is idle."""
+    engine, scheduler = llm.llm_engine, scheduler_of(llm)
+    start = free_blocks(llm)
+    pruned_before = scheduler.refreekv_stats().requests_pruned
+    request_ids = [engine.add_request(f"abort-{pruned_before}-{i}", prompt, params)
+                   for i, prompt in enumerate(prompts)]
+    for _ in range(200):
+        engine.step()
+        if scheduler.refreekv_stats().requests_pruned == pruned_before + len(prompts):
+            break
+    assert scheduler.refreekv_stats().requests_pruned == pruned_before + len(prompts)
+    assert free_blocks(llm) < start
+    engine.abort_request(request_ids)
+    while engine.has_unfinished_requests():
+        engine.step()

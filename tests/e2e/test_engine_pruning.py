@@ -4,7 +4,7 @@ and the block pool's accounting."""
 import pytest
 
 from refreekv_vllm.workloads import mixed_prompts, passkey_prompt
-from tests.e2e.engines import free_blocks, in_process_engine, scheduler_of
+from tests.e2e.engines import abort_once_pruned, free_blocks, in_process_engine, scheduler_of
 
 pytestmark = pytest.mark.e2e
 
@@ -93,22 +93,9 @@ def test_pruning_releases_blocks_and_pool_balances(refreekv_llm):
 
 
 def test_aborting_pruned_requests_mid_decode_balances_the_pool(refreekv_llm):
-    engine = refreekv_llm.llm_engine
-    scheduler = scheduler_of(refreekv_llm)
     start = free_blocks(refreekv_llm)
-    pruned_before = scheduler.refreekv_stats().requests_pruned
-    request_ids = [engine.add_request(f"abort-{i}", passkey_prompt(40 + 10 * i, 0.5, 61000 + i),
-                                      greedy(max_tokens=64))
-                   for i in range(3)]
-    for _ in range(200):  # until every request is pruned and decoding
-        engine.step()
-        if scheduler.refreekv_stats().requests_pruned == pruned_before + 3:
-            break
-    assert scheduler.refreekv_stats().requests_pruned == pruned_before + 3
-    assert free_blocks(refreekv_llm) < start
-    engine.abort_request(request_ids)
-    while engine.has_unfinished_requests():
-        engine.step()
+    abort_once_pruned(refreekv_llm, [passkey_prompt(40 + 10 * i, 0.5, 61000 + i)
+                                     for i in range(3)], greedy(max_tokens=64))
     assert free_blocks(refreekv_llm) == start
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from refreekv_vllm.entrypoints.endpoints import record_key
 from refreekv_vllm.workloads import mixed_prompts, passkey_prompt
-from tests.e2e.engines import free_blocks, in_process_engine, scheduler_of
+from tests.e2e.engines import abort_once_pruned, free_blocks, in_process_engine
 from tests.e2e.test_engine_pruning import greedy
 
 pytestmark = pytest.mark.e2e
@@ -94,8 +94,6 @@ def test_both_ranks_apply_the_cuts_of_one_rank_with_every_head(refreekv_tp2, tp1
 
 
 def test_mixed_policies_in_one_batch_and_aborts_balance_the_pool(refreekv_tp2):
-    engine = refreekv_tp2.llm_engine
-    scheduler = scheduler_of(refreekv_tp2)
     start = free_blocks(refreekv_tp2)
     prompts = [passkey_prompt(60 + 10 * i, 0.5, 42000 + i) for i in range(4)]
     settings = [{"refreekv_enabled": False},
@@ -112,17 +110,7 @@ def test_mixed_policies_in_one_batch_and_aborts_balance_the_pool(refreekv_tp2):
     assert free_blocks(refreekv_tp2) == start
 
     # Aborted once pruned (the fixed budget: the tiny model's own cuts free no whole block).
-    pruned_before = scheduler.refreekv_stats().requests_pruned
-    request_ids = [engine.add_request(f"tp-abort-{i}", passkey_prompt(50 + 10 * i, 0.4, 7100 + i),
-                                      greedy(max_tokens=64, refreekv_policy="fixed",
-                                             refreekv_budget=0.5)) for i in range(3)]
-    for _ in range(200):
-        engine.step()
-        if scheduler.refreekv_stats().requests_pruned == pruned_before + 3:
-            break
-    assert scheduler.refreekv_stats().requests_pruned == pruned_before + 3
-    assert free_blocks(refreekv_tp2) < start
-    engine.abort_request(request_ids)
-    while engine.has_unfinished_requests():
-        engine.step()
+    abort_once_pruned(refreekv_tp2, [passkey_prompt(50 + 10 * i, 0.4, 7100 + i)
+                                     for i in range(3)],
+                      greedy(max_tokens=64, refreekv_policy="fixed", refreekv_budget=0.5))
     assert free_blocks(refreekv_tp2) == start
