@@ -109,10 +109,9 @@ def torch_compute_cuts(
         keys = gather_request_keys(key_cache, block_tables[i], int(lens[i]))
         probs = window_probs(query[i, w_max - w :].to(compute_dtype), keys.to(compute_dtype),
                              scale=scale, agg=agg)
-        norm_sums.append(head_norm_sum(probs, num_sink_tokens=num_sink_tokens)
-                         if probs.shape[-1] > num_sink_tokens else probs.new_zeros(0))
+        norm_sums.append(head_norm_sum(probs, num_sink_tokens=num_sink_tokens))
     num_heads = query.shape[2]
-    if head_reduction is not None and head_reduction.world_size > 1:
+    if head_reduction is not None:
         sizes = [x.numel() for x in norm_sums]
         total = head_reduction.all_reduce(torch.cat(norm_sums).contiguous())
         norm_sums = list(total.split(sizes))
@@ -126,7 +125,7 @@ def torch_compute_cuts(
         if curve_out is not None and ratio.numel():
             curve_out[i, : ratio.numel()] = ratio.to(curve_out.dtype)
     result = torch.tensor(cuts, dtype=torch.int32, device=query.device)
-    if head_reduction is not None and head_reduction.world_size > 1:
+    if head_reduction is not None:
         # Sums over ranks can differ in their last bits from rank to rank: one rank decides.
         result = head_reduction.broadcast(result)
     out.copy_(result)
@@ -229,7 +228,7 @@ def compute_cuts(
             num_sink_tokens=num_sink_tokens, scale=scale, agg=agg, curve_out=curve_out, out=out,
             head_reduction=head_reduction,
         )  # fmt: skip
-    if head_reduction is not None and head_reduction.world_size > 1:
+    if head_reduction is not None:
         raise ValueError(f"the {backend} backend scores all heads on one rank; tensor "
                          "parallelism needs the torch backend")
     extra: dict = {}

@@ -75,7 +75,8 @@ def window_probs(
 
 
 def head_norm_sum(probs: torch.Tensor, *, num_sink_tokens: int = 4) -> torch.Tensor:
-    """``sum_h sqrt(tail_h[j])`` for ``j = 0 .. n - m - 1``: the heads' part of ``K(j)``.
+    """``sum_h sqrt(tail_h[j])`` for ``j = 0 .. n - m - 1``: the heads' part of ``K(j)``
+    (empty when ``n <= m``).
 
     Heads add up, so ranks that each hold some of the heads (tensor parallelism) combine their
     sums by one all-reduce before :func:`cut_from_head_norm_sum`.
@@ -130,11 +131,9 @@ def cut_from_probs(
         ``(cut, ratio)`` with ``ratio`` of shape ``[max(n - num_sink_tokens, 0)]``, see
         :func:`cut_from_head_norm_sum`.
     """
-    m = num_sink_tokens
-    if probs.shape[-1] <= m:
-        return m, probs.new_zeros(0)
-    return cut_from_head_norm_sum(head_norm_sum(probs, num_sink_tokens=m), probs.shape[0],
-                                  num_sink_tokens=m, threshold=threshold)
+    return cut_from_head_norm_sum(head_norm_sum(probs, num_sink_tokens=num_sink_tokens),
+                                  probs.shape[0], num_sink_tokens=num_sink_tokens,
+                                  threshold=threshold)
 
 
 def layer_cut(
