@@ -17,6 +17,8 @@ import statistics
 import time
 from pathlib import Path
 
+from benchmarks.serving.cpu_pinning import vllm_cpu_thread_binds
+
 # (prompt tokens, scored layers, requests in the call)
 CALLS = [(1000, 28, 1), (6000, 28, 1), (6000, 28, 8), (8000, 30, 8)]
 REPEATS = 20
@@ -61,10 +63,8 @@ def main() -> None:
                         default=Path(__file__).resolve().parents[2] / "benchmarks" / "results")
     args = parser.parse_args()
     tp = args.tensor_parallel_size
-    if args.device == "cpu" and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
-        cpus = sorted(os.sched_getaffinity(0))
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
-            ",".join(map(str, cpus[rank::tp])) for rank in range(tp))
+    if args.device == "cpu":
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", vllm_cpu_thread_binds(tp))
     # The timing function travels to the workers by pickle (a local benchmark engine).
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     from vllm import LLM

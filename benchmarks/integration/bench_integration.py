@@ -200,14 +200,12 @@ def run_parallel(args, scratch: Path) -> dict:
     two ranks, which SmolLM2's 9 heads do not."""
     import os
 
+    from benchmarks.serving.cpu_pinning import vllm_cpu_thread_binds
     from refreekv_vllm.models import prepare_tiny_llama
 
     tp = args.tensor_parallel_size
-    if args.device == "cpu" and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
-        # vLLM's CPU workers bind their threads per rank; split this machine's CPUs.
-        cpus = sorted(os.sched_getaffinity(0))
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
-            ",".join(map(str, cpus[rank::tp])) for rank in range(tp))
+    if args.device == "cpu":
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", vllm_cpu_thread_binds(tp))
     common = ["--model", str(prepare_tiny_llama(head_dim=64)),
               "--block-size", "16", "--filler", "60"]
     parallel = [*common, "--tensor-parallel-size", str(tp)]

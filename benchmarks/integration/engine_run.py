@@ -30,6 +30,22 @@ def free_blocks(llm) -> int:
     return scheduler_of(llm).kv_cache_manager.block_pool.get_num_free_blocks()
 
 
+def cuts_per_rank(llm, outputs: list) -> list[dict[int, list[int]]]:
+    """Per worker: index in ``outputs`` -> the cuts of that prompt, for the prompts of
+    ``outputs`` that were scored (from the workers' recent records)."""
+    from refreekv_vllm.entrypoints.endpoints import record_key
+
+    per_rank = []
+    for records in llm.collective_rpc("refreekv_request_records"):
+        found = {}
+        for record in records:
+            for index, output in enumerate(outputs):
+                if record_key(record["request_id"], output.request_id) is not None:
+                    found[index] = record["cuts"]
+        per_rank.append(found)
+    return per_rank
+
+
 def build_llm(args, model: str, **extra):
     from vllm import LLM
 
@@ -77,17 +93,8 @@ def run_exactness(args) -> dict:
         from refreekv_vllm.attention.scoring import window_normalisers
 
         result["window_normalisers"] = dict(window_normalisers)
-        # Every worker's cuts of the long prompts, by the prompt's index (tensor parallelism:
-        # one mapping per rank).
-        from refreekv_vllm.entrypoints.endpoints import record_key
-
-        def prompt_index(record: dict) -> str | None:
-            return next((str(i) for i, o in enumerate(long_outputs)
-                         if record_key(record["request_id"], o.request_id) is not None), None)
-
-        result["cuts_per_rank"] = [
-            {prompt_index(r): r["cuts"] for r in records if prompt_index(r) is not None}
-            for records in llm.collective_rpc("refreekv_request_records")]
+        # Every worker's cuts of the long prompts (tensor parallelism: one mapping per rank).
+        result["cuts_per_rank"] = cuts_per_rank(llm, long_outputs)
     result["leaked_blocks"] = start_free - free_blocks(llm)
     return result
 

@@ -28,6 +28,14 @@ class CpuPlan:
     load: frozenset[int]
 
 
+def vllm_cpu_thread_binds(num_ranks: int, allowed: set[int] | None = None) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for ``num_ranks`` CPU workers of one engine (vLLM binds
+    each rank's threads itself only with a NUMA node per rank): the allowed CPUs dealt out in
+    turn, ``"0,2|1,3"`` for two ranks on four CPUs."""
+    cpus = sorted(os.sched_getaffinity(0) if allowed is None else allowed)
+    return "|".join(",".join(map(str, cpus[rank::num_ranks])) for rank in range(num_ranks))
+
+
 def physical_cores(allowed: set[int], sys_cpus: Path = SYS_CPUS) -> list[tuple[int, ...]]:
     """The allowed CPUs grouped by core (hyperthreads together), in CPU order; a CPU whose
     topology is not readable is a core of its own."""

@@ -90,3 +90,11 @@ def test_the_load_generator_pins_itself():
     finally:
         pin_self(frozenset(before))
     assert os.sched_getaffinity(0) == before
+
+
+def test_cpu_workers_get_the_allowed_cpus_dealt_out_in_turn():
+    from benchmarks.serving.cpu_pinning import vllm_cpu_thread_binds
+
+    assert vllm_cpu_thread_binds(2, {0, 1}) == "0|1"
+    assert vllm_cpu_thread_binds(2, {3, 1, 2, 0}) == "0,2|1,3"
+    assert vllm_cpu_thread_binds(3, {4, 5, 6, 7, 8}) == "4,7|5,8|6"

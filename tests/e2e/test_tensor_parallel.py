@@ -7,7 +7,8 @@ greedy tokens say little, so exactness at T = 0 is checked on the sampled tokens
 
 import pytest
 
-from refreekv_vllm.entrypoints.endpoints import record_key
+from benchmarks.integration.engine_run import cuts_per_rank
+from benchmarks.serving.cpu_pinning import vllm_cpu_thread_binds
 from refreekv_vllm.workloads import mixed_prompts, passkey_prompt
 from tests.e2e.engines import abort_once_pruned, free_blocks, in_process_engine
 from tests.e2e.test_engine_pruning import greedy
@@ -16,7 +17,7 @@ pytestmark = pytest.mark.e2e
 
 PROMPTS = mixed_prompts(6, seed=5)
 # vLLM's CPU workers bind their threads per rank; the test machine has one NUMA node.
-THREADS_BIND = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+THREADS_BIND = {"VLLM_CPU_OMP_THREADS_BIND": vllm_cpu_thread_binds(2)}
 
 
 def with_logprobs(**xargs):
@@ -28,20 +29,6 @@ def with_logprobs(**xargs):
 def tokens_and_logprobs(outputs) -> list[list[tuple[int, float]]]:
     return [[(token, step[token].logprob) for token, step in
              zip(o.outputs[0].token_ids, o.outputs[0].logprobs, strict=True)] for o in outputs]
-
-
-def cuts_per_rank(llm, outputs) -> list[dict[int, list[int]]]:
-    """Per worker: prompt index in ``outputs`` -> cuts (scored prompts only)."""
-    def index(record: dict) -> int | None:
-        return next((i for i, output in enumerate(outputs)
-                     if record_key(record["request_id"], output.request_id) is not None), None)
-
-    per_rank = []
-    for records in llm.collective_rpc("refreekv_request_records"):
-        found = {index(record): record["cuts"] for record in records}
-        found.pop(None, None)
-        per_rank.append(found)
-    return per_rank
 
 
 @pytest.fixture(scope="module")
