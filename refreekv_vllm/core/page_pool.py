@@ -191,12 +191,14 @@ class PagePool:
         layer reuses them, in order)."""
         if not len(pages):
             return
-        assert not (pages == RESERVED_PAGE).any(), "the reserved page cannot be freed"
+        # Descending pages have descending regions: each region's pages are one run, highest
+        # first, so the lowest id ends on top of its stack.
+        pages = np.sort(pages)[::-1]
+        assert pages[-1] != RESERVED_PAGE, "the reserved page cannot be freed"
         regions = np.minimum((pages - 1) // self._region_size, self.num_layers - 1)
-        order = np.lexsort((-pages, regions))
-        pages, regions = pages[order], regions[order]
         counts = np.bincount(regions, minlength=self.num_layers)
-        rank = np.arange(len(pages)) - (np.cumsum(counts) - counts)[regions]
+        run_starts = len(pages) - np.cumsum(counts)  # where region r's run begins
+        rank = np.arange(len(pages)) - run_starts[regions]
         self._free[regions, self._top[regions] + rank] = pages
         self._top += counts
         self.num_free_pages += len(pages)

@@ -88,11 +88,13 @@ class PagedBlockPool(BlockPool):
         # A cached free block that vLLM hands out again reuses the pages it holds.
         need = [block.block_id for block in blocks
                 if holding.pop(block.block_id, _ABSENT) is _ABSENT]
-        shortfall = len(need) * self.num_layers - self.page_pool.num_free_pages
+        if not need:
+            return blocks
+        shortfall = len(need) * self._num_layers - self.page_pool.num_free_pages
         if shortfall > 0:
             # get_num_free_blocks counted the cached free blocks' pages as free: the oldest of
             # them (each holding a page in every layer) hand theirs straight to new blocks.
-            victims = list(itertools.islice(self._holding, -(-shortfall // self.num_layers)))
+            victims = list(itertools.islice(self._holding, -(-shortfall // self._num_layers)))
             for block_id in victims:
                 del self._holding[block_id]
                 self._maybe_evict_cached_block(self.blocks[block_id])

@@ -58,8 +58,8 @@ class LayerTables:
         self.slots = torch.full((num_layers, max_tokens), -1, dtype=torch.int64, device=device)
         self._view_cache: dict[tuple[int, int], list[torch.Tensor]] = {}
         self._grow_staging(1)
-        # Whether a request of the current batch skips a gap (host knowledge, for backends
-        # whose metadata depends on host-side lengths).
+        # Whether a request of the current batch skips a gap: the CPU backend plans its work
+        # from host-side lengths (kept up to date on CPU devices only).
         self.batch_has_gaps = False
 
     # Pages (scheduler -> worker).
@@ -118,11 +118,11 @@ class LayerTables:
         self._gaps_changed = True
 
     def upload_gaps(self, num_reqs: int) -> None:
-        self.batch_has_gaps = bool(self.gaps_np[:num_reqs, :, 1].any())
-        if self._gaps_changed:
-            if self.gaps is not self._gaps_cpu:
-                self.gaps.copy_(self._gaps_cpu, non_blocking=True)
-            self._gaps_changed = False
+        if self.gaps is self._gaps_cpu:
+            self.batch_has_gaps = bool(self.gaps_np[:num_reqs, :, 1].any())
+        elif self._gaps_changed:
+            self.gaps.copy_(self._gaps_cpu, non_blocking=True)
+        self._gaps_changed = False
 
     # Per step.
 

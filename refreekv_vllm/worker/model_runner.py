@@ -139,8 +139,7 @@ class RefreeKVModelRunnerMixin:
 
     def _prepare_inputs(self, scheduler_output: Any, num_scheduled_tokens: np.ndarray):
         result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
-        step = self._plan_step(num_scheduled_tokens)
-        self._refreekv_step = step if step.active else None
+        self._refreekv_step = self._plan_step(num_scheduled_tokens)
         set_step_context(self._refreekv_step)
         return result
 
@@ -155,19 +154,21 @@ class RefreeKVModelRunnerMixin:
                 args = (*args[:4], True, *args[5:])
         return super()._determine_batch_execution_and_padding(*args, **kwargs)
 
-    def _plan_step(self, num_scheduled_tokens: np.ndarray) -> StepContext:
+    def _plan_step(self, num_scheduled_tokens: np.ndarray) -> StepContext | None:
+        """The step's captures and scoring rows; None when no request prunes in it (every
+        decode-only step: this runs on the host before each of them)."""
         config = self.refreekv_config
         batch = self.input_batch
-        step = StepContext(config, self._refreekv_kernel,
-                           observe_scoring=self._refreekv_metrics.scoring_seconds.observe,
-                           head_reduction=self._refreekv_heads)
         num_reqs = len(num_scheduled_tokens)
         computed_all = batch.num_computed_tokens_cpu[:num_reqs]
         prompt_all = batch.num_prompt_tokens[:num_reqs]
         prefilling = np.flatnonzero((computed_all < prompt_all)
                                     & (prompt_all > config.num_sink_tokens + 1))
         if not len(prefilling):
-            return step
+            return None
+        step = StepContext(config, self._refreekv_kernel,
+                           observe_scoring=self._refreekv_metrics.scoring_seconds.observe,
+                           head_reduction=self._refreekv_heads)
         token_starts = np.cumsum(num_scheduled_tokens) - num_scheduled_tokens
         for row in prefilling.tolist():
             req_id = batch.req_ids[row]
@@ -179,7 +180,7 @@ class RefreeKVModelRunnerMixin:
                 self._plan_prefill(step, req_id, row, int(token_starts[row]),
                                    int(computed_all[row]), int(num_scheduled_tokens[row]),
                                    int(prompt_all[row]), settings)
-        return step
+        return step if step.active else None
 
     def _plan_prefill(self, step: StepContext, req_id: str, row: int, token_start: int,
                       computed: int, scheduled: int, num_prompt: int,

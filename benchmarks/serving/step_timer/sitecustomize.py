@@ -7,7 +7,8 @@ on a single-GPU server: the scheduler's ``schedule`` and ``update_from_output``,
 ``execute_model`` and ``sample_tokens``, the wait for a step's sampled tokens, and the model
 runner's sub-steps (in whichever process the worker runs). Each call becomes a record
 ``[name, start, seconds]`` (monotonic clock, shared by the processes); ``schedule`` records also
-carry the step's scheduled requests and tokens. ``STEP_TIMER_EXTRA`` names more functions to
+carry the step's scheduled requests and tokens; garbage collections in the engine core are
+records ``gc0``-``gc2``. ``STEP_TIMER_EXTRA`` names more functions to
 time (``module:function`` or ``module:Class.method``, comma-separated). A daemon thread appends
 the records to ``STEP_TIMER_DIR/steps-<pid>.jsonl`` twice a second.
 A wrapper costs well under a microsecond per call.
@@ -109,12 +110,31 @@ def _instrument_runner(runner: Any) -> None:
             setattr(runner, phase, timed(phase, getattr(runner, phase)))
 
 
+def _time_garbage_collection() -> None:
+    """Every collection of this process as a record ``gc<generation>`` (it stops the thread
+    that triggered it, whichever phase that was in)."""
+    import gc
+
+    started: list[float] = []
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started.append(time.monotonic())
+        elif started:
+            start = started.pop()
+            _recorder().records.append([f"gc{info['generation']}", start,
+                                        time.monotonic() - start])
+
+    gc.callbacks.append(callback)
+
+
 def _patch_engine_core(module: Any) -> None:
     init = module.EngineCore.__init__
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         init(self, *args, **kwargs)
         _instrument_engine_core(self)
+        _time_garbage_collection()
 
     module.EngineCore.__init__ = __init__
 
