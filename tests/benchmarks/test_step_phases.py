@@ -80,6 +80,18 @@ def test_extra_functions_and_methods_are_timed(tmp_path):
     assert all(r[2] >= 0 for r in records)
 
 
+def test_garbage_collections_are_recorded(tmp_path):
+    # What the engine core gets once it exists: every collection becomes a "gc<generation>" record.
+    code = ("import gc, time, sitecustomize\n"
+            "sitecustomize._time_garbage_collection()\n"
+            "gc.collect(0); gc.collect(2)\n"
+            "time.sleep(1.2)\n")
+    env = {**os.environ, "PYTHONPATH": str(STEP_TIMER_SITE), "STEP_TIMER_DIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)
+    names = [r[0] for r in read_records(tmp_path, 0.0, float("inf"))]
+    assert {"gc0", "gc2"} <= set(names) and set(names) <= {"gc0", "gc1", "gc2"}
+
+
 def test_process_cpu_seconds_counts_descendants():
     # A shell (idle) whose child spins for 0.3 s of CPU and then waits.
     spin = ("import time\nt = time.process_time()\n"
