@@ -1,8 +1,8 @@
 """One default for every model, chosen on the dev splits, reported on the test splits.
 
     # 1. every policy on each model's dev half
-    python benchmarks/fidelity/run_fidelity.py --size stats --split dev --model smollm2
-    python benchmarks/fidelity/run_fidelity.py --size stats --split dev --model qwen-coder
+    python -m benchmarks.fidelity.run_fidelity --size stats --split dev --model smollm2
+    python -m benchmarks.fidelity.run_fidelity --size stats --split dev --model qwen-coder
     # 2. the universal default: meets the goal on every model's dev half, lowest mean budget
     python -m benchmarks.fidelity.combine choose fidelity_stats_dev.json QWEN_DEV.json
     # 3. that policy once on each test half (--chosen, --iso-budget-of), then the report

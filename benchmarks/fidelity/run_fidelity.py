@@ -1,11 +1,11 @@
 """Fidelity benchmark: full cache vs ReFreeKV (several T, windows) vs fixed budgets on passkey,
 multi-needle, GSM8K, HumanEval and reading-comprehension tasks, in one vLLM engine.
 
-    python benchmarks/fidelity/run_fidelity.py            # full run (~1 h on 2 CPU cores)
-    python benchmarks/fidelity/run_fidelity.py --quick    # a few samples, 4 policies (< 5 min)
+    python -m benchmarks.fidelity.run_fidelity            # full run (~1 h on 2 CPU cores)
+    python -m benchmarks.fidelity.run_fidelity --quick    # a few samples, 4 policies (< 5 min)
     # with intervals: choose on the dev half, report once on the held-out test half
-    python benchmarks/fidelity/run_fidelity.py --size stats --split dev
-    python benchmarks/fidelity/run_fidelity.py --size stats --split test --chosen C \
+    python -m benchmarks.fidelity.run_fidelity --size stats --split dev
+    python -m benchmarks.fidelity.run_fidelity --size stats --split test --chosen C \
         --policies full-rerun,C,refreekv-w1-T0.01 --iso-budget-of C,refreekv-w1-T0.01
 
 Writes ``fidelity[_quick][_stats][_<split>].json``, ``.md``, ``_samples.jsonl`` (every output)
@@ -23,20 +23,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from benchmarks.fidelity import engine as eng  # noqa: E402
-from benchmarks.fidelity import policies as pol  # noqa: E402
-from benchmarks.fidelity.report import plot, write_markdown  # noqa: E402
-from benchmarks.fidelity.summary import (  # noqa: E402
+from benchmarks.fidelity import engine as eng
+from benchmarks.fidelity import policies as pol
+from benchmarks.fidelity.report import plot, write_markdown
+from benchmarks.fidelity.summary import (
     GOAL,
     GOAL_TEXT,
     choose_default,
     policy_summary,
     task_metrics,
 )
-from benchmarks.fidelity.tasks import (  # noqa: E402
+from benchmarks.fidelity.tasks import (
     FULL_SIZES,
     QUICK_SIZES,
     SPLITS,
@@ -227,7 +224,9 @@ def main() -> None:
                                    [t for t in args.tasks.split(",") if t]), args.split)
     log(f"{len(tasks)} tasks, {len(policies)} policies", start)
     result: dict[str, Any] = {
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]), "quick": args.quick,
+        "command": shlex.join(["python", "-m", "benchmarks.fidelity.run_fidelity",
+                               *sys.argv[1:]]),
+        "quick": args.quick,
         "model": name, "machine": eng.machine(),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "engine": {"refreekv": pol.ENGINE_CONFIG, "block_size": eng.block_size_of(llm),

@@ -2,9 +2,9 @@
 against the paper's ideal, block accounting. Speed against plain vLLM is measured through the
 OpenAI server by ``benchmarks/serving/run_serving.py``.
 
-    python benchmarks/integration/bench_integration.py --device cpu   # results/integration_cpu.json
-    python benchmarks/integration/bench_integration.py --device cuda  # results/integration_gpu.json
-    python benchmarks/integration/bench_integration.py --device cuda --part parallel \
+    python -m benchmarks.integration.bench_integration --device cpu   # results/integration_cpu.json
+    python -m benchmarks.integration.bench_integration --device cuda  # results/integration_gpu.json
+    python -m benchmarks.integration.bench_integration --device cuda --part parallel \
         --tensor-parallel-size 2                                       # results/parallel_gpu.json
 
 Every engine runs in a child process (``engine_run.py``); this script compares their outputs.
@@ -18,17 +18,15 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
-sys.path.insert(0, str(ROOT))
+from refreekv_vllm.policy.budget import paper_budget
 
-from refreekv_vllm.policy.budget import paper_budget  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def child(workload: str, engine: str, args, out_dir: Path, extra: list[str]) -> dict:
     out = out_dir / f"{workload}-{engine}.json"
-    command = [sys.executable, str(HERE / "engine_run.py"), workload, "--engine", engine,
-               "--device", args.device, "--out", str(out), *extra]
+    command = [sys.executable, "-m", "benchmarks.integration.engine_run", workload,
+               "--engine", engine, "--device", args.device, "--out", str(out), *extra]
     print("$", " ".join(command), flush=True)
     started = time.perf_counter()
     subprocess.run(command, check=True, cwd=ROOT)

@@ -1,6 +1,6 @@
 """Scheduler host time per decode step: plain vLLM vs ReFreeKV's paged block pool.
 
-    python benchmarks/integration/bench_scheduler_host.py   # results/scheduler_host_cpu.json
+    python -m benchmarks.integration.bench_scheduler_host   # results/scheduler_host_cpu.json
 
 vLLM's real ``Scheduler``, ``KVCacheManager`` and ``BlockPool`` (no model runs): a Llama-3-8B
 KV layout (32 layers, 8 KV heads, head size 128, block size 16, prefix caching on), 64 requests
@@ -16,13 +16,10 @@ import os
 import platform
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[2]
 
 NUM_LAYERS = 32
 BLOCK_SIZE = 16
@@ -225,7 +222,7 @@ def churn(model_dir: Path, steps: int, rounds: int, out_dir: Path) -> None:
                      f"then 32 requests kept running ({CHURN_SHAPES}); {steps} timed steps, "
                      f"{rounds} interleaved rounds; ms per step, medians over rounds"),
         "results": results,
-        "command": f"python benchmarks/integration/bench_scheduler_host.py --churn --steps {steps}"
+        "command": f"python -m benchmarks.integration.bench_scheduler_host --churn --steps {steps}"
                    f" --rounds {rounds}",
     }
     out = out_dir / "scheduler_churn_cpu.json"
@@ -275,7 +272,7 @@ def main() -> None:
                      f"rounds; medians over rounds of each round's mean step time"),
         "results": results,
         "refreekv_vs_plain": results["refreekv"]["mean_ms"] / plain,
-        "command": "python benchmarks/integration/bench_scheduler_host.py",
+        "command": "python -m benchmarks.integration.bench_scheduler_host",
     }
     print(f"{'scheduler':10} {'mean ms':>8} {'median':>8} {'max':>8} {'x plain':>8}")
     for kind, r in results.items():

@@ -1,7 +1,7 @@
 """Where a decode step's device time goes: plain vLLM vs ReFreeKV at T=0, one engine per run.
 
-    python benchmarks/integration/profile_decode.py --engine plain --out /tmp/prof
-    python benchmarks/integration/profile_decode.py --engine refreekv --out /tmp/prof
+    python -m benchmarks.integration.profile_decode --engine plain --out /tmp/prof
+    python -m benchmarks.integration.profile_decode --engine refreekv --out /tmp/prof
 
 Llama-3-8B shape, dummy weights, 64 prompts of 8,000 tokens, bf16, CUDA graphs, async
 scheduling. After every request has its first token, a few warm steps
@@ -16,14 +16,10 @@ import gzip
 import json
 import os
 import random
-import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parents[1]))
-
-from benchmarks.integration.engine_run import LLAMA3_8B_CONFIG, build_llm  # noqa: E402
+from benchmarks.integration.engine_run import LLAMA3_8B_CONFIG, build_llm
 
 
 def main() -> None:

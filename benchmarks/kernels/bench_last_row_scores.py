@@ -9,7 +9,7 @@ correctness sweep of both kernels against the float64 reference on fresh random 
 
 Run from the repository root (vLLM on PYTHONPATH for the FlashAttention baseline)::
 
-    python benchmarks/kernels/bench_last_row_scores.py --out benchmarks/results
+    python -m benchmarks.kernels.bench_last_row_scores --out benchmarks/results
 
 Writes ``kernels_gpu.json`` and ``kernels_gpu.md`` to ``--out``.
 
@@ -39,13 +39,12 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from benchmarks.kernels.paged_cases import compare, flash_attention_lse, make_case
+from refreekv_vllm.ops import compute_cuts
+from refreekv_vllm.ops.launch_utils import cdiv
+from refreekv_vllm.ops.triton_last_row_scores import make_plan
 
-from refreekv_vllm.ops import compute_cuts  # noqa: E402
-from refreekv_vllm.ops.launch_utils import cdiv  # noqa: E402
-from refreekv_vllm.ops.triton_last_row_scores import make_plan  # noqa: E402
-from tests.ops.paged_cases import compare, flash_attention_lse, make_case  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 HQ, HKV, D, BS = 32, 8, 128, 16
 DTYPE = torch.bfloat16
@@ -141,7 +140,7 @@ def prefill_fn(layer: dict, n: int, r: int):
 
         fa()
         return fa, f"vllm_flash_attn (FA{version}, paged)"
-    except Exception as exc:  # noqa: BLE001 - any failure means: use the fallback
+    except Exception as exc:  # any failure means: use the fallback
         note = f"vllm flash attention unavailable ({type(exc).__name__}: {exc}); torch SDPA"
     qs = q.view(r, n, HQ, D).transpose(1, 2)
     ks = torch.empty(r, HKV, n, D, dtype=DTYPE, device="cuda").normal_()
@@ -204,7 +203,7 @@ def bench_config(timer, layer, n, r, w, agg, copy_bw, prefill_ms, backends, gen)
                 lse = {"window_lse": window_lse_from_flash_attention(layer, query)}
                 variants.insert(0, ("triton", "triton", lse,
                                     bytes_moved(n, r, w, chunk, lse_given=True)[0]))
-            except Exception as exc:  # noqa: BLE001 - record and time the two-pass path only
+            except Exception as exc:  # record and time the two-pass path only
                 rec["window_lse_error"] = f"{type(exc).__name__}: {exc}"
             variants.insert(1, ("triton_two_pass", "triton", {}, moved))
         else:
@@ -222,7 +221,7 @@ def bench_config(timer, layer, n, r, w, agg, copy_bw, prefill_ms, backends, gen)
             rec[f"{name}_eager_ms"] = timer(fn)["ms"]
             # Kernel (device) time: replays of a CUDA graph of the same call.
             t = timer(fn, graph=True)
-        except Exception as exc:  # noqa: BLE001 - record and go on
+        except Exception as exc:  # record and go on
             rec[f"{name}_error"] = f"{type(exc).__name__}: {exc}"
             log(f"  {name} failed: {rec[f'{name}_error']}")
             continue
@@ -288,7 +287,7 @@ def correctness_sweep(backends: list[str], seeds: int) -> dict:
                     res["cut_tie_mismatches"] += len(cmp.tie_mismatches)
                     res["cut_mismatches"] += len(cmp.tie_mismatches) + len(cmp.errors)
                     res["cut_errors"] += [f"{backend} sweep {idx}: {e}" for e in cmp.errors]
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
                     res["failures"].append(f"{backend} sweep {idx}: {type(exc).__name__}: {exc}")
                     log(f"  sweep {idx} {backend} failed: {exc}")
         log(f"sweep config {idx} done")
@@ -300,7 +299,7 @@ def versions() -> dict:
     for mod in ("triton", "vllm"):
         try:
             out[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001
+        except Exception:
             out[mod] = None
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True,
@@ -379,7 +378,7 @@ def main() -> None:
     data: dict = {
         "device": torch.cuda.get_device_name(),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "command": " ".join(["python", "benchmarks/kernels/bench_last_row_scores.py",
+        "command": " ".join(["python", "-m", "benchmarks.kernels.bench_last_row_scores",
                              *sys.argv[1:]]),
         "versions": versions(),
         "layer": {"num_q_heads": HQ, "num_kv_heads": HKV, "head_size": D, "dtype": "bfloat16",
@@ -400,7 +399,7 @@ def main() -> None:
             from refreekv_vllm.ops._custom_ops import load_extension
 
             load_extension()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             data["cuda_error"] = f"{type(exc).__name__}: {exc}"
             log(f"CUDA extension unavailable: {exc}")
             backends.remove("cuda")
@@ -417,7 +416,7 @@ def main() -> None:
             data["prefill_impl"] = data["prefill_impl"] or impl
             prefill_ms = timer(fn, iters=max(5, min(args.iters, 20)))["ms"]
             log(f"n={n} x {r}: prefill {prefill_ms:.2f} ms ({impl})")
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             log(f"n={n}: setup failed: {exc}")
             data["results"].append({"n": n, "num_reqs": r, "error": traceback.format_exc()})
             continue

@@ -6,21 +6,19 @@ w = 32 with each aggregation (the window pass takes the prefill's normalisers, a
 Then, for the default knobs, the device time of each kernel (torch profiler) and the host time
 of one launch sequence while the GPU is busy. Run from the repository root on a GPU::
 
-    python benchmarks/kernels/tune_last_row_scores.py --out benchmarks/results/tune_scoring_gpu.json
+    python -m benchmarks.kernels.tune_last_row_scores --out benchmarks/results/tune_scoring_gpu.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_last_row_scores import (  # noqa: E402
+from benchmarks.kernels.bench_last_row_scores import (
     DTYPE,
     HQ,
     D,
@@ -29,8 +27,7 @@ from bench_last_row_scores import (  # noqa: E402
     log,
     window_lse_from_flash_attention,
 )
-
-from refreekv_vllm.ops.triton_last_row_scores import PassConfig, triton_compute_cuts  # noqa: E402
+from refreekv_vllm.ops.triton_last_row_scores import PassConfig, triton_compute_cuts
 
 # (w, agg) -> knob grid; chunk None = the launch heuristic's choice.
 GRID = {
@@ -115,7 +112,7 @@ def main() -> None:
             cfg = PassConfig(**{k: v for k, v in knobs.items() if k != "chunk"})
             try:
                 ms = timer(lambda cfg=cfg, chunk=chunk: call(cfg, chunk), graph=True)["ms"]
-            except Exception as exc:  # noqa: BLE001 - an invalid config is just skipped
+            except Exception as exc:  # an invalid config is just skipped
                 log(f"w={w} {agg} {knobs}: {type(exc).__name__}: {exc}")
                 continue
             results["sweep"].append({"w": w, "agg": agg, **knobs, "graph_ms": ms})

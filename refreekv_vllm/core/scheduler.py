@@ -259,7 +259,7 @@ class RefreeKVSchedulerMixin:
         get_computed_blocks = manager.get_computed_blocks
         block_size = self._refreekv_block_size
 
-        def capped_get_computed_blocks(request: Request):  # noqa: ANN202
+        def capped_get_computed_blocks(request: Request) -> Any:
             blocks, num_tokens, boundary = get_computed_blocks(request)
             settings = self._refreekv_settings(request)
             if (num_tokens == 0 or settings is None or settings.policy != "threshold"

@@ -110,7 +110,7 @@ class RefreeKVModelRunnerMixin:
             attention.impl.refreekv_warm_up(attention.kv_cache, tables, self.refreekv_config,
                                             self._refreekv_kernel)
 
-    def _update_states(self, scheduler_output: Any):  # noqa: ANN201
+    def _update_states(self, scheduler_output: Any) -> Any:
         cached = scheduler_output.scheduled_cached_reqs
         for req_id in scheduler_output.finished_req_ids:
             self._forget(req_id)
@@ -143,7 +143,7 @@ class RefreeKVModelRunnerMixin:
         set_step_context(self._refreekv_step)
         return result
 
-    def _determine_batch_execution_and_padding(self, *args: Any, **kwargs: Any):  # noqa: ANN202
+    def _determine_batch_execution_and_padding(self, *args: Any, **kwargs: Any) -> Any:
         # A FULL CUDA graph replays attention without running our Python: steps that score run
         # attention eagerly (PIECEWISE). vLLM rules FULL graphs out when cascade attention is
         # requested. Decode steps, pruned or not, keep vLLM's FULL graphs.
@@ -215,14 +215,14 @@ class RefreeKVModelRunnerMixin:
     # offset" and the engine dies). Here their state is saved before sampling and restored
     # after it, which is that rewind, and vLLM's own rewind skips them.
 
-    def _sample(self, *args: Any, **kwargs: Any):  # noqa: ANN202
+    def _sample(self, *args: Any, **kwargs: Any) -> Any:
         saved = [(gen, gen.get_state()) for gen in self._discarded_cpu_generators().values()]
         output = super()._sample(*args, **kwargs)
         for gen, state in saved:
             gen.set_state(state)
         return output
 
-    def _bookkeeping_sync(self, *args: Any, **kwargs: Any):  # noqa: ANN202
+    def _bookkeeping_sync(self, *args: Any, **kwargs: Any) -> Any:
         hidden = self._discarded_cpu_generators()
         generators = self.input_batch.generators
         for row in hidden:
@@ -240,7 +240,7 @@ class RefreeKVModelRunnerMixin:
         return {row: generators[row] for row in rows.tolist()
                 if row in generators and generators[row].device.type == "cpu"}
 
-    def sample_tokens(self, grammar_output: Any):  # noqa: ANN201
+    def sample_tokens(self, grammar_output: Any) -> Any:
         output = super().sample_tokens(grammar_output)
         step = self._refreekv_step
         self._refreekv_step = None

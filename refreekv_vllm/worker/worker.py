@@ -95,7 +95,7 @@ def _worker_class() -> type:
     return type(f"RefreeKV{base.__name__}", (RefreeKVWorkerMixin, base), {})
 
 
-def RefreeKVWorker(*args: Any, **kwargs: Any) -> Any:  # noqa: N802 - named like the class
+def RefreeKVWorker(*args: Any, **kwargs: Any) -> Any:  # named like the class
     """Builds the platform's worker with the ReFreeKV mixin (vLLM resolves ``--worker-cls`` to a
     callable and calls it with the worker's keyword arguments)."""
     return _worker_class()(*args, **kwargs)

@@ -20,7 +20,7 @@ SUMMARY_KEYS = {"policy", "mean_rel_change", "worst_rel_change", "mean_physical_
 def quick_run(tmp_path_factory) -> tuple[dict, Path]:
     out_dir = tmp_path_factory.mktemp("fidelity")
     proc = subprocess.run(
-        [sys.executable, "benchmarks/fidelity/run_fidelity.py", "--quick", "--out-dir",
+        [sys.executable, "-m", "benchmarks.fidelity.run_fidelity", "--quick", "--out-dir",
          str(out_dir), "--iso-budget-of", "refreekv-w1-T0.01"], cwd=REPO, capture_output=True,
         text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
+from benchmarks.kernels import paged_cases
+from benchmarks.kernels.paged_cases import load_triton_kernels
 from refreekv_vllm.ops import compute_cuts
 from refreekv_vllm.ops.cpu_keys import gather_cpu_attn_keys, key_view_from_cpu_attn_kv_cache
 from refreekv_vllm.policy.reference import layer_cut
-from tests.ops import paged_cases
-from tests.ops.paged_cases import load_triton_kernels
 
 HAS_TRITON = load_triton_kernels()
 

@@ -9,8 +9,8 @@ import threading
 import pytest
 import torch
 
+from benchmarks.kernels.paged_cases import make_case
 from refreekv_vllm.ops import HeadReduction, torch_compute_cuts
-from tests.ops.paged_cases import make_case
 
 
 class TwoRanks:

@@ -7,19 +7,19 @@ the same cases run natively and the CUDA twin runs too.
 import pytest
 import torch
 
-from refreekv_vllm.ops import (
-    compute_cuts,
-    gather_request_keys,
-    key_view_from_flash_kv_cache,
-    required_workspace_numel,
-)
-from tests.ops import paged_cases
-from tests.ops.paged_cases import (
+from benchmarks.kernels import paged_cases
+from benchmarks.kernels.paged_cases import (
     PagedCase,
     compare,
     flash_attention_lse,
     load_triton_kernels,
     make_case,
+)
+from refreekv_vllm.ops import (
+    compute_cuts,
+    gather_request_keys,
+    key_view_from_flash_kv_cache,
+    required_workspace_numel,
 )
 
 HAS_TRITON = load_triton_kernels()

@@ -5,8 +5,8 @@ path the CPU backend uses."""
 import pytest
 import torch
 
+from benchmarks.kernels.paged_cases import load_triton_kernels
 from refreekv_vllm.ops.layer_views import torch_layer_views, triton_layer_views
-from tests.ops.paged_cases import load_triton_kernels
 
 HAS_TRITON = load_triton_kernels()
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,1 @@
+"""Scoring-kernel benchmarks and the random paged cases they share with the tests."""
