@@ -10,6 +10,7 @@ import pytest
 
 from benchmarks.serving.server import STEP_TIMER_SITE, process_cpu_seconds
 from benchmarks.serving.step_phases import read_records, summarise_steps
+from tests.markers import slow
 
 
 def _records(steps):
@@ -53,6 +54,7 @@ def test_records_are_read_within_the_window(tmp_path):
     assert [r[1] for r in read_records(tmp_path, 1.5, 3.0)] == [2.0]
 
 
+@slow
 def test_the_timer_patches_vllm_only_when_asked(tmp_path):
     code = ("import vllm.v1.engine.core as core, vllm.v1.worker.worker_base as base; "
             "print(core.EngineCore.__init__.__name__, base.WorkerWrapperBase.init_device.__name__)")
@@ -67,6 +69,7 @@ def test_the_timer_patches_vllm_only_when_asked(tmp_path):
     assert timed == ["__init__", "timed_init_device"]
 
 
+@slow
 def test_extra_functions_and_methods_are_timed(tmp_path):
     code = ("import colorsys, calendar, time\n"
             "colorsys.rgb_to_hsv(1.0, 0.0, 0.0)\n"
@@ -80,6 +83,7 @@ def test_extra_functions_and_methods_are_timed(tmp_path):
     assert all(r[2] >= 0 for r in records)
 
 
+@slow
 def test_garbage_collections_are_recorded(tmp_path):
     # What the engine core gets once it exists: every collection becomes a "gc<generation>" record.
     code = ("import gc, time, sitecustomize\n"

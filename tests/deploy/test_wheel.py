@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.deploy.test_static_checks import docker_context, dockerignore_patterns
+from tests.markers import slow
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -45,6 +46,7 @@ def wheel(tmp_path_factory) -> Path:
     return path
 
 
+@slow
 def test_wheel_carries_kernel_sources_and_plugin_entry_points(wheel):
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
@@ -58,6 +60,7 @@ def test_wheel_carries_kernel_sources_and_plugin_entry_points(wheel):
     assert not any(n.startswith(("tests/", "benchmarks/", ".venv")) for n in names)
 
 
+@slow
 def test_clean_venv_install_resolves_the_kernel_sources(wheel, tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from refreekv_vllm.entrypoints import serve
+from tests.markers import slow
 
 
 def run_serve(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -53,6 +54,7 @@ def test_directory_without_config_is_refused(tmp_path):
         serve.check_model(str(tmp_path))
 
 
+@slow
 def test_bad_flag_is_a_readable_error():
     result = run_serve("--no-such-flag")
     assert result.returncode != 0

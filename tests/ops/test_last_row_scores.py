@@ -21,6 +21,7 @@ from refreekv_vllm.ops import (
     key_view_from_flash_kv_cache,
     required_workspace_numel,
 )
+from tests.markers import sweep
 
 HAS_TRITON = load_triton_kernels()
 CUDA = torch.cuda.is_available()
@@ -102,7 +103,7 @@ def _backends():
 
 
 @pytest.mark.parametrize("backend", _backends())
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("config", sweep(CONFIGS, fast=2), ids=lambda c: "-".join(map(str, c)))
 def test_kernel_matches_reference(backend, config):
     case = _case(config, seed=CONFIGS.index(config))
     cuts, curve = _run(case, backend, chunk_size=_chunk(backend))
@@ -128,8 +129,9 @@ BLOCK_RUNS = [(64, 128, 16), (64, 32, 16), (16, 64, 32)]
 
 
 @needs_triton
-@pytest.mark.parametrize("w_max", [1, 8])
-@pytest.mark.parametrize("blocks", BLOCK_RUNS, ids=lambda b: "block{}-chunk{}-tile{}".format(*b))
+@pytest.mark.parametrize("w_max", sweep([1, 8]))
+@pytest.mark.parametrize("blocks", sweep(BLOCK_RUNS),
+                         ids=lambda b: "block{}-chunk{}-tile{}".format(*b))
 def test_blocks_and_key_tiles_of_any_relative_size(blocks, w_max):
     from refreekv_vllm.ops.triton_last_row_scores import PassConfig, triton_compute_cuts
 
@@ -175,8 +177,10 @@ CUT_LEVELS = [(64, 32, 8), (128, 128, 16), (32, 16, 16)]
 
 
 @needs_triton
-@pytest.mark.parametrize("levels", CUT_LEVELS, ids=lambda c: "chunk{}-sub{}-fine{}".format(*c))
-@pytest.mark.parametrize("config", [CONFIGS[2], CONFIGS[6]], ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("levels", sweep(CUT_LEVELS),
+                         ids=lambda c: "chunk{}-sub{}-fine{}".format(*c))
+@pytest.mark.parametrize("config", sweep([CONFIGS[2], CONFIGS[6]]),
+                         ids=lambda c: "-".join(map(str, c)))
 def test_cut_search_levels(config, levels):
     """The cut search narrows chunk -> tile -> position; every split of the levels gives the
     reference's cut and curve."""
@@ -200,8 +204,9 @@ TILE_RUNS = [(32, None, 4), (64, 16, 4), (64, 16, 20), (64, 16, 0)]
 
 
 @needs_triton
-@pytest.mark.parametrize("tiles", TILE_RUNS, ids=lambda t: "chunk{}-tile{}-sinks{}".format(*t))
-@pytest.mark.parametrize("config", WINDOW_CONFIGS, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("tiles", sweep(TILE_RUNS),
+                         ids=lambda t: "chunk{}-tile{}-sinks{}".format(*t))
+@pytest.mark.parametrize("config", sweep(WINDOW_CONFIGS), ids=lambda c: "-".join(map(str, c)))
 def test_given_window_lse_replaces_the_first_pass(config, tiles):
     """Window rows' normalisers handed in (as the prefill attention returns them): one pass
     over the keys, same cuts and curve, whichever tiles of a chunk need masks."""
