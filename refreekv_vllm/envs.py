@@ -21,6 +21,10 @@ ENV_VARS = {
     # Address refreekv-serve binds when --host is not given (default loopback; the Docker
     # image sets 0.0.0.0, as vLLM's own image binds all interfaces).
     "REFREEKV_SERVE_HOST": lambda: os.environ.get("REFREEKV_SERVE_HOST") or "127.0.0.1",
+    # "1": start on a vLLM release ReFreeKV was not verified on when every hook's signature
+    # still matches (refreekv_vllm/patches); for trying a new release, not for serving.
+    "REFREEKV_ALLOW_UNVERIFIED_VLLM":
+        lambda: os.environ.get("REFREEKV_ALLOW_UNVERIFIED_VLLM") == "1",
 }
 
 

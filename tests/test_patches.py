@@ -79,10 +79,12 @@ def test_a_moved_hook_is_named():
     assert "no parameter no_such_arg" in problems[2]
 
 
-def test_an_unchecked_release_is_refused_only_when_a_hook_moved():
+def test_an_unverified_release_is_refused_naming_moved_hooks():
     hook = next(h for h in HOOKS if h.symbol.endswith("Scheduler._free_request"))
-    check_vllm_release("99.0.0", DEVICE, (hook,))  # matches: a warning, no refusal
     moved = dataclasses.replace(hook, params=("self", "req"))
     with pytest.raises(RuntimeError, match=r"(?s)vLLM 99\.0\.0 changed.*Scheduler\._free_request"):
-        check_vllm_release("99.0.0", DEVICE, (moved,))
-    check_vllm_release("0.26.0", DEVICE, (moved,))  # the supported release is not re-checked
+        check_vllm_release("99.0.0", DEVICE, (moved,), allow_unverified=True)
+    with pytest.raises(RuntimeError, match="REFREEKV_ALLOW_UNVERIFIED_VLLM=1"):
+        check_vllm_release("99.0.0", DEVICE, (hook,))
+    check_vllm_release("99.0.0", DEVICE, (hook,), allow_unverified=True)  # a warning
+    check_vllm_release("0.26.0", DEVICE, (moved,))  # the verified release is not re-checked

@@ -1,17 +1,14 @@
-"""Refuse, at startup, configurations that per-layer gap freeing cannot handle, and vLLM
-releases whose internals no longer match ReFreeKV's hooks (``refreekv_vllm/patches``).
+"""Refuse, at startup, configurations that per-layer gap freeing cannot handle.
 
 Called by the scheduler (engine core); each check names the option to change.
 """
 
 from __future__ import annotations
 
-import vllm
 from vllm.config import VllmConfig
 from vllm.v1.kv_cache_interface import KVCacheConfig
 
 from refreekv_vllm.core.kv_cache_layout import is_paged_layout, layout_problems
-from refreekv_vllm.patches import check_vllm_release
 
 
 def check_supported(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | None = None) -> None:
@@ -22,7 +19,6 @@ def check_supported(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | No
         kv_cache_config: The KV cache layout, once known (engine core); ``None`` checks the
             configuration only (worker, before the layout exists).
     """
-    check_vllm_release(vllm.__version__, vllm_config.device_config.device_type)
     problems = _config_problems(vllm_config)
     if kv_cache_config is not None:
         problems += _kv_cache_problems(kv_cache_config)

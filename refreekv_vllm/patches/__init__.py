@@ -2,10 +2,10 @@
 
 Upgrading vLLM means auditing exactly these hooks. Each :class:`Hook` names the vLLM symbol,
 how ReFreeKV changes it, the module of ours that does so, why, and the parameters the change
-relies on (positions included: some overrides pass arguments through by position). At startup
-the engine core compares the installed vLLM with :data:`SUPPORTED_VLLM`; on any other release it
-checks every hook and refuses to start when one no longer matches
-(:func:`check_vllm_release`). ``tests/test_patches.py`` checks them on every test run.
+relies on (positions included: some overrides pass arguments through by position). When the
+plugin loads, it compares the installed vLLM with :data:`SUPPORTED_VLLM` and refuses any other
+release, naming the hooks that moved in it (:func:`check_vllm_release`).
+``tests/test_patches.py`` checks them on every test run.
 """
 
 from __future__ import annotations
@@ -221,17 +221,23 @@ def hook_problems(device: str, hooks: tuple[Hook, ...] = HOOKS) -> list[str]:
     return problems
 
 
-def check_vllm_release(version: str, device: str, hooks: tuple[Hook, ...] = HOOKS) -> None:
-    """At startup: on a vLLM release the hooks were not checked against, check them now and
-    refuse to start if one no longer matches (a silently mismatched hook could corrupt the
-    KV cache)."""
+def check_vllm_release(version: str, device: str, hooks: tuple[Hook, ...] = HOOKS,
+                       allow_unverified: bool = False) -> None:
+    """At startup: refuse a vLLM release other than :data:`SUPPORTED_VLLM`, naming the hooks
+    that moved in it (a hook that silently no longer fits could corrupt the KV cache). With
+    ``allow_unverified`` a release whose hooks all still match starts, with a warning."""
     if version in SUPPORTED_VLLM:
         return
+    supported = ", ".join(SUPPORTED_VLLM)
     problems = hook_problems(device, hooks)
     if problems:
         raise RuntimeError(
-            f"refreekv-vllm supports vLLM {', '.join(SUPPORTED_VLLM)}; vLLM {version} changed "
-            "what these hooks rely on (refreekv_vllm/patches):\n"
-            + "\n".join(f"  - {p}" for p in problems))
-    logger.warning("refreekv-vllm was checked against vLLM %s, not %s; every hook's signature "
-                   "still matches", ", ".join(SUPPORTED_VLLM), version)
+            f"refreekv-vllm supports vLLM {supported}; vLLM {version} changed what these hooks "
+            "rely on (refreekv_vllm/patches):\n" + "\n".join(f"  - {p}" for p in problems))
+    if not allow_unverified:
+        raise RuntimeError(
+            f"refreekv-vllm supports vLLM {supported}; vLLM {version} was not verified (every "
+            "hook's signature still matches: set REFREEKV_ALLOW_UNVERIFIED_VLLM=1 to try it, "
+            f"or install vllm=={SUPPORTED_VLLM[-1]})")
+    logger.warning("refreekv-vllm was verified on vLLM %s, not %s; every hook's signature "
+                   "still matches (REFREEKV_ALLOW_UNVERIFIED_VLLM=1)", supported, version)
