@@ -4,6 +4,7 @@
 import json
 import os
 import sys
+from types import FrameType
 
 from refreekv_vllm import envs
 
@@ -44,7 +45,7 @@ def check_vllm_version() -> None:
 def _loader_name() -> str:
     """Qualified name of the vLLM function that loaded the general plugins in this process
     (e.g. ``vllm.v1.engine.core.EngineCore.__init__``)."""
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None:
         if frame.f_code.co_name == "load_general_plugins":
             caller = frame.f_back

@@ -10,7 +10,7 @@ pip="$VENV/bin/python -m pip"
 
 have_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
 
-recipe=$(cat scripts/setup.sh setup.py requirements/*.txt | sha256sum | cut -c1-16)
+recipe=$(cat scripts/setup.sh setup.py pyproject.toml requirements/*.txt | sha256sum | cut -c1-16)
 stamp="$VENV/.refreekv-setup-$recipe"
 if [ ! -f "$stamp" ]; then
   [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"

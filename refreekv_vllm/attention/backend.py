@@ -17,7 +17,7 @@ KV cache exists (memory profiling) they are exact pass-throughs.
 import copy
 import sys
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from types import ModuleType
 from typing import Any
 
@@ -127,7 +127,7 @@ def _wrap(backend: type, impl: type,
             if step is None:
                 return super().forward(layer, query, key, value, kv_cache, attn_metadata,
                                        output, *args, **kwargs)
-            keeping_lse = (
+            keeping_lse: AbstractContextManager[list[torch.Tensor]] = (
                 capturing_softmax_lse(lse_module, self.num_heads, attn_metadata.num_actual_tokens)
                 if lse_module is not None and _plain_softmax(self)
                 and wants_prefill_lse(step, layer_index)

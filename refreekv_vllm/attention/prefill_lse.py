@@ -37,13 +37,14 @@ def capturing_softmax_lse(module: ModuleType, num_heads: int, num_tokens: int
         return out
 
     captured: list[torch.Tensor] = []
-    module.flash_attn_varlen_func = with_lse
+    module.flash_attn_varlen_func = with_lse  # type: ignore[attr-defined]
     try:
         yield captured
     finally:
-        module.flash_attn_varlen_func = original
-    if len(results) == 1 and _is_lse(results[0], num_heads, num_tokens):
-        captured.append(results[0])
+        module.flash_attn_varlen_func = original  # type: ignore[attr-defined]
+    lse = results[0] if len(results) == 1 else None
+    if lse is not None and _is_lse(lse, num_heads, num_tokens):
+        captured.append(lse)
 
 
 def _is_lse(lse: torch.Tensor | None, num_heads: int, num_tokens: int) -> bool:

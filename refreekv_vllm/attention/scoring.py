@@ -95,7 +95,7 @@ def score(step: StepContext, key_cache: torch.Tensor, layer_tables: torch.Tensor
     layers = list(step.config.scored_layers(layer_tables.shape[0]))
     windows = {row.req_id: _window(step, row.req_id) for row in step.scoring}
     rows = [row for row in step.scoring if row.fixed_cut is None
-            and windows[row.req_id] is not None and windows[row.req_id][0] == tuple(layers)]
+            and _scored_layers(windows[row.req_id]) == tuple(layers)]
     if not rows or not layers:
         return
     started = time.perf_counter()
@@ -107,6 +107,10 @@ def score(step: StepContext, key_cache: torch.Tensor, layer_tables: torch.Tensor
         step.observe_scoring(time.perf_counter() - started)
 
 
+def _scored_layers(window: tuple[tuple[int, ...], torch.Tensor] | None) -> tuple[int, ...] | None:
+    return None if window is None else window[0]
+
+
 def _window(step: StepContext, req_id: str) -> tuple[tuple[int, ...], torch.Tensor] | None:
     """Scored layers and ``[len(layers), window, Hq, D]`` queries of a request's whole window,
     or None if some of it never ran."""
@@ -114,14 +118,21 @@ def _window(step: StepContext, req_id: str) -> tuple[tuple[int, ...], torch.Tens
     return (step.scored_layers, whole) if whole is not None else window_store.get(req_id)
 
 
+def _queries(step: StepContext, req_id: str) -> torch.Tensor:
+    window = _window(step, req_id)
+    assert window is not None, f"request {req_id} is scored without its whole window"
+    return window[1]
+
+
 def _score_rows(step: StepContext, layers: list[int], rows: list[ScoringRow],
                 key_cache: torch.Tensor, layer_tables: torch.Tensor, scale: float, agg: str,
                 backend: str) -> None:
     max_window = max(row.window for row in rows)
-    queries = _right_aligned(rows, [_window(step, row.req_id)[1] for row in rows], max_window)
+    queries = _right_aligned(rows, [_queries(step, row.req_id) for row in rows], max_window)
     lses = [window_store.get_lse(row.req_id) for row in rows]
-    have_lse = all(lse is not None for lse in lses)
-    window_lse = _right_aligned(rows, lses, max_window) if have_lse else None
+    known_lses = [lse for lse in lses if lse is not None]
+    have_lse = len(known_lses) == len(lses)
+    window_lse = _right_aligned(rows, known_lses, max_window) if have_lse else None
     if max_window > 1:
         window_normalisers["attention" if have_lse else "own"] += len(rows) * len(layers)
     inputs = _pair_inputs(step, rows, layers, layer_tables.device)

@@ -105,6 +105,8 @@ class PagePool:
         block at the same position of ``to_ids`` (which must hold none): a block evicted from
         the prefix cache makes room for a new one without its pages going through the free
         lists."""
+        src: int | np.ndarray
+        dst: int | np.ndarray
         if len(from_ids) == 1:  # the common case: one new block per request and step
             src, dst = from_ids[0], to_ids[0]
             # Scalar checks (check_accounting verifies whole rows).

@@ -12,7 +12,7 @@ the way vLLM's ``SchedulerConfig.get_scheduler_cls`` would.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from vllm.config import VllmConfig
@@ -36,8 +36,13 @@ from refreekv_vllm.outputs import CutReport, get_cut_reports
 from refreekv_vllm.policy.budget import freeable_block_range, paper_budget
 from refreekv_vllm.worker.layer_tables import SCHEDULER_OUTPUT_ATTR
 
+if TYPE_CHECKING:  # the mixin's methods run on vLLM's scheduler: type them as such
+    from vllm.v1.core.sched.scheduler import Scheduler as _SchedulerBase
+else:
+    _SchedulerBase = object
 
-class RefreeKVSchedulerMixin:
+
+class RefreeKVSchedulerMixin(_SchedulerBase):
     """Scheduler-side ReFreeKV; mixed in before vLLM's ``Scheduler`` or ``AsyncScheduler``."""
 
     # Provided by vLLM's Scheduler.
@@ -53,7 +58,7 @@ class RefreeKVSchedulerMixin:
         # Disabled server-wide, the engine is plain vLLM: vLLM's own layout, every request
         # opted out.
         check_supported(vllm_config, kv_cache_config if enabled else None)
-        super().__init__(vllm_config, kv_cache_config, *args, **kwargs)  # type: ignore[call-arg]
+        super().__init__(vllm_config, kv_cache_config, *args, **kwargs)
         (group,) = kv_cache_config.kv_cache_groups
         spec = group.kv_cache_spec
         self._refreekv_block_size: int = spec.block_size
@@ -76,7 +81,7 @@ class RefreeKVSchedulerMixin:
             skip_reasons=[reason.value for reason in SkipReason])
 
     def schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
-        output = super().schedule(*args, **kwargs)  # type: ignore[misc]
+        output = super().schedule(*args, **kwargs)
         if self._refreekv_pool is not None:
             # Workers mirror the pages of every block handed out in this schedule().
             setattr(output, SCHEDULER_OUTPUT_ATTR, self._refreekv_pool.page_pool.take_updates())
@@ -103,26 +108,26 @@ class RefreeKVSchedulerMixin:
             self._apply_cut_reports(reports)
             self._route_cache_blocks()
             self._publish_metrics(before, reports)
-        return super().update_from_output(  # type: ignore[misc]
+        return super().update_from_output(
             scheduler_output, model_runner_output)
 
     def add_request(self, request: Request) -> None:
         is_new = request.request_id not in self.requests  # else a streaming-input update
-        super().add_request(request)  # type: ignore[misc]
+        super().add_request(request)
         if is_new and self._refreekv_opts_out(request):
             self._refreekv_state.mark_no_prune(request.request_id, SkipReason.OPTED_OUT)
             self._refreekv_state.record_skip(SkipReason.OPTED_OUT)
             self._refreekv_metrics.skipped(SkipReason.OPTED_OUT.value)
 
     def _preempt_request(self, request: Request, timestamp: float) -> None:
-        super()._preempt_request(request, timestamp)  # type: ignore[misc]
+        super()._preempt_request(request, timestamp)
         self._refreekv_state.on_preempted(request.request_id)
         self._route_cache_blocks()
 
     def _free_request(
         self, request: Request, delay_free_blocks: bool = False
     ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-        result = super()._free_request(  # type: ignore[misc]
+        result = super()._free_request(
             request, delay_free_blocks=delay_free_blocks)
         self._refreekv_state.on_finished(request.request_id)
         self._route_cache_blocks()

@@ -75,7 +75,7 @@ async def records_of_every_engine(engine_client: Any) -> list[list[dict[str, Any
     engine's result only: each engine is asked on its own."""
     core = getattr(engine_client, "engine_core", None)
     engines = getattr(core, "core_engines", None) or []
-    if len(engines) < 2 or not hasattr(core, "_call_utility_async"):
+    if core is None or len(engines) < 2 or not hasattr(core, "_call_utility_async"):
         return await engine_client.collective_rpc("refreekv_request_records")
     per_engine = await asyncio.gather(*(
         core._call_utility_async("collective_rpc", "refreekv_request_records", None, (), None,

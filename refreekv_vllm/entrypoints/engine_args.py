@@ -46,7 +46,7 @@ def install_engine_defaults() -> None:
         return original(self, *args, **kwargs)
 
     create_engine_config._refreekv_wrapped = True  # type: ignore[attr-defined]
-    EngineArgs.create_engine_config = create_engine_config  # type: ignore[method-assign]
+    EngineArgs.create_engine_config = create_engine_config
 
 
 def wants_refreekv(additional_config: Any) -> bool:

@@ -232,6 +232,7 @@ def compute_cuts(
         raise ValueError(f"the {backend} backend scores all heads on one rank; tensor "
                          "parallelism needs the torch backend")
     extra: dict = {}
+    fn: Callable[..., torch.Tensor]
     if backend == "triton":
         from refreekv_vllm.ops.triton_last_row_scores import triton_compute_cuts
 

@@ -871,6 +871,7 @@ def triton_compute_cuts(
     grid = (r, hkv, plan.num_chunks)
     lse_given = window_lse is not None and not plan.last_row
     if lse_given:
+        assert window_lse is not None
         assert window_lse.shape == (r, w_max, hq) and window_lse.dtype == torch.float32
         assert window_lse.device == dev
         lse, lse_scale, lse_strides = window_lse, LOG2E, window_lse.stride()

@@ -17,13 +17,13 @@ with contextlib.suppress(ImportError):  # vLLM not installed: pure-Python packag
     from vllm.triton_utils import HAS_TRITON, tl, triton  # type: ignore[no-redef]
 
 if not HAS_TRITON and importlib.util.find_spec("triton") is not None:
-    import triton  # type: ignore[no-redef]
-    import triton.language as tl  # type: ignore[no-redef]
+    import triton
+    import triton.language as tl
 
     HAS_TRITON = True
 
 if not HAS_TRITON:
-    triton = None  # type: ignore[assignment]
-    tl = None  # type: ignore[assignment]
+    triton = None
+    tl = None
 
 __all__ = ["HAS_TRITON", "tl", "triton"]

@@ -218,7 +218,8 @@ def hook_problems(device: str, hooks: tuple[Hook, ...] = HOOKS) -> list[str]:
         except (ImportError, AttributeError) as exc:
             problems.append(f"{hook.symbol} ({hook.kind} in {hook.where}): missing ({exc})")
             continue
-        function = target.__init__ if isinstance(target, type) else target
+        function = (inspect.getattr_static(target, "__init__") if isinstance(target, type)
+                    else target)
         try:
             names = tuple(inspect.signature(function).parameters)
         except (TypeError, ValueError):

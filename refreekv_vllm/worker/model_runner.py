@@ -11,7 +11,7 @@ new tokens are written after the prompt, never into a gap.
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -52,7 +52,13 @@ class _PendingCuts:
     age: int = 0
 
 
-class RefreeKVModelRunnerMixin:
+if TYPE_CHECKING:  # the mixin's methods run on vLLM's runner: type them as such
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner as _RunnerBase
+else:
+    _RunnerBase = object
+
+
+class RefreeKVModelRunnerMixin(_RunnerBase):
     """Mixed in front of vLLM's ``GPUModelRunner`` or ``CPUModelRunner`` (V1)."""
 
     refreekv_config: RefreeKVConfig

@@ -4,7 +4,7 @@ platform (CPU or CUDA), with the ReFreeKV attention backend and model-runner mix
 import contextlib
 import functools
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from refreekv_vllm.config import RefreeKVConfig
 from refreekv_vllm.worker.model_runner import RefreeKVModelRunnerMixin
@@ -16,7 +16,13 @@ ATTENTION_BACKENDS = {
 }
 
 
-class RefreeKVWorkerMixin:
+if TYPE_CHECKING:  # the mixin's methods run on vLLM's worker: type them as such
+    from vllm.v1.worker.gpu_worker import Worker as _WorkerBase
+else:
+    _WorkerBase = object
+
+
+class RefreeKVWorkerMixin(_WorkerBase):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.refreekv_config = RefreeKVConfig.from_additional_config(
@@ -43,7 +49,8 @@ class RefreeKVWorkerMixin:
                 type(runner).__module__.startswith("vllm.v1.worker.cpu."):
             raise RuntimeError("ReFreeKV needs vLLM's V1 model runner: set "
                                "VLLM_USE_V2_MODEL_RUNNER=0 (refreekv-serve does).")
-        runner.__class__ = _runner_class(type(runner))
+        runner_class: type = type(runner)
+        runner.__class__ = _runner_class(runner_class)
         runner.init_refreekv(self.refreekv_config)
 
     def refreekv_request_records(self) -> list[dict[str, Any]]:
