@@ -1,5 +1,7 @@
-"""The only worker → scheduler payload: one :class:`CutReport` per request whose last prompt chunk
-ran in a step, attached to that step's ``ModelRunnerOutput`` (cf. vLLM's ``v1/outputs.py``).
+"""What ReFreeKV adds to the messages between scheduler and workers (cf. vLLM's
+``v1/outputs.py``): worker → scheduler, one :class:`CutReport` per request whose last prompt
+chunk ran in a step, attached to that step's ``ModelRunnerOutput``; scheduler → workers, the
+pages of the blocks a ``schedule()`` handed out, attached to its ``SchedulerOutput``.
 
 ``ModelRunnerOutput`` is a plain dataclass that reaches the engine core by reference (``uni``
 executor) or pickled (``mp`` executor), so an extra attribute survives both paths.
@@ -14,6 +16,9 @@ from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 
 # Attribute of ModelRunnerOutput holding dict[str, CutReport] (req_id -> report). May be absent.
 CUTS_ATTR = "refreekv_cuts"
+# Attribute of SchedulerOutput: ``(block_ids [n] int32, pages [n, num_layers] int32)``, the pages
+# of every block (re)assigned in that schedule(), which the workers mirror. May be absent.
+PAGE_ROWS_ATTR = "refreekv_page_rows"
 
 
 @dataclass(frozen=True, slots=True)

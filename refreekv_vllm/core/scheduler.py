@@ -32,9 +32,8 @@ from refreekv_vllm.core.paged_block_pool import PagedBlockPool
 from refreekv_vllm.core.prefix_hits import capped_hit_tokens, trim_hit
 from refreekv_vllm.core.support import check_supported
 from refreekv_vllm.metrics.prometheus import SchedulerMetrics, engine_index
-from refreekv_vllm.outputs import CutReport, get_cut_reports
+from refreekv_vllm.outputs import PAGE_ROWS_ATTR, CutReport, get_cut_reports
 from refreekv_vllm.policy.budget import freeable_block_range, paper_budget
-from refreekv_vllm.worker.layer_tables import SCHEDULER_OUTPUT_ATTR
 
 if TYPE_CHECKING:  # the mixin's methods run on vLLM's scheduler: type them as such
     from vllm.v1.core.sched.scheduler import Scheduler as _SchedulerBase
@@ -84,7 +83,7 @@ class RefreeKVSchedulerMixin(_SchedulerBase):
         output = super().schedule(*args, **kwargs)
         if self._refreekv_pool is not None:
             # Workers mirror the pages of every block handed out in this schedule().
-            setattr(output, SCHEDULER_OUTPUT_ATTR, self._refreekv_pool.page_pool.take_updates())
+            setattr(output, PAGE_ROWS_ATTR, self._refreekv_pool.page_pool.take_updates())
         return output
 
     def refreekv_stats(self) -> CutStats:

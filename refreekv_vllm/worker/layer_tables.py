@@ -24,8 +24,6 @@ from refreekv_vllm.ops.layer_views import compute_layer_views
 
 MAX_CACHED_VIEW_SIZES = 512
 
-SCHEDULER_OUTPUT_ATTR = "refreekv_page_rows"
-"""Attribute of ``SchedulerOutput``: ``(block_ids [n] int32, pages [n, num_layers] int32)``."""
 
 
 class LayerTables:

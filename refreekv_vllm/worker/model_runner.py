@@ -21,10 +21,9 @@ from refreekv_vllm.config import RefreeKVConfig, RequestSettings, pruning_settin
 from refreekv_vllm.core.kv_cache_layout import is_paged_layout
 from refreekv_vllm.metrics.prometheus import WorkerMetrics, engine_index
 from refreekv_vllm.ops import HeadReduction
-from refreekv_vllm.outputs import CutReport, attach_cut_reports
+from refreekv_vllm.outputs import PAGE_ROWS_ATTR, CutReport, attach_cut_reports
 from refreekv_vllm.policy.budget import freeable_block_range, paper_budget, resident_budget
 from refreekv_vllm.worker.layer_tables import (
-    SCHEDULER_OUTPUT_ATTR,
     GapMirroringBlockTable,
     LayerTables,
 )
@@ -133,7 +132,7 @@ class RefreeKVModelRunnerMixin(_RunnerBase):
         result = super()._update_states(scheduler_output)
         tables = self._refreekv_tables
         if tables is not None:
-            tables.apply_page_rows(getattr(scheduler_output, SCHEDULER_OUTPUT_ATTR, None))
+            tables.apply_page_rows(getattr(scheduler_output, PAGE_ROWS_ATTR, None))
         self._commit_finished_scoring()
         return result
 

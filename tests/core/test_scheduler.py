@@ -26,8 +26,7 @@ from refreekv_vllm.core.scheduler import (
     RefreeKVScheduler,
     make_scheduler,
 )
-from refreekv_vllm.outputs import CutReport, attach_cut_reports, get_cut_reports
-from refreekv_vllm.worker.layer_tables import SCHEDULER_OUTPUT_ATTR
+from refreekv_vllm.outputs import PAGE_ROWS_ATTR, CutReport, attach_cut_reports, get_cut_reports
 from tests.core.utils import (
     BLOCK_SIZE,
     NUM_LAYERS,
@@ -249,7 +248,7 @@ def test_report_releases_gap_pages_and_finishing_balances_the_pool(
     scheduler.add_request(request)
     step = schedule(scheduler)
     assert free_pages(scheduler) == NUM_PAGES - NUM_LAYERS * 10
-    block_ids, rows = getattr(step[0], SCHEDULER_OUTPUT_ATTR)  # what the workers mirror
+    block_ids, rows = getattr(step[0], PAGE_ROWS_ATTR)  # what the workers mirror
     assert sorted(block_ids.tolist()) == sorted(b.block_id for b in row(scheduler, request))
     assert (rows > 0).all() and len(set(rows.ravel().tolist())) == rows.size
 
@@ -429,7 +428,7 @@ def test_server_wide_disable_is_plain_vllm(tiny_llama_dir):
     request = make_request(PROMPT)
     scheduler.add_request(request)
     step = schedule(scheduler)
-    assert not hasattr(step[0], SCHEDULER_OUTPUT_ATTR)
+    assert not hasattr(step[0], PAGE_ROWS_ATTR)
     update(scheduler, step, [report(request)])
     assert scheduler.refreekv_stats().requests_skipped == {"opted_out": 1}
 
