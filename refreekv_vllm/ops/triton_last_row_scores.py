@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -41,17 +42,35 @@ if not HAS_TRITON:
 # Kernels below are decorated in interpreter mode iff this holds at import time.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634
-# Launch knobs (block_n, num_warps, num_stages) per pass, from
-# benchmarks/kernels/tune_last_row_scores.py on an H200 (Llama-3-8B layer, 32 x 8K tokens).
-ONE_ROW_PASS = (128, 4, 2)  # w = 1: the only pass over the keys
-STATS_PASS = (32, 8, 2)  # w > 1: first pass, when the normalisers are not given
-WINDOW_PASS = (64, 4, 3)  # w > 1: the pass that aggregates the window's probabilities
+
+
+class PassLaunch(NamedTuple):
+    """Launch settings of one pass over the keys."""
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# Per pass, from benchmarks/kernels/tune_last_row_scores.py on an H200 (Llama-3-8B layer,
+# 32 x 8K tokens).
+ONE_ROW_PASS = PassLaunch(block_n=128, num_warps=4, num_stages=2)  # w = 1: the only pass
+STATS_PASS = PassLaunch(block_n=32, num_warps=8, num_stages=2)  # w > 1, normalisers not given
+WINDOW_PASS = PassLaunch(block_n=64, num_warps=4, num_stages=3)  # w > 1: aggregates the window
 # Largest chunk (keys per program) of the window pass: its per-program setup (query tile,
 # normalisers) is worth spreading over more keys than the one-row pass's.
 WINDOW_CHUNK = 2048
-# Cut search: (elements of r per middle-level step over all heads, keys per fine tile,
-# num_warps).
-CUT_SEARCH = (32768, 32, 8)
+
+
+class CutSearchLaunch(NamedTuple):
+    """Launch settings of the cut search."""
+    middle_elements: int
+    """Elements of r per middle-level step, over all heads."""
+    fine_n: int
+    """Keys per fine tile."""
+    num_warps: int
+
+
+CUT_SEARCH = CutSearchLaunch(middle_elements=32768, fine_n=32, num_warps=8)
 # Integer arguments that change with the batch (window rows, prompt lengths): Triton would
 # compile a variant per value class (1, multiple of 16, other); serving must not stall on that.
 VARYING = ["w_max", "num_chunks", "n_scratch", "stride_qr"]
@@ -711,7 +730,7 @@ def make_plan(
     check_chunk_size(chunk)
     if w_pad > 128:
         raise ValueError(f"window of {w_max} rows: at most 128 supported")
-    block_n = min(chunk, block_n or (ONE_ROW_PASS if w_pad == 1 else STATS_PASS)[0])
+    block_n = min(chunk, block_n or (ONE_ROW_PASS if w_pad == 1 else STATS_PASS).block_n)
     rows = triton.next_power_of_2(group) * w_pad
     block_m = max(16, min(128, rows))
     return LaunchPlan(
@@ -859,15 +878,15 @@ def triton_compute_cuts(
         DOT_FP32=dot_fp32,
     )
     first_pass = ONE_ROW_PASS if plan.last_row else STATS_PASS
-    stats_knobs = dict(BLOCK_N=plan.block_n, num_warps=config.num_warps or first_pass[1],
-                       num_stages=config.num_stages or first_pass[2])  # fmt: skip
+    stats_knobs = dict(BLOCK_N=plan.block_n, num_warps=config.num_warps or first_pass.num_warps,
+                       num_stages=config.num_stages or first_pass.num_stages)  # fmt: skip
     # The window pass holds a [BLOCK_M, D] query tile and num_stages [BLOCK_N, D] key tiles in
     # shared memory (tuned at D = 128): wider heads get shorter key tiles and a shallower ring.
     wide = d_pad > 128
     window_knobs = dict(BLOCK_N=min(plan.chunk, config.block_n
-                                    or max(32, WINDOW_PASS[0] * 128 // max(d_pad, 128))),
-                        num_warps=config.num_warps or WINDOW_PASS[1],
-                        num_stages=config.num_stages or (2 if wide else WINDOW_PASS[2]))
+                                    or max(32, WINDOW_PASS.block_n * 128 // max(d_pad, 128))),
+                        num_warps=config.num_warps or WINDOW_PASS.num_warps,
+                        num_stages=config.num_stages or (2 if wide else WINDOW_PASS.num_stages))
     grid = (r, hkv, plan.num_chunks)
     lse_given = window_lse is not None and not plan.last_row
     if lse_given:
@@ -898,8 +917,8 @@ def triton_compute_cuts(
             num_q_heads=hq, AGG_MAX=agg == "max", LSE_GIVEN=lse_given, **common, **window_knobs,
         )  # fmt: skip
     hq_pad = triton.next_power_of_2(hq)
-    sub_n = config.cut_sub_n or max(16, min(plan.chunk, CUT_SEARCH[0] // hq_pad))
-    fine_n = min(sub_n, config.cut_fine_n or CUT_SEARCH[1])
+    sub_n = config.cut_sub_n or max(16, min(plan.chunk, CUT_SEARCH.middle_elements // hq_pad))
+    fine_n = min(sub_n, config.cut_fine_n or CUT_SEARCH.fine_n)
     _cut_kernel[(r,)](
         prompt_lens, thresholds, ws["max"], ws["sum"], ws.get("sum2", dummy),
         ws.get("chunk_sum", dummy), ws["vals"], out,
@@ -908,6 +927,6 @@ def triton_compute_cuts(
         curve_out.stride(0) if curve_out is not None else 0,
         HQ_PAD=hq_pad, CHUNK=plan.chunk, C_TILE=max(16, min(64, 4096 // hq_pad)),
         SUB_N=sub_n, FINE_N=fine_n, LAST_ROW=plan.last_row,
-        WRITE_CURVE=curve_out is not None, num_warps=CUT_SEARCH[2],
+        WRITE_CURVE=curve_out is not None, num_warps=CUT_SEARCH.num_warps,
     )  # fmt: skip
     return out
