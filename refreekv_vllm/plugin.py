@@ -32,14 +32,9 @@ def register() -> None:
 def check_vllm_version() -> None:
     import vllm
 
-    from refreekv_vllm.patches import SUPPORTED_VLLM, check_vllm_release
+    from refreekv_vllm.patches import check_vllm_release
 
-    if vllm.__version__ in SUPPORTED_VLLM:
-        return  # without resolving the platform in every process
-    from vllm.platforms import current_platform
-
-    check_vllm_release(vllm.__version__, current_platform.device_type,
-                       allow_unverified=envs.REFREEKV_ALLOW_UNVERIFIED_VLLM)
+    check_vllm_release(vllm.__version__, allow_unverified=envs.REFREEKV_ALLOW_UNVERIFIED_VLLM)
 
 
 def _loader_name() -> str:

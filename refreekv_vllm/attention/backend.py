@@ -38,7 +38,7 @@ from refreekv_vllm.worker.step_context import StepContext, get_layer_tables, get
 
 def _scoring_step(attn_metadata: Any) -> StepContext | None:
     step = get_step_context()
-    if step is None or attn_metadata is None or not (step.captures or step.scoring):
+    if step is None or attn_metadata is None or not step.active:
         return None
     return step
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from refreekv_vllm.models import prepare_qwen_coder, prepare_smollm2, prepare_tiny_llama
 
-PREPARE: dict[str, Callable[[], Path]] = {"default": prepare_smollm2, "tiny": prepare_tiny_llama,
-           "qwen-coder": prepare_qwen_coder}
+PREPARE: dict[str, Callable[[], Path]] = {
+    "default": prepare_smollm2, "tiny": prepare_tiny_llama, "qwen-coder": prepare_qwen_coder}
 
 
 def main() -> None:

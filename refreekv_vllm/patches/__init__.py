@@ -234,13 +234,19 @@ def hook_problems(device: str, hooks: tuple[Hook, ...] = HOOKS) -> list[str]:
     return problems
 
 
-def check_vllm_release(version: str, device: str, hooks: tuple[Hook, ...] = HOOKS,
+def check_vllm_release(version: str, device: str | None = None, hooks: tuple[Hook, ...] = HOOKS,
                        allow_unverified: bool = False) -> None:
     """At startup: refuse a vLLM release other than :data:`SUPPORTED_VLLM`, naming the hooks
     that moved in it (a hook that silently no longer fits could corrupt the KV cache). With
-    ``allow_unverified`` a release whose hooks all still match starts, with a warning."""
+    ``allow_unverified`` a release whose hooks all still match starts, with a warning.
+    ``device`` ("cuda" or "cpu") defaults to vLLM's platform, resolved only for another
+    release (the plugin calls this in every process)."""
     if version in SUPPORTED_VLLM:
         return
+    if device is None:
+        from vllm.platforms import current_platform
+
+        device = current_platform.device_type
     supported = ", ".join(SUPPORTED_VLLM)
     problems = hook_problems(device, hooks)
     if problems:

@@ -25,7 +25,6 @@ from refreekv_vllm.ops.layer_views import compute_layer_views
 MAX_CACHED_VIEW_SIZES = 512
 
 
-
 class LayerTables:
     """Per-layer block tables, sequence lengths and slot mappings of the current step."""
 

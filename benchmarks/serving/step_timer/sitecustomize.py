@@ -110,11 +110,19 @@ def _instrument_runner(runner: Any) -> None:
             setattr(runner, phase, timed(phase, getattr(runner, phase)))
 
 
+_gc_timed = False
+
+
 def _time_garbage_collection() -> None:
     """Every collection of this process as a record ``gc<generation>`` (it stops the thread
-    that triggered it, whichever phase that was in)."""
+    that triggered it, whichever phase that was in); once per process, however many engine
+    cores it builds."""
     import gc
 
+    global _gc_timed
+    if _gc_timed:
+        return
+    _gc_timed = True
     started: list[float] = []
 
     def callback(phase: str, info: dict[str, int]) -> None:
