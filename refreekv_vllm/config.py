@@ -1,178 +1,262 @@
 """ReFreeKV settings: server-wide from ``--additional-config '{"refreekv": {...}}'`` and
 per request from ``vllm_xargs`` (``SamplingParams.extra_args``).
 
-Both parsers raise :class:`ConfigError` with a message naming the offending field, so the server
-can answer a bad request with HTTP 400 and refuse a bad startup config readably.
+One pydantic model (:class:`RefreeKVConfig`) validates the server's settings, built once per
+process and distinct ``additional_config`` (:meth:`RefreeKVConfig.from_additional_config`);
+a request's overrides (:class:`RequestOverrides`) are the same fields with the same validators.
+Both raise :class:`ConfigError` with a message naming the offending field, so the server can
+answer a bad request with HTTP 400 and refuse a bad startup config readably.
 """
 
+import dataclasses
+import functools
+import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, PrivateAttr, ValidationError
+
+from refreekv_vllm.policy.policies import POLICIES, CutPolicy
 
 ADDITIONAL_CONFIG_KEY = "refreekv"
 REQUEST_KEY_PREFIX = "refreekv_"
 AGGREGATIONS = ("max", "mean")
-POLICIES = ("threshold", "fixed")
 KERNELS = ("auto", "triton", "cuda", "torch")
 MAX_WINDOW = 64
 MAX_THRESHOLD = 0.5
+MAX_SINK_TOKENS = 1024
+MAX_LAYER_INDEX = 100_000
 
 
 class ConfigError(ValueError):
     """A ReFreeKV setting is invalid; the message names the field."""
 
 
-@dataclass(frozen=True)
-class RefreeKVConfig:
-    enabled: bool = True
+# Validators shared by the server config and the per-request overrides. Each raises ValueError
+# with the end of a sentence that starts with the field's name. Values arrive from JSON (the
+# server's --additional-config, a request's vllm_xargs, where vLLM's request model may already
+# have turned true into 1) or from Python callers.
+
+def _flag(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise ValueError(f"must be true or false, got {value!r}")
+
+
+def _integer(low: int, high: int) -> Any:
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"must be an integer, got {value!r}")
+        if not low <= value <= high:
+            raise ValueError(f"must be in [{low}, {high}], got {value}")
+        return value
+    return check
+
+
+def _fraction(zero_allowed: bool, high: float) -> Any:
+    interval = f"{'[' if zero_allowed else '('}0, {high:g}]"
+
+    def check(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"must be a number, got {value!r}")
+        above_zero = value >= 0.0 if zero_allowed else value > 0.0
+        if not math.isfinite(value) or not above_zero or value > high:
+            raise ValueError(f"must be a finite number in {interval}, got {value}")
+        return float(value)
+    return check
+
+
+def _choice(choices: tuple[str, ...]) -> Any:
+    def check(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"must be one of {list(choices)}, got {value!r}")
+        return value
+    return check
+
+
+def _layers(value: Any) -> tuple[int, ...]:
+    if not isinstance(value, list | tuple):
+        raise ValueError("must be a list of layer indices")
+    check = _integer(0, MAX_LAYER_INDEX)
+    return tuple(sorted({check(layer) for layer in value}))
+
+
+Flag = Annotated[bool, BeforeValidator(_flag)]
+Threshold = Annotated[float, BeforeValidator(_fraction(zero_allowed=True, high=MAX_THRESHOLD))]
+Window = Annotated[int, BeforeValidator(_integer(1, MAX_WINDOW))]
+Aggregation = Annotated[str, BeforeValidator(_choice(AGGREGATIONS))]
+PolicyName = Annotated[str, BeforeValidator(_choice(tuple(POLICIES)))]
+Budget = Annotated[float, BeforeValidator(_fraction(zero_allowed=False, high=1.0))]
+
+
+class RefreeKVConfig(BaseModel):
+    """The server's ReFreeKV settings (``--additional-config '{"refreekv": {...}}'``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    _default_settings: "RequestSettings" = PrivateAttr()
+
+    enabled: Flag = True
     """Prune after prefill. When False the engine behaves exactly as plain vLLM."""
-    threshold: float = 0.005
+    threshold: Threshold = 0.005
     """T: largest allowed relative drop of the head-averaged attention norm (0 prunes nothing).
     The paper uses 0.01; 0.005 with a 32-row window and mean aggregation is the one setting that
     kept quality on every task of benchmarks/results/fidelity.md."""
-    window: int = 32
+    window: Window = 32
     """Observation window w: score rows of the last w prompt tokens (1 = the paper's rule)."""
-    window_agg: str = "mean"
+    window_agg: Aggregation = "mean"
     """How the window's rows are combined per head before the norm test: max or mean."""
-    num_sink_tokens: int = 4
+    num_sink_tokens: Annotated[int, BeforeValidator(_integer(0, MAX_SINK_TOKENS))] = 4
     """m: first prompt tokens that are always kept and excluded from the norm."""
-    frozen_layers: tuple[int, ...] = (0, 1)
+    frozen_layers: Annotated[tuple[int, ...], BeforeValidator(_layers)] = (0, 1)
     """Layers that are never pruned."""
-    kernel: str = "auto"
+    kernel: Annotated[str, BeforeValidator(_choice(KERNELS))] = "auto"
     """Scoring backend: auto (the faster GPU kernel on GPUs, torch on CPU), triton, cuda or
     torch."""
-    reuse_attention_lse: bool = False
+    reuse_attention_lse: Flag = False
     """Windows (w > 1) take their rows' softmax normalisers from the prefill's FlashAttention
     instead of a first pass of the Triton kernel over the keys: less device time per scoring
     step, more host time in every layer's attention call of that step (on the H200 the host
     cost was the larger one; docs/design.md)."""
-    policy: str = "threshold"
+    policy: PolicyName = "threshold"
     """threshold: ReFreeKV's budget-free cut. fixed: a StreamingLLM-style baseline that keeps the
     sinks plus the most recent tokens, ``budget`` of the prompt, in every layer."""
-    budget: float | None = None
+    budget: Budget | None = None
     """Fraction of the prompt the fixed policy keeps, in (0, 1]; required for policy fixed."""
+
+    def model_post_init(self, context: Any) -> None:
+        # The server's own policy must be buildable (fixed needs its budget); requests without
+        # overrides are pruned with it.
+        self._default_settings = _settings(self.enabled, self, _SERVER_PREFIX, "policy")
 
     def scored_layers(self, num_layers: int) -> tuple[int, ...]:
         """The layers of a ``num_layers``-layer model that are scored (not frozen)."""
         return tuple(layer for layer in range(num_layers) if layer not in self.frozen_layers)
 
-    def __post_init__(self) -> None:
-        if self.policy == "fixed" and self.budget is None:
-            raise ConfigError(f"additional_config.{ADDITIONAL_CONFIG_KEY}.budget is required "
-                              "with policy 'fixed'")
+    @property
+    def default_settings(self) -> "RequestSettings":
+        """What a request without overrides is pruned with."""
+        return self._default_settings
 
     @classmethod
     def from_additional_config(cls, additional_config: Mapping[str, Any] | None
                                ) -> "RefreeKVConfig":
+        """The validated settings of vLLM's ``additional_config``, built once per process for
+        each distinct content (every component of a process asks for it)."""
         raw = (additional_config or {}).get(ADDITIONAL_CONFIG_KEY, {})
         if not isinstance(raw, Mapping):
             raise ConfigError(f"additional_config.{ADDITIONAL_CONFIG_KEY} must be an object")
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ConfigError(f"unknown {ADDITIONAL_CONFIG_KEY} option(s) {unknown}; "
-                              f"known: {sorted(known)}")
-        prefix = f"additional_config.{ADDITIONAL_CONFIG_KEY}."
-        values: dict[str, Any] = {}
-        if "enabled" in raw:
-            values["enabled"] = _parse_bool(raw["enabled"], prefix + "enabled")
-        if "threshold" in raw:
-            values["threshold"] = _parse_threshold(raw["threshold"], prefix + "threshold")
-        if "window" in raw:
-            values["window"] = _parse_window(raw["window"], prefix + "window")
-        if "window_agg" in raw:
-            values["window_agg"] = _parse_choice(raw["window_agg"], AGGREGATIONS,
-                                                 prefix + "window_agg")
-        if "num_sink_tokens" in raw:
-            values["num_sink_tokens"] = _parse_int(raw["num_sink_tokens"], 0, 1024,
-                                                   prefix + "num_sink_tokens")
-        if "frozen_layers" in raw:
-            layers = raw["frozen_layers"]
-            if not isinstance(layers, list | tuple):
-                raise ConfigError(f"{prefix}frozen_layers must be a list of layer indices")
-            values["frozen_layers"] = tuple(
-                sorted({_parse_int(x, 0, 100_000, prefix + "frozen_layers") for x in layers}))
-        if "reuse_attention_lse" in raw:
-            values["reuse_attention_lse"] = _parse_bool(raw["reuse_attention_lse"],
-                                                        prefix + "reuse_attention_lse")
-        if "kernel" in raw:
-            values["kernel"] = _parse_choice(raw["kernel"], KERNELS, prefix + "kernel")
-        if "policy" in raw:
-            values["policy"] = _parse_choice(raw["policy"], POLICIES, prefix + "policy")
-        if "budget" in raw:
-            values["budget"] = _parse_budget(raw["budget"], prefix + "budget")
-        return cls(**values)
+        try:
+            key = json.dumps(raw, sort_keys=True)
+        except (TypeError, ValueError):  # not JSON: validate without the cache
+            return _validate_server(dict(raw))
+        return _cached_server_config(key)
+
+
+_SERVER_PREFIX = f"additional_config.{ADDITIONAL_CONFIG_KEY}."
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_server_config(raw_json: str) -> RefreeKVConfig:
+    return _validate_server(json.loads(raw_json))
+
+
+def _validate_server(raw: dict[str, Any]) -> RefreeKVConfig:
+    try:
+        return RefreeKVConfig.model_validate(raw)
+    except ValidationError as error:
+        raise _config_error(error, _SERVER_PREFIX, sorted(RefreeKVConfig.model_fields)) from None
+
+
+class RequestOverrides(BaseModel):
+    """A request's ``refreekv_*`` keys of ``vllm_xargs``: the server's fields a request may
+    change, validated as the server's are."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid",
+                              alias_generator=lambda name: REQUEST_KEY_PREFIX + name)
+
+    enabled: Flag | None = None
+    threshold: Threshold | None = None
+    window: Window | None = None
+    window_agg: Aggregation | None = None
+    policy: PolicyName | None = None
+    budget: Budget | None = None
+
+
+REQUEST_KEYS = tuple(REQUEST_KEY_PREFIX + name for name in RequestOverrides.model_fields)
+_REQUEST_PREFIX = "vllm_xargs."
+
+
+# The settings each policy reads: to build it, and to refuse a request's override it ignores.
+POLICY_SETTINGS: dict[str, tuple[str, ...]] = {
+    name: tuple(field.name for field in dataclasses.fields(cls))  # type: ignore[arg-type]
+    for name, cls in POLICIES.items()}
 
 
 @dataclass(frozen=True)
 class RequestSettings:
-    """The settings one request is pruned with (server config plus its overrides)."""
+    """What one request is pruned with (server config plus its overrides)."""
     enabled: bool
-    threshold: float
-    window: int
-    window_agg: str
-    policy: str
-    budget: float | None
+    policy: CutPolicy
 
     @property
     def prunes(self) -> bool:
         """Whether the request is to be pruned at all (T=0 and budget 1 keep everything)."""
-        if not self.enabled:
-            return False
-        if self.policy == "fixed":
-            return self.budget is not None and self.budget < 1.0
-        return self.threshold > 0
-
-    def fixed_cut(self, num_prompt_tokens: int, num_sink_tokens: int) -> int:
-        """The fixed policy's cut: keep the sinks and the last ``budget`` share of the prompt
-        (``budget * n`` tokens in all, rounded), never the last token."""
-        assert self.budget is not None
-        kept = round(self.budget * num_prompt_tokens)
-        cut = num_prompt_tokens + num_sink_tokens - kept
-        return max(num_sink_tokens, min(cut, num_prompt_tokens - 1))
+        return self.enabled and self.policy.prunes
 
 
-REQUEST_KEYS = ("refreekv_enabled", "refreekv_threshold", "refreekv_window",
-                "refreekv_window_agg", "refreekv_policy", "refreekv_budget")
+def _settings(enabled: bool, values: Any, prefix: str, policy_key: str) -> RequestSettings:
+    """Build the policy ``values.policy`` names from the settings it reads, all required."""
+    name = values.policy
+    fields = POLICY_SETTINGS[name]
+    missing = [field for field in fields if getattr(values, field) is None]
+    if missing:
+        raise ConfigError(f"{prefix}{missing[0]} is required with {policy_key} {name!r}")
+    policy = POLICIES[name](**{field: getattr(values, field) for field in fields})
+    return RequestSettings(enabled=enabled, policy=policy)
+
+
+@dataclass(frozen=True)
+class _Merged:
+    policy: str
+    threshold: float
+    window: int
+    window_agg: str
+    budget: float | None
 
 
 def request_settings(config: RefreeKVConfig, extra_args: Mapping[str, Any] | None
                      ) -> RequestSettings:
     """Apply a request's ``vllm_xargs`` overrides; raises ConfigError for bad values."""
-    settings = RequestSettings(config.enabled, config.threshold, config.window,
-                               config.window_agg, config.policy, config.budget)
-    if not extra_args:
-        return settings
-    unknown = sorted(k for k in extra_args
-                     if k.startswith(REQUEST_KEY_PREFIX) and k not in REQUEST_KEYS)
-    if unknown:
-        raise ConfigError(f"unknown vllm_xargs field(s) {unknown}; known: {list(REQUEST_KEYS)}")
-    if "refreekv_enabled" in extra_args:
-        enabled = _parse_bool(extra_args["refreekv_enabled"], "vllm_xargs.refreekv_enabled")
-        # A request may opt out; it cannot switch pruning on when the server disabled it.
-        settings = replace(settings, enabled=settings.enabled and enabled)
-    if "refreekv_threshold" in extra_args:
-        settings = replace(settings, threshold=_parse_threshold(
-            extra_args["refreekv_threshold"], "vllm_xargs.refreekv_threshold"))
-    if "refreekv_window" in extra_args:
-        settings = replace(settings, window=_parse_window(
-            extra_args["refreekv_window"], "vllm_xargs.refreekv_window"))
-    if "refreekv_window_agg" in extra_args:
-        settings = replace(settings, window_agg=_parse_choice(
-            extra_args["refreekv_window_agg"], AGGREGATIONS, "vllm_xargs.refreekv_window_agg"))
-    if "refreekv_policy" in extra_args:
-        settings = replace(settings, policy=_parse_choice(
-            extra_args["refreekv_policy"], POLICIES, "vllm_xargs.refreekv_policy"))
-    if "refreekv_budget" in extra_args:
-        if settings.policy != "fixed":
-            raise ConfigError("vllm_xargs.refreekv_budget applies to refreekv_policy 'fixed' "
-                              f"only (this request's policy is {settings.policy!r})")
-        settings = replace(settings, budget=_parse_budget(
-            extra_args["refreekv_budget"], "vllm_xargs.refreekv_budget"))
-    if settings.policy == "fixed" and settings.budget is None:
-        raise ConfigError("vllm_xargs.refreekv_budget is required with refreekv_policy 'fixed'")
-    return settings
+    ours = {key: value for key, value in (extra_args or {}).items()
+            if key.startswith(REQUEST_KEY_PREFIX)}
+    if not ours:
+        return config.default_settings
+    try:
+        overrides = RequestOverrides.model_validate(ours)
+    except ValidationError as error:
+        raise _config_error(error, _REQUEST_PREFIX, list(REQUEST_KEYS)) from None
+    given = overrides.model_dump(exclude_none=True)
+    merged = _Merged(**{field: given.get(field, getattr(config, field))
+                        for field in _Merged.__dataclass_fields__})
+    ignored = [field for field in given if field not in ("enabled", "policy")
+               and field not in POLICY_SETTINGS[merged.policy]]
+    if ignored:
+        field = ignored[0]
+        owners = [name for name, fields in POLICY_SETTINGS.items() if field in fields]
+        raise ConfigError(
+            f"{_REQUEST_PREFIX}{REQUEST_KEY_PREFIX}{field} applies to refreekv_policy "
+            f"{' or '.join(repr(o) for o in owners)} only (this request's policy is "
+            f"{merged.policy!r})")
+    # A request may opt out; it cannot switch pruning on when the server disabled it.
+    enabled = config.enabled and given.get("enabled", True)
+    return _settings(enabled, merged, _REQUEST_PREFIX + REQUEST_KEY_PREFIX,
+                     REQUEST_KEY_PREFIX + "policy")
 
 
 def pruning_settings(config: RefreeKVConfig, extra_args: Mapping[str, Any] | None
@@ -188,45 +272,16 @@ def pruning_settings(config: RefreeKVConfig, extra_args: Mapping[str, Any] | Non
     return settings if settings.prunes else None
 
 
-def _parse_bool(value: Any, name: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    raise ConfigError(f"{name} must be true or false, got {value!r}")
-
-
-def _parse_int(value: Any, low: int, high: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{name} must be an integer, got {value!r}")
-    if not low <= value <= high:
-        raise ConfigError(f"{name} must be in [{low}, {high}], got {value}")
-    return value
-
-
-def _parse_threshold(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"{name} must be a number, got {value!r}")
-    if not math.isfinite(value) or not 0.0 <= value <= MAX_THRESHOLD:
-        raise ConfigError(f"{name} must be a finite number in [0, {MAX_THRESHOLD}], got {value}")
-    return float(value)
-
-
-def _parse_budget(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"{name} must be a number, got {value!r}")
-    if not math.isfinite(value) or not 0.0 < value <= 1.0:
-        raise ConfigError(f"{name} must be a finite number in (0, 1], got {value}")
-    return float(value)
-
-
-def _parse_window(value: Any, name: str) -> int:
-    return _parse_int(value, 1, MAX_WINDOW, name)
-
-
-def _parse_choice(value: Any, choices: tuple[str, ...], name: str) -> str:
-    if value not in choices:
-        raise ConfigError(f"{name} must be one of {list(choices)}, got {value!r}")
-    return value
+def _config_error(error: ValidationError, prefix: str, known: list[str]) -> ConfigError:
+    """One readable message for pydantic's errors: unknown keys first, else the first field."""
+    unknown = sorted(str(e["loc"][0]) for e in error.errors() if e["type"] == "extra_forbidden")
+    if unknown:
+        what = "option(s)" if prefix == _SERVER_PREFIX else "field(s)"
+        where = ADDITIONAL_CONFIG_KEY if prefix == _SERVER_PREFIX else "vllm_xargs"
+        return ConfigError(f"unknown {where} {what} {unknown}; known: {known}")
+    first = error.errors()[0]
+    message = first["msg"].removeprefix("Value error, ")
+    if not first["loc"]:  # a rule over several fields: the message names them
+        return ConfigError(message)
+    field = ".".join(str(part) for part in first["loc"])
+    return ConfigError(f"{prefix}{field} {message}")

@@ -12,6 +12,7 @@ import torch
 
 from refreekv_vllm.config import RefreeKVConfig
 from refreekv_vllm.ops import compute_cuts
+from refreekv_vllm.policy.policies import ThresholdPolicy
 from refreekv_vllm.policy.reference import AGGREGATIONS
 from refreekv_vllm.worker.step_context import ScoringRow, StepContext, window_store
 
@@ -94,14 +95,17 @@ def score(step: StepContext, key_cache: torch.Tensor, layer_tables: torch.Tensor
     request being scored has no gap yet)."""
     layers = list(step.config.scored_layers(layer_tables.shape[0]))
     windows = {row.req_id: _window(step, row.req_id) for row in step.scoring}
-    rows = [row for row in step.scoring if row.fixed_cut is None
-            and _scored_layers(windows[row.req_id]) == tuple(layers)]
+    rules = {row.req_id: row.policy for row in step.scoring
+             if isinstance(row.policy, ThresholdPolicy)}
+    rows = [row for row in step.scoring
+            if row.req_id in rules and _scored_layers(windows[row.req_id]) == tuple(layers)]
     if not rows or not layers:
         return
     started = time.perf_counter()
-    for agg in sorted({row.window_agg for row in rows}):
-        _score_rows(step, layers, [row for row in rows if row.window_agg == agg], key_cache,
-                    layer_tables, scale, agg, backend)
+    for agg in sorted({rules[row.req_id].window_agg for row in rows}):
+        group = [row for row in rows if rules[row.req_id].window_agg == agg]
+        _score_rows(step, layers, group, [rules[row.req_id].threshold for row in group],
+                    key_cache, layer_tables, scale, agg, backend)
     if step.observe_scoring is not None:
         # Host time of the launches (the cuts stay on the device until the step ends).
         step.observe_scoring(time.perf_counter() - started)
@@ -125,8 +129,8 @@ def _queries(step: StepContext, req_id: str) -> torch.Tensor:
 
 
 def _score_rows(step: StepContext, layers: list[int], rows: list[ScoringRow],
-                key_cache: torch.Tensor, layer_tables: torch.Tensor, scale: float, agg: str,
-                backend: str) -> None:
+                thresholds: list[float], key_cache: torch.Tensor, layer_tables: torch.Tensor,
+                scale: float, agg: str, backend: str) -> None:
     max_window = max(row.window for row in rows)
     queries = _right_aligned(rows, [_queries(step, row.req_id) for row in rows], max_window)
     lses = [window_store.get_lse(row.req_id) for row in rows]
@@ -135,7 +139,7 @@ def _score_rows(step: StepContext, layers: list[int], rows: list[ScoringRow],
     window_lse = _right_aligned(rows, known_lses, max_window) if have_lse else None
     if max_window > 1:
         window_normalisers["attention" if have_lse else "own"] += len(rows) * len(layers)
-    inputs = _pair_inputs(step, rows, layers, layer_tables.device)
+    inputs = _pair_inputs(rows, thresholds, layers, layer_tables.device)
     cuts = compute_cuts(
         queries,
         key_cache,
@@ -167,7 +171,7 @@ class _PairInputs:
     thresholds: torch.Tensor
 
 
-def _pair_inputs(step: StepContext, rows: list[ScoringRow], layers: list[int],
+def _pair_inputs(rows: list[ScoringRow], thresholds: list[float], layers: list[int],
                  device: torch.device) -> _PairInputs:
     """All five vectors packed in one int32 array (thresholds as their fp32 bits), so that a
     step pays one pinned buffer and one non-blocking copy (a blocking host-to-device copy
@@ -179,7 +183,7 @@ def _pair_inputs(step: StepContext, rows: list[ScoringRow], layers: list[int],
             ([row.batch_row for row in rows], [row.num_prompt_tokens for row in rows],
              [row.window for row in rows]), start=1):
         packed[index] = np.repeat(np.asarray(values, dtype=np.int32), per_row)
-    packed[4] = np.repeat(np.asarray([row.threshold for row in rows], dtype=np.float32),
+    packed[4] = np.repeat(np.asarray(thresholds, dtype=np.float32),
                           per_row).view(np.int32)
     tensor = torch.from_numpy(packed)
     if device.type != "cpu":

@@ -266,11 +266,11 @@ class RefreeKVSchedulerMixin(_SchedulerBase):
         def capped_get_computed_blocks(request: Request) -> Any:
             blocks, num_tokens, boundary = get_computed_blocks(request)
             settings = self._refreekv_settings(request)
-            if (num_tokens == 0 or settings is None or settings.policy != "threshold"
-                    or self._refreekv_state.no_prune_reason(request.request_id) is not None):
+            window = 0 if settings is None or num_tokens == 0 \
+                else settings.policy.window_rows(request.num_prompt_tokens)
+            if not window or self._refreekv_state.no_prune_reason(request.request_id) is not None:
                 return blocks, num_tokens, boundary
-            capped = capped_hit_tokens(num_tokens, request.num_prompt_tokens, settings.window,
-                                       block_size)
+            capped = capped_hit_tokens(num_tokens, request.num_prompt_tokens, window, block_size)
             if capped == num_tokens:
                 return blocks, num_tokens, boundary
             return trim_hit(blocks, capped, block_size), capped, min(boundary, capped)

@@ -190,29 +190,21 @@ class RefreeKVModelRunnerMixin(_RunnerBase):
     def _plan_prefill(self, step: StepContext, req_id: str, row: int, token_start: int,
                       computed: int, scheduled: int, num_prompt: int,
                       settings: RequestSettings) -> None:
-        last_chunk = computed + scheduled >= num_prompt
-        if settings.policy == "fixed":
-            if last_chunk:
-                step.scoring.append(ScoringRow(
-                    req_id=req_id, batch_row=row, num_prompt_tokens=num_prompt, window=0,
-                    window_agg=settings.window_agg, threshold=settings.threshold,
-                    fixed_cut=settings.fixed_cut(num_prompt,
-                                                 self.refreekv_config.num_sink_tokens)))
-            return
-        window = min(settings.window, num_prompt)
+        policy = settings.policy
+        window = policy.window_rows(num_prompt)
         window_start = num_prompt - window
         first = max(computed, window_start)
         end = min(computed + scheduled, num_prompt)
-        if first < end:
+        if window and first < end:
             step.captures.append(WindowCapture(
                 req_id=req_id, num_prompt_tokens=num_prompt, window=window,
                 token_indices=range(token_start + first - computed, token_start + end - computed),
                 window_slots=range(first - window_start, end - window_start)))
-        if last_chunk:
-            step.scoring.append(ScoringRow(req_id=req_id, batch_row=row,
-                                           num_prompt_tokens=num_prompt, window=window,
-                                           window_agg=settings.window_agg,
-                                           threshold=settings.threshold))
+        if computed + scheduled >= num_prompt:  # the last chunk: cut after this step
+            step.scoring.append(ScoringRow(
+                req_id=req_id, batch_row=row, num_prompt_tokens=num_prompt, window=window,
+                policy=policy,
+                fixed_cut=policy.fixed_cut(num_prompt, self.refreekv_config.num_sink_tokens)))
 
     # Seeded requests in chunked prefill on CPUs: vLLM rewinds the generator of a request whose
     # sampled token is discarded (a prompt chunk that is not the last) by moving its Philox
@@ -301,8 +293,8 @@ class RefreeKVModelRunnerMixin(_RunnerBase):
         for row in step.scoring:
             window_store.drop(row.req_id)
             if row.fixed_cut is not None:
-                # The fixed-budget baseline cuts every layer alike, frozen ones included, so
-                # that its budget is the one it is named after.
+                # A cut known without scoring (the fixed budget) holds for every layer, frozen
+                # ones included, so that its budget is the one it is named after.
                 cuts = (row.fixed_cut,) * num_layers
             else:
                 layer_cuts = cuts_by_request.get(row.req_id, {})
@@ -364,15 +356,10 @@ def request_record(row: ScoringRow, cuts: tuple[int, ...], gaps: np.ndarray,
     num_prompt_tokens = row.num_prompt_tokens
     skipped_per_layer = (gaps[:, 1] - gaps[:, 0]).tolist()
     skipped = sum(skipped_per_layer)
-    fixed = row.fixed_cut is not None
     return {
         "request_id": row.req_id,
         "num_prompt_tokens": num_prompt_tokens,
-        "policy": "fixed" if fixed else "threshold",
-        "threshold": None if fixed else row.threshold,
-        "window": None if fixed else row.window,
-        "window_agg": None if fixed else row.window_agg,
-        "cuts": list(cuts),
+        **row.policy.describe(),
         # Frozen layers report cut m (nothing pruned); the fixed baseline cuts them too.
         "paper_budget": paper_budget(cuts, num_prompt_tokens, m, frozen_layers=()),
         "block_budget": resident_budget(num_prompt_tokens, skipped_per_layer, block_size),

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from refreekv_vllm.config import RefreeKVConfig
+from refreekv_vllm.policy.policies import CutPolicy
 
 if TYPE_CHECKING:
     from refreekv_vllm.ops import HeadReduction
@@ -40,10 +41,10 @@ class ScoringRow:
     batch_row: int
     num_prompt_tokens: int
     window: int
-    window_agg: str
-    threshold: float
+    """Window rows the scorer reads (0: the policy scores nothing)."""
+    policy: CutPolicy
     fixed_cut: int | None = None
-    """Set for the fixed-budget policy: every layer's cut, nothing to score."""
+    """Set when the policy knows every layer's cut without scoring (the fixed budget)."""
 
 
 @dataclass

@@ -7,7 +7,10 @@ import torch
 
 from refreekv_vllm.attention import scoring
 from refreekv_vllm.config import RefreeKVConfig
+from refreekv_vllm.policy.policies import ThresholdPolicy
 from refreekv_vllm.worker.step_context import ScoringRow, StepContext, WindowCapture, window_store
+
+RULE = ThresholdPolicy(threshold=0.01, window=4, window_agg="mean")
 
 HEADS, HEAD_SIZE, LAYER = 3, 4, 2  # layers 0-1 frozen: layer 2 is the only one scored
 
@@ -59,7 +62,7 @@ def _steps(with_lse_in_first_chunk: bool = True) -> StepContext:
         config=config, kernel="triton",
         captures=[WindowCapture("a", 10, 4, token_indices=range(0, 2), window_slots=range(2, 4)),
                   WindowCapture("b", 5, 2, token_indices=range(5, 7), window_slots=range(0, 2))],
-        scoring=[ScoringRow("a", 0, 10, 4, "mean", 0.01), ScoringRow("b", 1, 5, 2, "mean", 0.01)])
+        scoring=[ScoringRow("a", 0, 10, 4, RULE), ScoringRow("b", 1, 5, 2, RULE)])
     for layer in range(LAYER + 1):
         scoring.capture(second, layer, LAYER + 1, _query(2, 7), _lse(2, 7))
     scoring.end_of_forward(second, key_cache, layer_tables, 1.0, "triton")
@@ -121,7 +124,7 @@ def test_windows_that_run_whole_in_their_scoring_step_skip_the_store(recorded):
         config=config, kernel="triton",
         captures=[WindowCapture("a", 3 + 5, 3, token_indices=range(0, 3), window_slots=range(3)),
                   WindowCapture("b", 6, 2, token_indices=range(4, 6), window_slots=range(2))],
-        scoring=[ScoringRow("a", 0, 8, 3, "mean", 0.01), ScoringRow("b", 1, 6, 2, "mean", 0.01)])
+        scoring=[ScoringRow("a", 0, 8, 3, RULE), ScoringRow("b", 1, 6, 2, RULE)])
     for layer in range(LAYER + 1):
         scoring.capture(step, layer, LAYER + 1, _query(3, 6))
     scoring.end_of_forward(step, torch.zeros(4, 16, 1, HEAD_SIZE),
