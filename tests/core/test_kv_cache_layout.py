@@ -22,8 +22,8 @@ from tests.core.utils import (
 )
 
 
-def test_one_tensor_of_pages_for_all_layers(tiny_llama_dir):
-    vllm_layout = vllm_kv_cache_config(make_vllm_config(tiny_llama_dir), num_blocks=50)
+def test_one_tensor_of_pages_for_all_layers(model_config_dir):
+    vllm_layout = vllm_kv_cache_config(make_vllm_config(model_config_dir), num_blocks=50)
     assert not is_paged_layout(vllm_layout)
     paged = paged_kv_cache_config(vllm_layout)
     assert is_paged_layout(paged)
@@ -35,8 +35,8 @@ def test_one_tensor_of_pages_for_all_layers(tiny_llama_dir):
     assert paged.kv_cache_groups == vllm_layout.kv_cache_groups
 
 
-def test_layouts_that_cannot_be_paged(tiny_llama_dir):
-    vllm_layout = vllm_kv_cache_config(make_vllm_config(tiny_llama_dir), num_blocks=50)
+def test_layouts_that_cannot_be_paged(model_config_dir):
+    vllm_layout = vllm_kv_cache_config(make_vllm_config(model_config_dir), num_blocks=50)
     group = vllm_layout.kv_cache_groups[0]
     two_groups = KVCacheConfig(50, vllm_layout.kv_cache_tensors, [group, group])
     assert "2 KV cache groups" in layout_problems(two_groups)[0]
@@ -59,9 +59,9 @@ def test_layouts_that_cannot_be_paged(tiny_llama_dir):
     (WORKER_CLS, {"enabled": False}, False),
     ("auto", {}, False),
 ])
-def test_engine_core_hook_pages_only_refreekv_engines(tiny_llama_dir, monkeypatch, worker_cls,
+def test_engine_core_hook_pages_only_refreekv_engines(model_config_dir, monkeypatch, worker_cls,
                                                       refreekv, paged):
-    vllm_config = make_vllm_config(tiny_llama_dir)
+    vllm_config = make_vllm_config(model_config_dir)
     vllm_config.parallel_config.worker_cls = worker_cls
     vllm_config.additional_config = {"refreekv": refreekv}
     vllm_layout = vllm_kv_cache_config(vllm_config, num_blocks=50)

@@ -60,10 +60,10 @@ def engine_core_kwargs(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) 
 
 
 @pytest.fixture
-def new_scheduler(tiny_llama_dir) -> Callable[..., RefreeKVScheduler]:
+def new_scheduler(model_config_dir) -> Callable[..., RefreeKVScheduler]:
     def new(*, async_scheduling: bool = False, enable_prefix_caching: bool = True,
             num_blocks: int = NUM_BLOCKS) -> RefreeKVScheduler:
-        vllm_config = make_vllm_config(tiny_llama_dir, enable_prefix_caching=enable_prefix_caching)
+        vllm_config = make_vllm_config(model_config_dir, enable_prefix_caching=enable_prefix_caching)
         vllm_config.scheduler_config.async_scheduling = async_scheduling
         kv_cache_config = paged_config(vllm_config, num_blocks)
         return make_scheduler(**engine_core_kwargs(vllm_config, kv_cache_config))
@@ -167,9 +167,9 @@ def test_cut_report_validation(num_prompt_tokens, cuts, ok):
 # Construction.
 
 
-def test_factory_works_where_vllm_expects_a_class(tiny_llama_dir):
+def test_factory_works_where_vllm_expects_a_class(model_config_dir):
     for async_scheduling, expected in [(False, RefreeKVScheduler), (True, RefreeKVAsyncScheduler)]:
-        vllm_config = make_vllm_config(tiny_llama_dir)
+        vllm_config = make_vllm_config(model_config_dir)
         vllm_config.scheduler_config.async_scheduling = async_scheduling
         vllm_config.scheduler_config.scheduler_cls = "refreekv_vllm.core.scheduler.make_scheduler"
 
@@ -201,16 +201,16 @@ def _kv_connector(c: VllmConfig) -> None:
     (lambda c: setattr(c.cache_config, "cache_dtype", "fp8"), "--kv-cache-dtype"),
     (lambda c: setattr(c.model_config, "disable_cascade_attn", False), "--disable-cascade-attn"),
 ], ids=["spec-decode", "pp", "dcp", "kv-connector", "fp8", "cascade"])
-def test_unsupported_configs_are_refused(tiny_llama_dir, mutate, match):
-    vllm_config = make_vllm_config(tiny_llama_dir)
+def test_unsupported_configs_are_refused(model_config_dir, mutate, match):
+    vllm_config = make_vllm_config(model_config_dir)
     kv_cache_config = paged_config(vllm_config, NUM_BLOCKS)
     mutate(vllm_config)
     with pytest.raises(ValueError, match=match):
         make_scheduler(**engine_core_kwargs(vllm_config, kv_cache_config))
 
 
-def test_mla_is_refused(tiny_llama_dir, monkeypatch):
-    vllm_config = make_vllm_config(tiny_llama_dir)
+def test_mla_is_refused(model_config_dir, monkeypatch):
+    vllm_config = make_vllm_config(model_config_dir)
     kv_cache_config = paged_config(vllm_config, NUM_BLOCKS)
     monkeypatch.setattr(ModelConfig, "use_mla", property(lambda self: True))
     with pytest.raises(ValueError, match="MLA"):
@@ -231,8 +231,8 @@ def _one_group(spec, num_layers: int = NUM_LAYERS) -> list[KVCacheGroupSpec]:
     (lambda c: KVCacheConfig(NUM_BLOCKS, [KVCacheTensor(1024, [layer_name(0)])],
                              _one_group(layer_spec(), num_layers=1)), "per-layer pages"),
 ], ids=["vllm-layout", "two-groups", "sliding-window-model", "one-layer"])
-def test_unsupported_kv_cache_layouts_are_refused(tiny_llama_dir, layout, match):
-    vllm_config = make_vllm_config(tiny_llama_dir)
+def test_unsupported_kv_cache_layouts_are_refused(model_config_dir, layout, match):
+    vllm_config = make_vllm_config(model_config_dir)
     with pytest.raises(ValueError, match=match):
         make_scheduler(**engine_core_kwargs(vllm_config, layout(vllm_config)))
 
@@ -418,8 +418,8 @@ def test_opted_out_requests_are_not_pruned(new_scheduler, extra_args):
     assert_pool_idle(scheduler)
 
 
-def test_server_wide_disable_is_plain_vllm(tiny_llama_dir):
-    vllm_config = make_vllm_config(tiny_llama_dir)
+def test_server_wide_disable_is_plain_vllm(model_config_dir):
+    vllm_config = make_vllm_config(model_config_dir)
     vllm_config.additional_config = {"refreekv": {"enabled": False}}
     # vLLM's own layout: the engine core pages only engines that prune.
     scheduler = make_scheduler(**engine_core_kwargs(

@@ -1,9 +1,11 @@
 """Builders for real vLLM scheduler-side objects on a tiny pool: vLLM's own KV cache layout for a
 4-layer dense model (``get_kv_cache_groups``), turned into ReFreeKV's per-layer page layout,
-block size 4, the 4-layer tiny Llama's config (no weights are loaded)."""
+block size 4, a 4-layer Llama's ``config.json`` alone (no weights, no tokenizer, no model to
+convert)."""
 
 from __future__ import annotations
 
+import json
 from itertools import count
 from pathlib import Path
 
@@ -55,6 +57,19 @@ def paged_config(vllm_config: VllmConfig, num_blocks: int,
                  num_layers: int = NUM_LAYERS) -> KVCacheConfig:
     """What ReFreeKV's engine core hands the scheduler: ``num_blocks * num_layers`` pages."""
     return paged_kv_cache_config(vllm_kv_cache_config(vllm_config, num_blocks, num_layers))
+
+
+def write_model_config(directory: Path) -> Path:
+    """A 4-layer GQA Llama's ``config.json``: all vLLM's ``ModelConfig`` reads with
+    ``skip_tokenizer_init``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 49152,
+        "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": NUM_LAYERS,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+        "max_position_embeddings": 8192, "rope_theta": 100000.0, "tie_word_embeddings": True,
+        "torch_dtype": "bfloat16"}))
+    return directory
 
 
 def make_vllm_config(
