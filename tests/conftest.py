@@ -1,4 +1,5 @@
-"""Session-wide fixtures: converted models are prepared once per machine (cached)."""
+"""Session-wide fixtures: converted models are prepared once per machine (cached); a model's
+shape alone is a config.json."""
 
 import os
 from pathlib import Path
@@ -24,3 +25,12 @@ def tiny_llama_dir() -> Path:
     from refreekv_vllm.models import prepare_tiny_llama
 
     return prepare_tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def model_config_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """vLLM's scheduler-side and worker-side objects need a model's shape only: a
+    ``config.json`` (``tests/core/utils.py``), no weights, nothing converted."""
+    from tests.core.utils import write_model_config
+
+    return write_model_config(tmp_path_factory.mktemp("llama-config"))
