@@ -63,7 +63,8 @@ def engine_core_kwargs(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) 
 def new_scheduler(model_config_dir) -> Callable[..., RefreeKVScheduler]:
     def new(*, async_scheduling: bool = False, enable_prefix_caching: bool = True,
             num_blocks: int = NUM_BLOCKS) -> RefreeKVScheduler:
-        vllm_config = make_vllm_config(model_config_dir, enable_prefix_caching=enable_prefix_caching)
+        vllm_config = make_vllm_config(model_config_dir,
+                                       enable_prefix_caching=enable_prefix_caching)
         vllm_config.scheduler_config.async_scheduling = async_scheduling
         kv_cache_config = paged_config(vllm_config, num_blocks)
         return make_scheduler(**engine_core_kwargs(vllm_config, kv_cache_config))
