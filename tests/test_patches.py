@@ -34,7 +34,7 @@ def _our_overrides() -> dict[str, set[str]]:
     from refreekv_vllm.attention import backend
     from refreekv_vllm.core.paged_block_pool import PagedBlockPool
     from refreekv_vllm.core.scheduler import RefreeKVSchedulerMixin
-    from refreekv_vllm.worker.layer_tables import GapMirroringBlockTable
+    from refreekv_vllm.worker.block_table import GapMirroringBlockTable
     from refreekv_vllm.worker.model_runner import RefreeKVModelRunnerMixin
     from refreekv_vllm.worker.worker import RefreeKVWorkerMixin
 

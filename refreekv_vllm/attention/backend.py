@@ -1,7 +1,7 @@
 """Attention backends that wrap vLLM's own: same kernels, same names, plus three duties.
 
 - The first layer's KV write of a step computes every layer's pages, gap-free block table,
-  sequence lengths and slot mapping (``worker/layer_tables.py``); each layer then writes its KV
+  sequence lengths and slot mapping (``forward/layer_tables.py``); each layer then writes its KV
   to its own pages and attends over its own view.
 - After the wrapped forward, the impl keeps the window queries of the requests whose prompt
   ends in this step, with the forward's softmax normaliser of the window rows where
@@ -32,8 +32,9 @@ from refreekv_vllm.attention.scoring import (
     warm_up_scoring,
 )
 from refreekv_vllm.config import RefreeKVConfig
-from refreekv_vllm.worker.layer_tables import LayerTables
-from refreekv_vllm.worker.step_context import StepContext, get_layer_tables, get_step_context
+from refreekv_vllm.forward.layer_tables import LayerTables
+from refreekv_vllm.forward.step_context import StepContext, get_layer_tables, get_step_context
+from refreekv_vllm.patches.cpu_attention import cpu_attention_plan
 
 
 def _scoring_step(attn_metadata: Any) -> StepContext | None:
@@ -74,16 +75,7 @@ def _cpu_layer_metadata(impl: Any, tables: LayerTables, layer: int, attn_metadat
     metadata = _layer_metadata(tables, layer, attn_metadata)
     metadata.slot_mapping = slots
     if tables.batch_has_gaps and metadata.scheduler_metadata is not None:
-        from vllm import _custom_ops as ops
-        from vllm import envs
-
-        metadata.scheduler_metadata = ops.cpu_attn_get_scheduler_metadata(
-            num_reqs=metadata.seq_lens.shape[0], num_heads=impl.num_heads,
-            num_kv_heads=impl.num_kv_heads, head_dim=impl.head_size,
-            seq_lens=metadata.seq_lens, dtype=dtype,
-            query_start_loc=metadata.query_start_loc, causal=metadata.causal,
-            sliding_window_size=-1, isa=impl.isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
-            dynamic_causal=metadata.dynamic_causal)
+        metadata.scheduler_metadata = cpu_attention_plan(impl, metadata, dtype)
     return metadata
 
 

@@ -11,13 +11,13 @@ import numpy as np
 import torch
 
 from refreekv_vllm.config import RefreeKVConfig
+from refreekv_vllm.forward.step_context import ScoringRow, StepContext, window_store
 from refreekv_vllm.ops import compute_cuts
 from refreekv_vllm.policy.policies import ThresholdPolicy
 from refreekv_vllm.policy.reference import AGGREGATIONS
-from refreekv_vllm.worker.step_context import ScoringRow, StepContext, window_store
 
 if TYPE_CHECKING:
-    from refreekv_vllm.worker.layer_tables import LayerTables
+    from refreekv_vllm.forward.layer_tables import LayerTables
 
 # Layer scorings of windows (w > 1) by where their softmax normalisers came from: "attention"
 # (the prefill's, one pass over the keys) or "own" (the kernel's first pass). Per process.

@@ -55,7 +55,7 @@ _RUNNER = "vllm.v1.worker.gpu_model_runner:GPUModelRunner."
 _SCHEDULER = "refreekv_vllm.core.scheduler"
 _PAGED_POOL = "refreekv_vllm.core.paged_block_pool"
 _MODEL_RUNNER = "refreekv_vllm.worker.model_runner"
-_LAYER_TABLES = "refreekv_vllm.worker.layer_tables"
+_BLOCK_TABLE = "refreekv_vllm.worker.block_table"
 _BACKEND = "refreekv_vllm.attention.backend"
 _WORKER = "refreekv_vllm.worker.worker"
 
@@ -148,17 +148,17 @@ HOOKS: tuple[Hook, ...] = (
           "vLLM's own rewind skips those generators", "self", "scheduler_output"),
     _hook(_RUNNER + "sample_tokens", OVERRIDE, _MODEL_RUNNER,
           "queue the step's cuts and attach the cut reports", "self", "grammar_output"),
-    _hook("vllm.v1.worker.block_table:MultiGroupBlockTable", CLASS_SWAP, _LAYER_TABLES,
+    _hook("vllm.v1.worker.block_table:MultiGroupBlockTable", CLASS_SWAP, _BLOCK_TABLE,
           "the gap rows follow every row edit of vLLM's persistent batch", "self"),
-    _hook(_TABLE + "add_row", OVERRIDE, _LAYER_TABLES, "a new row has no gap",
+    _hook(_TABLE + "add_row", OVERRIDE, _BLOCK_TABLE, "a new row has no gap",
           "self", "block_ids", "row_idx"),
-    _hook(_TABLE + "clear_row", OVERRIDE, _LAYER_TABLES, "a cleared row has no gap",
+    _hook(_TABLE + "clear_row", OVERRIDE, _BLOCK_TABLE, "a cleared row has no gap",
           "self", "row_idx"),
-    _hook(_TABLE + "move_row", OVERRIDE, _LAYER_TABLES, "the gap moves with its row",
+    _hook(_TABLE + "move_row", OVERRIDE, _BLOCK_TABLE, "the gap moves with its row",
           "self", "src", "tgt"),
-    _hook(_TABLE + "swap_row", OVERRIDE, _LAYER_TABLES, "the gaps swap with their rows",
+    _hook(_TABLE + "swap_row", OVERRIDE, _BLOCK_TABLE, "the gaps swap with their rows",
           "self", "src", "tgt"),
-    _hook(_TABLE + "commit_block_table", OVERRIDE, _LAYER_TABLES,
+    _hook(_TABLE + "commit_block_table", OVERRIDE, _BLOCK_TABLE,
           "upload the gap rows with the block table", "self", "num_reqs"),
     _hook("vllm.v1.worker.gpu_model_runner:GPUModelRunner", CLASS_SWAP, _WORKER,
           "the worker's model runner gets the ReFreeKV mixin (CPUModelRunner derives from it)",
@@ -173,7 +173,8 @@ HOOKS: tuple[Hook, ...] = (
           "attention layers pick ReFreeKV's backends while the model is built", "self"),
     _hook("vllm.v1.worker.gpu_worker:Worker.shutdown", OVERRIDE, _WORKER,
           "drop the process-wide step state", "self"),
-    _hook("vllm.v1.attention.selector:_cached_get_attn_backend", CALL, _WORKER,
+    _hook("vllm.v1.attention.selector:_cached_get_attn_backend", CALL,
+          "refreekv_vllm.patches.attention_backends",
           "forget backends selected before ours were registered", "backend"),
     # Attention.
     _hook("vllm.v1.attention.backends.flash_attn:FlashAttentionImpl.forward", OVERRIDE,
@@ -194,6 +195,13 @@ HOOKS: tuple[Hook, ...] = (
     _hook("vllm.v1.attention.backends.cpu_attn:CPUAttentionBackendImpl.do_kv_cache_update",
           OVERRIDE, _BACKEND, "as FlashAttentionImpl.do_kv_cache_update, on the CPU backend",
           "self", "layer", "key", "value", "kv_cache", "slot_mapping", device="cpu"),
+    _hook("vllm._custom_ops:cpu_attn_get_scheduler_metadata", CALL,
+          "refreekv_vllm.patches.cpu_attention",
+          "a layer whose lengths its gaps shortened gets the CPU kernel's plan for them",
+          device="cpu", keywords=("num_reqs", "num_heads", "num_kv_heads", "head_dim",
+                                  "seq_lens", "dtype", "query_start_loc", "causal",
+                                  "sliding_window_size", "isa", "enable_kv_split",
+                                  "dynamic_causal")),
 )
 
 

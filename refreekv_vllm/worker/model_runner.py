@@ -4,7 +4,7 @@ The cut of a request is computed in the step that runs its last prompt chunk (by
 layers, see ``attention/scoring.py``); the cuts stay on the device and are read once that step
 has finished (no stall of the host). The first step that starts after that commits them: from
 it on, each layer's attention skips the whole blocks of the request's gap in that layer
-(``worker/layer_tables.py``), and the cut report rides on that step's ``ModelRunnerOutput`` so
+(``forward/layer_tables.py``), and the cut report rides on that step's ``ModelRunnerOutput`` so
 that the scheduler gives the gap's pages back. Slot mappings and RoPE positions stay logical:
 new tokens are written after the prompt, never into a gap.
 """
@@ -19,15 +19,8 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
 
 from refreekv_vllm.config import RefreeKVConfig, RequestSettings, pruning_settings
 from refreekv_vllm.core.kv_cache_layout import is_paged_layout
-from refreekv_vllm.metrics.prometheus import WorkerMetrics, engine_index
-from refreekv_vllm.ops import HeadReduction
-from refreekv_vllm.outputs import PAGE_ROWS_ATTR, CutReport, attach_cut_reports
-from refreekv_vllm.policy.budget import freeable_block_range, paper_budget, resident_budget
-from refreekv_vllm.worker.layer_tables import (
-    GapMirroringBlockTable,
-    LayerTables,
-)
-from refreekv_vllm.worker.step_context import (
+from refreekv_vllm.forward.layer_tables import LayerTables
+from refreekv_vllm.forward.step_context import (
     ScoringRow,
     StepContext,
     WindowCapture,
@@ -35,6 +28,11 @@ from refreekv_vllm.worker.step_context import (
     set_step_context,
     window_store,
 )
+from refreekv_vllm.metrics.prometheus import WorkerMetrics, engine_index
+from refreekv_vllm.ops import HeadReduction
+from refreekv_vllm.outputs import PAGE_ROWS_ATTR, CutReport, attach_cut_reports
+from refreekv_vllm.policy.budget import freeable_block_range, paper_budget, resident_budget
+from refreekv_vllm.worker.block_table import GapMirroringBlockTable
 
 RECORDS_KEPT = 1024  # per-request records served by GET /v1/refreekv/requests/{id}
 

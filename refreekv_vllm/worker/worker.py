@@ -1,14 +1,13 @@
 """``--worker-cls refreekv_vllm.worker.worker.RefreeKVWorker``: vLLM's own worker for the
 platform (CPU or CUDA), with the ReFreeKV attention backend and model-runner mixin."""
 
-import contextlib
 import functools
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from refreekv_vllm.config import RefreeKVConfig
+from refreekv_vllm.forward.step_context import set_layer_tables, set_step_context
+from refreekv_vllm.patches.attention_backends import registered_attention_backends
 from refreekv_vllm.worker.model_runner import RefreeKVModelRunnerMixin
-from refreekv_vllm.worker.step_context import set_layer_tables, set_step_context
 
 ATTENTION_BACKENDS = {
     "CPU_ATTN": "refreekv_vllm.attention.backend.RefreeKVCPUAttentionBackend",
@@ -32,7 +31,7 @@ class RefreeKVWorkerMixin(_WorkerBase):
         # Attention layers pick their backend class when the model is built.
         if not self.refreekv_config.enabled:
             return super().load_model(*args, **kwargs)
-        with _refreekv_attention_backends():
+        with registered_attention_backends(ATTENTION_BACKENDS):
             return super().load_model(*args, **kwargs)
 
     def shutdown(self) -> None:
@@ -58,32 +57,6 @@ class RefreeKVWorkerMixin(_WorkerBase):
         if not self.refreekv_config.enabled:
             return []
         return list(self.model_runner.refreekv_records)
-
-
-@contextlib.contextmanager
-def _refreekv_attention_backends() -> Iterator[None]:
-    """vLLM's backend registry is global to the process: our classes are registered only while
-    this engine's model is built, so that a plain engine built later in the same process
-    (``vllm.LLM`` offline, tests) gets vLLM's own attention and not ours."""
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
-    from vllm.v1.attention.selector import _cached_get_attn_backend
-
-    members = [AttentionBackendEnum[name] for name in ATTENTION_BACKENDS]
-    previous = {m: m.get_path() if m.is_overridden() else None for m in members}
-    for member in members:
-        register_backend(member, ATTENTION_BACKENDS[member.name])
-    # vLLM caches its backend choice per process: an engine built earlier in this process
-    # would otherwise hand its class to this one, and this one's to a later one.
-    _cached_get_attn_backend.cache_clear()
-    try:
-        yield
-    finally:
-        for member, path in previous.items():
-            if path is None:
-                member.clear_override()
-            else:
-                register_backend(member, path)
-        _cached_get_attn_backend.cache_clear()
 
 
 @functools.cache

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from refreekv_vllm.attention import backend as wrapper
-from refreekv_vllm.worker.step_context import set_layer_tables, set_step_context
+from refreekv_vllm.forward.step_context import set_layer_tables, set_step_context
 from tests.core.utils import BLOCK_SIZE, NUM_LAYERS, layer_name
 from tests.worker.test_layer_tables import cpu_tables
 

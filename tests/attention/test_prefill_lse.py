@@ -6,7 +6,7 @@ import types
 import torch
 
 from refreekv_vllm.attention.prefill_lse import capturing_softmax_lse
-from refreekv_vllm.worker.step_context import WindowCapture, WindowStore
+from refreekv_vllm.forward.step_context import WindowCapture, WindowStore
 
 NUM_HEADS, NUM_TOKENS = 4, 6
 

@@ -7,8 +7,8 @@ import torch
 
 from refreekv_vllm.attention import scoring
 from refreekv_vllm.config import RefreeKVConfig
+from refreekv_vllm.forward.step_context import ScoringRow, StepContext, WindowCapture, window_store
 from refreekv_vllm.policy.policies import ThresholdPolicy
-from refreekv_vllm.worker.step_context import ScoringRow, StepContext, WindowCapture, window_store
 
 RULE = ThresholdPolicy(threshold=0.01, window=4, window_agg="mean")
 

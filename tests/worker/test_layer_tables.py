@@ -8,7 +8,8 @@ import pytest
 import torch
 from vllm.v1.worker.block_table import MultiGroupBlockTable
 
-from refreekv_vllm.worker.layer_tables import GapMirroringBlockTable, LayerTables
+from refreekv_vllm.forward.layer_tables import LayerTables
+from refreekv_vllm.worker.block_table import GapMirroringBlockTable
 from tests.core.utils import BLOCK_SIZE, NUM_LAYERS, make_vllm_config, paged_config
 
 MAX_REQS, MAX_BLOCKS, MAX_TOKENS, NUM_BLOCKS = 4, 8, 64, 40

@@ -1,4 +1,4 @@
-"""The worker's side of per-layer pages: what each layer's attention reads and writes.
+"""Per-layer pages in the forward: what each layer's attention reads and writes.
 
 The scheduler sends the pages of every block it (re)assigns (``page_rows`` on the
 ``SchedulerOutput``, mirrored into ``page_map``); the worker itself knows each pruned request's
@@ -7,9 +7,9 @@ table, sequence lengths and slot mapping into per-layer ones, in persistent buff
 graphs capture. The attention backend (``attention/backend.py``) triggers that computation at
 the first layer's KV write and hands every layer its own view.
 
-Gap rows follow vLLM's persistent batch: :class:`GapMirroringBlockTable` repeats every row edit
-vLLM makes on the block table (add, clear, move, swap) on the gap rows, and uploads them with
-the block table when they changed.
+Gap rows follow vLLM's persistent batch: the worker's block table
+(``worker/block_table.py``) repeats every row edit vLLM makes (add, clear, move, swap) on them
+and uploads them with the block table when they changed.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.kv_cache_interface import KVCacheConfig
-from vllm.v1.worker.block_table import MultiGroupBlockTable
 
 from refreekv_vllm.ops.layer_views import compute_layer_views
 
@@ -156,39 +155,3 @@ class LayerTables:
                 self._view_cache.clear()
             views = self._view_cache[key] = list(buffer[:, :n].unbind(0))
         return views
-
-
-class GapMirroringBlockTable(MultiGroupBlockTable):
-    """vLLM's block table (one KV cache group) that repeats its row edits on the gap rows."""
-
-    layer_tables: LayerTables
-
-    @classmethod
-    def adopt(cls, tables: MultiGroupBlockTable, layer_tables: LayerTables
-              ) -> GapMirroringBlockTable:
-        if type(tables) is not MultiGroupBlockTable or len(tables.block_tables) != 1:
-            raise TypeError("expected vLLM's MultiGroupBlockTable with one KV cache group")
-        tables.__class__ = cls
-        assert isinstance(tables, GapMirroringBlockTable)
-        tables.layer_tables = layer_tables
-        return tables
-
-    def add_row(self, block_ids: tuple[list[int], ...], row_idx: int) -> None:
-        super().add_row(block_ids, row_idx)
-        self.layer_tables.clear_row(row_idx)
-
-    def clear_row(self, row_idx: int) -> None:
-        super().clear_row(row_idx)
-        self.layer_tables.clear_row(row_idx)
-
-    def move_row(self, src: int, tgt: int) -> None:
-        super().move_row(src, tgt)
-        self.layer_tables.move_row(src, tgt)
-
-    def swap_row(self, src: int, tgt: int) -> None:
-        super().swap_row(src, tgt)
-        self.layer_tables.swap_row(src, tgt)
-
-    def commit_block_table(self, num_reqs: int) -> None:
-        super().commit_block_table(num_reqs)
-        self.layer_tables.upload_gaps(num_reqs)

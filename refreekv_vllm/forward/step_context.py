@@ -18,8 +18,8 @@ from refreekv_vllm.config import RefreeKVConfig
 from refreekv_vllm.policy.policies import CutPolicy
 
 if TYPE_CHECKING:
+    from refreekv_vllm.forward.layer_tables import LayerTables
     from refreekv_vllm.ops import HeadReduction
-    from refreekv_vllm.worker.layer_tables import LayerTables
 
 
 @dataclass
