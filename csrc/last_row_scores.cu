@@ -769,10 +769,46 @@ void run_scoring(const Params& p, int num_reqs, cudaStream_t stream) {
 }  // namespace
 }  // namespace refreekv
 
-// Workspace layout (fp32, in this order; mirrored by refreekv_vllm/ops/_custom_ops.py):
+// Workspace layout: the one definition, used by compute_cuts and exported as
+// torch.ops._refreekv_C.workspace_numel (which refreekv_vllm/ops/_custom_ops.py asks). fp32,
+// in this order:
 //   vals [R, Hq, num_chunks * chunk], row_max [R, num_chunks, Hq * W_MAX], row_sum (same),
 //   then for W_MAX == 1: row_sum2 [R, num_chunks, Hq]
 //   else:                lse [R, Hq * W_MAX], chunk_sum [R, num_chunks, Hq].
+namespace refreekv {
+struct WorkspaceLayout {
+  int64_t num_chunks, n_scratch;
+  // Offsets in fp32 elements; row_sum2 and lse share an offset (one or the other is used).
+  int64_t vals, row_max, row_sum, row_sum2, lse, chunk_sum, total;
+};
+
+WorkspaceLayout workspace_layout(int64_t num_reqs, int64_t w_max, int64_t num_q_heads,
+                                 int64_t max_prompt_len, int64_t chunk_size) {
+  WorkspaceLayout l{};
+  l.num_chunks = std::max<int64_t>(1, (max_prompt_len + chunk_size - 1) / chunk_size);
+  l.n_scratch = l.num_chunks * chunk_size;
+  const int64_t rows = num_q_heads * w_max;
+  l.vals = 0;
+  l.row_max = l.vals + num_reqs * num_q_heads * l.n_scratch;
+  l.row_sum = l.row_max + num_reqs * l.num_chunks * rows;
+  l.row_sum2 = l.lse = l.row_sum + num_reqs * l.num_chunks * rows;
+  if (w_max == 1) {
+    l.chunk_sum = l.row_sum2;  // unused
+    l.total = l.row_sum2 + num_reqs * l.num_chunks * num_q_heads;
+  } else {
+    l.chunk_sum = l.lse + num_reqs * rows;
+    l.total = l.chunk_sum + num_reqs * l.num_chunks * num_q_heads;
+  }
+  return l;
+}
+}  // namespace refreekv
+
+int64_t workspace_numel(int64_t num_reqs, int64_t w_max, int64_t num_q_heads,
+                        int64_t max_prompt_len, int64_t chunk_size) {
+  return refreekv::workspace_layout(num_reqs, w_max, num_q_heads, max_prompt_len, chunk_size)
+      .total;
+}
+
 void compute_cuts(const at::Tensor& query, const at::Tensor& key_cache,
                   const at::Tensor& block_tables, const at::Tensor& prompt_lens,
                   const at::Tensor& window_lens, const at::Tensor& thresholds, at::Tensor& cuts,
@@ -816,14 +852,12 @@ void compute_cuts(const at::Tensor& query, const at::Tensor& key_cache,
   }
   TORCH_CHECK(query.is_cuda(), "compute_cuts runs on CUDA tensors");
 
-  const int64_t num_chunks = std::max<int64_t>(1, (max_prompt_len + chunk_size - 1) / chunk_size);
-  const int64_t n_scratch = num_chunks * chunk_size;
-  const int64_t rows = hq * w_max;
+  const WorkspaceLayout layout = workspace_layout(R, w_max, hq, max_prompt_len, chunk_size);
+  const int64_t num_chunks = layout.num_chunks;
+  const int64_t n_scratch = layout.n_scratch;
   const bool last_row = w_max == 1;
-  const int64_t need = R * hq * n_scratch + 2 * R * num_chunks * rows +
-                       (last_row ? R * num_chunks * hq : R * rows + R * num_chunks * hq);
-  TORCH_CHECK(workspace.numel() >= need, "workspace too small: ", workspace.numel(), " < ",
-              need);
+  TORCH_CHECK(workspace.numel() >= layout.total, "workspace too small: ", workspace.numel(),
+              " < ", layout.total);
   TORCH_CHECK(num_chunks <= 8192, "max_prompt_len / chunk_size must be <= 8192");
   if (curve.has_value()) {
     const at::Tensor& c = *curve;
@@ -847,17 +881,14 @@ void compute_cuts(const at::Tensor& query, const at::Tensor& key_cache,
   p.cuts = cuts.data_ptr<int>();
   p.curve = curve.has_value() ? curve->data_ptr<float>() : nullptr;
   float* ws = workspace.data_ptr<float>();
-  p.vals = ws;
-  ws += R * hq * n_scratch;
-  p.row_max = ws;
-  ws += R * num_chunks * rows;
-  p.row_sum = ws;
-  ws += R * num_chunks * rows;
+  p.vals = ws + layout.vals;
+  p.row_max = ws + layout.row_max;
+  p.row_sum = ws + layout.row_sum;
   if (last_row) {
-    p.row_sum2 = ws;
+    p.row_sum2 = ws + layout.row_sum2;
   } else {
-    p.lse = ws;
-    p.chunk_sum = ws + R * rows;
+    p.lse = ws + layout.lse;
+    p.chunk_sum = ws + layout.chunk_sum;
   }
   p.q_sr = query.stride(0);
   p.q_sw = query.stride(1);

@@ -1,5 +1,5 @@
 // Registers torch.ops._refreekv_C.compute_cuts (schema with mutation annotations) and its CUDA
-// implementation from last_row_scores.cu.
+// implementation from last_row_scores.cu, and workspace_numel, the size of its scratch.
 
 #include <Python.h>
 #include <torch/all.h>
@@ -14,6 +14,9 @@ void compute_cuts(const at::Tensor& query, const at::Tensor& key_cache,
                   int64_t num_sink_tokens, double scale, bool agg_max, int64_t chunk_size,
                   int64_t max_prompt_len);
 
+int64_t workspace_numel(int64_t num_reqs, int64_t w_max, int64_t num_q_heads,
+                        int64_t max_prompt_len, int64_t chunk_size);
+
 TORCH_LIBRARY(_refreekv_C, m) {
   // cuts, workspace and curve are written; everything else is read-only.
   m.def(
@@ -21,6 +24,10 @@ TORCH_LIBRARY(_refreekv_C, m) {
       "Tensor window_lens, Tensor thresholds, Tensor(a!) cuts, Tensor(b!) workspace, "
       "Tensor(c!)? curve, int num_sink_tokens, float scale, bool agg_max, int chunk_size, "
       "int max_prompt_len) -> ()");
+  // Host arithmetic only: one kernel for every dispatch key.
+  m.def("workspace_numel(int num_reqs, int w_max, int num_q_heads, int max_prompt_len, "
+        "int chunk_size) -> int",
+        &workspace_numel);
 }
 
 TORCH_LIBRARY_IMPL(_refreekv_C, CUDA, m) { m.impl("compute_cuts", &compute_cuts); }

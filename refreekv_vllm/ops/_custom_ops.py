@@ -14,7 +14,7 @@ import threading
 
 import torch
 
-from refreekv_vllm.ops.launch_utils import cdiv, check_chunk_size, default_chunk_size
+from refreekv_vllm.ops.launch_utils import check_chunk_size, default_chunk_size
 
 _LOCK = threading.Lock()
 _LOADED = False
@@ -63,16 +63,11 @@ def cuda_workspace_numel(
     max_prompt_len: int,
     chunk_size: int,
 ) -> int:
-    """fp32 scratch elements of one launch; mirrors the layout in csrc/last_row_scores.cu."""
-    num_chunks = max(1, cdiv(max_prompt_len, chunk_size))
-    rows = num_q_heads * w_max
-    n = num_reqs * num_q_heads * num_chunks * chunk_size  # logits or r
-    n += 2 * num_reqs * num_chunks * rows  # chunk max / sum per row
-    if w_max == 1:
-        n += num_reqs * num_chunks * num_q_heads  # chunk sum of squares
-    else:
-        n += num_reqs * rows + num_reqs * num_chunks * num_q_heads  # lse, chunk sums of r
-    return n
+    """fp32 scratch elements of one launch, as the kernel lays them out
+    (``workspace_layout`` in csrc/last_row_scores.cu, its one definition)."""
+    load_extension()
+    return int(torch.ops._refreekv_C.workspace_numel(num_reqs, w_max, num_q_heads,
+                                                      max_prompt_len, chunk_size))
 
 
 def cuda_compute_cuts(

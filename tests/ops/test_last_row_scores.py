@@ -321,6 +321,19 @@ def test_dispatch_rejects_unknown_backend_and_agg():
 
 
 @needs_cuda
+@pytest.mark.parametrize("shape", [(1, 1, 8, 70, 64), (3, 32, 32, 5000, 1024), (2, 2, 1, 64, 64)])
+def test_cuda_workspace_size_follows_the_documented_layout(shape):
+    """The kernel's own size (csrc's workspace_layout) against the layout its comment states."""
+    from refreekv_vllm.ops._custom_ops import cuda_workspace_numel
+
+    r, w, hq, n, chunk = shape
+    chunks = -(-n // chunk)
+    rows = hq * w
+    tail = r * chunks * hq if w == 1 else r * rows + r * chunks * hq
+    assert cuda_workspace_numel(*shape) == r * hq * chunks * chunk + 2 * r * chunks * rows + tail
+
+
+@needs_cuda
 def test_cuda_op_passes_opcheck():
     from refreekv_vllm.ops._custom_ops import cuda_workspace_numel, load_extension
 
