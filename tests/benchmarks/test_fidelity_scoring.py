@@ -115,7 +115,7 @@ def test_budgets_from_a_cut_report():
 
 
 def test_policy_names_and_xargs():
-    from refreekv_vllm.config import REQUEST_KEYS
+    from refreekv_vllm.config import REQUEST_KEYS, RefreeKVConfig, request_settings
 
     assert FULL.xargs() == {"refreekv_enabled": False}
     assert PAPER_RULE.name == "refreekv-w1-T0.01"
@@ -125,11 +125,12 @@ def test_policy_names_and_xargs():
     fixed = Policy("fixed", budget=0.5)
     assert fixed.name == "fixed-0.5"
     assert fixed.xargs() == {"refreekv_policy": "fixed", "refreekv_budget": 0.5}
-    # Every key a policy sends is one the plugin accepts per request.
+    # Every key a policy sends is one the plugin accepts per request, with these values.
     for policy in full_grid():
         assert set(policy.xargs()) <= set(REQUEST_KEYS), policy.name
+        request_settings(RefreeKVConfig(), policy.xargs())
     names = [p.name for p in full_grid()]
-    assert len(names) == len(set(names)) == 2 + 20 + 3
+    assert len(names) == len(set(names)) == 2 + 6 * 4 + 3
     assert {FULL.name, PAPER_RULE.name, CONFIGURED_DEFAULT.name, "fixed-0.5"} == {
         p.name for p in quick_grid()}
 
