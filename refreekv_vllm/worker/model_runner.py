@@ -358,6 +358,7 @@ def request_record(row: ScoringRow, cuts: tuple[int, ...], gaps: np.ndarray,
         "request_id": row.req_id,
         "num_prompt_tokens": num_prompt_tokens,
         **row.policy.describe(),
+        "cuts": list(cuts),
         # Frozen layers report cut m (nothing pruned); the fixed baseline cuts them too.
         "paper_budget": paper_budget(cuts, num_prompt_tokens, m, frozen_layers=()),
         "block_budget": resident_budget(num_prompt_tokens, skipped_per_layer, block_size),

@@ -84,3 +84,21 @@ def test_steps_without_pruning_work_have_no_plan(requests):
 def test_a_disabled_server_plans_nothing():
     config = RefreeKVConfig.from_additional_config({"refreekv": {"enabled": False}})
     assert runner([("a", 0, 100)], {}, config)._plan_step(np.asarray([100])) is None
+
+
+@pytest.mark.parametrize("policy", [ThresholdPolicy(0.01, 32, "mean"), FixedBudgetPolicy(0.5)])
+def test_the_request_record_holds_the_cuts_budgets_and_policy(policy):
+    from refreekv_vllm.forward.step_context import ScoringRow
+    from refreekv_vllm.worker.model_runner import request_record
+
+    num_layers, block_size = 4, 16
+    cuts = (4, 4, 40, 68)
+    gaps = np.zeros((num_layers, 2), dtype=np.int32)
+    gaps[2], gaps[3] = (1, 2), (1, 4)  # blocks wholly inside [4, cut) per layer
+    row = ScoringRow("r", 0, 100, policy.window_rows(100), policy, policy.fixed_cut(100, 4))
+    record = request_record(row, cuts, gaps, RefreeKVConfig(), block_size)
+    assert record["cuts"] == list(cuts) and record["request_id"] == "r"
+    assert record["policy"] == policy.name and record | policy.describe() == record
+    assert record["blocks_skipped"] == 4 and record["tokens_pruned"] == 36 + 64
+    # resident tokens per layer: 100, 100, 84, 52 of 100
+    assert record["block_budget"] == pytest.approx((100 + 100 + 84 + 52) / 400)
