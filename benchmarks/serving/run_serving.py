@@ -188,10 +188,12 @@ def bench_model(setup: ModelSetup, work_dir: Path, datasets: dict[str, Path], *,
                 sequential_start: bool, plain_v1: bool = False,
                 only_engines: list[str] | None = None, rounds: int = 1,
                 warm_up: bool = True, step_timer: bool = False,
-                pin_plan: CpuPlan | None = None) -> dict[str, Any]:
+                pin_plan: CpuPlan | None = None, palindrome: bool = False) -> dict[str, Any]:
     """Every workload against every engine variant, ``rounds`` times; each round starts with
     another variant so that no engine always runs first (or last) on a machine whose speed
-    drifts. Reported per (workload, variant): the median of each number over the rounds."""
+    drifts, and with ``palindrome`` runs the variants once more in reverse order (a drift
+    that is linear over the round then weighs on every variant alike). Reported per
+    (workload, variant): the median of each number over the rounds."""
     engines = {**ENGINES, **({"plain_v1": PLAIN_V1} if plain_v1 else {})}
     if only_engines:
         engines = {name: engines[name] for name in only_engines}
@@ -217,16 +219,18 @@ def bench_model(setup: ModelSetup, work_dir: Path, datasets: dict[str, Path], *,
             first = setup.runs[0]
             run_workload(server, setup, first, datasets[first.workload.name], None)
         for round_index in range(rounds):
-            order = variants[round_index % len(variants):] + variants[:round_index % len(variants)]
             for run in setup.runs:
-                for engine, variant, xargs in order:
+                passes: dict[str, list[dict[str, Any]]] = {}
+                for engine, variant, xargs in round_order(variants, round_index, palindrome):
                     key = f"{run.workload.name}/{variant}"
                     print(f"[serving] {setup.name}: {key} (round {round_index + 1})", flush=True)
                     result = run_workload(servers[engine], setup, run,
                                           datasets[run.workload.name], xargs)
-                    measured.setdefault(key, []).append(result)
+                    passes.setdefault(key, []).append(result)
                     print(f"[serving]   {json.dumps(result)}", flush=True)
-        results: dict[str, dict[str, Any]] = {key: median_run(runs)
+                for key, results in passes.items():
+                    measured.setdefault(key, []).append(merge_runs(results, "passes"))
+        results: dict[str, dict[str, Any]] = {key: merge_runs(runs, "rounds")
                                               for key, runs in measured.items()}
         for engine, server in servers.items():
             results[f"health/{engine}"] = {"healthy": server.get("/health") is not None}
@@ -235,6 +239,7 @@ def bench_model(setup: ModelSetup, work_dir: Path, datasets: dict[str, Path], *,
             server.stop()
     return {"model": setup.name, "dummy_weights": setup.dummy_weights,
             "server_flags": setup.server_flags, **setup.extra, "rounds": rounds,
+            "palindrome": palindrome,
             **({"cpu_pinning": pinning} if pinning is not None else {}),
             "workloads": {run.workload.name: {**asdict(run.workload),
                                               "max_concurrency": run.max_concurrency}
@@ -252,10 +257,22 @@ def pin_servers(servers: dict[str, RunningServer], plan: CpuPlan) -> dict[str, A
             "load_generator": sorted(plan.load), "processes": pinned}
 
 
-def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """One run's numbers as the median over rounds (peaks as the largest; counts summed)."""
+def round_order(variants: list[Any], round_index: int, palindrome: bool) -> list[Any]:
+    """The variants' order in a round: rotated by the round, then (``palindrome``) reversed:
+    ``A B C C B A``."""
+    shift = round_index % len(variants)
+    order = variants[shift:] + variants[:shift]
+    return order + order[::-1] if palindrome else order
+
+
+def merge_runs(runs: list[dict[str, Any]], label: str) -> dict[str, Any]:
+    """Runs of one (workload, variant) as one: each number the median over them (the mean of
+    two), peaks the largest, counts summed; the runs themselves kept under ``label`` (the
+    passes of a round, or the rounds)."""
     merged: dict[str, Any] = {}
     for name, value in runs[0].items():
+        if name in ("rounds", "passes"):
+            continue
         values = [run[name] for run in runs]
         if name in ("completed", "failed", "preemptions", "requests_pruned"):
             merged[name] = sum(values)
@@ -268,7 +285,7 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
         else:
             merged[name] = value
     if len(runs) > 1:
-        merged["rounds"] = runs
+        merged[label] = runs
     return merged
 
 
@@ -373,6 +390,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rounds", type=int, default=None,
                         help="times every workload runs on every engine, each round in another "
                              "engine order; medians are reported (default: 3 on cuda, 1 on cpu)")
+    parser.add_argument("--palindrome", action=argparse.BooleanOptionalAction, default=None,
+                        help="run every round's variants forth and back (A B C C B A) and "
+                             "average the two passes (default: on for cuda)")
     parser.add_argument("--reuse", action="store_true",
                         help="reuse datasets and per-model results already in --work-dir "
                              "(a run split over several invocations)")
@@ -435,7 +455,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                plain_v1=args.plain_v1 or "plain_v1" in (args.engines or ""),
                                only_engines=args.engines.split(",") if args.engines else None,
                                rounds=args.rounds or (1 if cpu else 3), warm_up=not cpu,
-                               step_timer=args.step_timer, pin_plan=pin_plan)
+                               step_timer=args.step_timer, pin_plan=pin_plan,
+                               palindrome=not cpu if args.palindrome is None else args.palindrome)
         if earlier is not None:
             earlier["workloads"].update(measured["workloads"])
             earlier["runs"].update(measured["runs"])

@@ -1,0 +1,44 @@
+"""How the serving benchmark orders and combines its runs (no servers)."""
+
+from benchmarks.serving.run_serving import merge_runs, round_order, round_ratios
+
+
+def test_rounds_rotate_and_palindromes_run_every_variant_forth_and_back():
+    variants = ["plain", "default", "t0"]
+    assert round_order(variants, 0, palindrome=False) == ["plain", "default", "t0"]
+    assert round_order(variants, 1, palindrome=False) == ["default", "t0", "plain"]
+    assert round_order(variants, 4, palindrome=True) == [
+        "default", "t0", "plain", "plain", "t0", "default"]
+
+
+def test_a_linear_drift_cancels_in_a_palindrome():
+    """A machine 1% slower per run: in A B B A both variants see the same mean slowdown."""
+    order = round_order(["plain", "refreekv"], 0, palindrome=True)
+    speeds: dict[str, list[float]] = {}
+    for position, variant in enumerate(order):
+        speeds.setdefault(variant, []).append(100.0 * (1 - 0.01 * position))
+    merged = {v: merge_runs([{"output_tok_s": s} for s in runs], "passes")["output_tok_s"]
+              for v, runs in speeds.items()}
+    assert merged["refreekv"] == merged["plain"]
+
+
+def test_merged_runs_keep_their_parts_and_count_once():
+    runs = [{"output_tok_s": 100.0, "completed": 8, "peak_running": 3, "errors": ["x"],
+             "step_phases": {"decode": 1}},
+            {"output_tok_s": 110.0, "completed": 8, "peak_running": 5, "errors": [],
+             "step_phases": {"decode": 2}}]
+    merged = merge_runs(runs, "passes")
+    assert merged["output_tok_s"] == 105.0 and merged["completed"] == 16
+    assert merged["peak_running"] == 5 and merged["errors"] == ["x"]
+    assert merged["passes"] == runs and "rounds" not in merged
+    assert merge_runs([runs[0]], "passes") == runs[0]
+
+
+def test_round_ratios_pair_the_runs_of_each_round():
+    def runs(*values: float) -> dict:
+        return merge_runs([merge_runs([{"output_tok_s": v}], "passes") for v in values],
+                          "rounds")
+
+    models = {"smollm2": {"runs": {"long_c1/plain": runs(100.0, 50.0),
+                                   "long_c1/default": runs(95.0, 60.0)}}}
+    assert round_ratios(models, "default")["c1_decode_ratio"] == [0.95, 1.2]
