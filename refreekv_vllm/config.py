@@ -14,6 +14,7 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, PrivateAttr, ValidationError
@@ -221,15 +222,6 @@ def _settings(enabled: bool, values: Any, prefix: str, policy_key: str) -> Reque
     return RequestSettings(enabled=enabled, policy=policy)
 
 
-@dataclass(frozen=True)
-class _Merged:
-    policy: str
-    threshold: float
-    window: int
-    window_agg: str
-    budget: float | None
-
-
 def request_settings(config: RefreeKVConfig, extra_args: Mapping[str, Any] | None
                      ) -> RequestSettings:
     """Apply a request's ``vllm_xargs`` overrides; raises ConfigError for bad values."""
@@ -242,8 +234,9 @@ def request_settings(config: RefreeKVConfig, extra_args: Mapping[str, Any] | Non
     except ValidationError as error:
         raise _config_error(error, _REQUEST_PREFIX, list(REQUEST_KEYS)) from None
     given = overrides.model_dump(exclude_none=True)
-    merged = _Merged(**{field: given.get(field, getattr(config, field))
-                        for field in _Merged.__dataclass_fields__})
+    # The server's settings with the request's on top (enabled is combined below).
+    merged = SimpleNamespace(**{field: given.get(field, getattr(config, field))
+                                for field in RequestOverrides.model_fields if field != "enabled"})
     ignored = [field for field in given if field not in ("enabled", "policy")
                and field not in POLICY_SETTINGS[merged.policy]]
     if ignored:
