@@ -19,6 +19,32 @@ def _cell(value: Any, fmt: str) -> str:
     return "–" if value is None else fmt.format(value)
 
 
+def measured_runs(run: dict[str, Any]) -> list[dict[str, Any]]:
+    """The single runs behind a reported one, in run order (rounds, then passes)."""
+    parts = run.get("rounds") or run.get("passes")
+    return [leaf for part in parts for leaf in measured_runs(part)] if parts else [run]
+
+
+def decode_step_lines(model: dict[str, Any]) -> list[str]:
+    """Mean time between decode-only steps of every single run (step timer): with runs of a
+    few seconds, whether a gap repeats in every run tells an effect from the machine's noise."""
+    rows = []
+    for key, run in model["runs"].items():
+        if key.startswith("health/"):
+            continue
+        decode = [(leaf.get("step_phases") or {}).get("decode") for leaf in measured_runs(run)]
+        if not any(decode):
+            continue
+        workload, variant = key.split("/")
+        cells = ", ".join("–" if d is None else f"{d['interval_mean_ms']:.2f} "
+                          f"({d['mean_reqs']:.0f})" for d in decode)
+        rows.append(f"| {workload} | {VARIANT_LABELS[variant]} | {cells} |")
+    if not rows:
+        return []
+    return ["", "Decode steps: mean ms between steps (mean running requests), every run in run "
+            "order:", "", "| workload | server | runs |", "|---|---|---|", *rows]
+
+
 def write_markdown(result: dict[str, Any], path: Path) -> None:
     v1 = "summary_plain_v1" in result
     # A run split over invocations (--reuse) records each command.
@@ -57,6 +83,7 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
             cells = [_cell(run.get(name), fmt) for name, _, fmt in COLUMNS]
             lines.append(f"| {workload} | {VARIANT_LABELS[variant]} | " + " | ".join(cells)
                          + " |")
+        lines += decode_step_lines(model)
         lines += ["", "Workloads: " + "; ".join(
             f"{name}: {w['num_prompts']} {w['kind']} prompts"
             + (f" of {w['min_tokens']}-{w['max_tokens']} tokens" if w["kind"] == "long" else "")

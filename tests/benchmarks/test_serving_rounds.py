@@ -42,3 +42,20 @@ def test_round_ratios_pair_the_runs_of_each_round():
     models = {"smollm2": {"runs": {"long_c1/plain": runs(100.0, 50.0),
                                    "long_c1/default": runs(95.0, 60.0)}}}
     assert round_ratios(models, "default")["c1_decode_ratio"] == [0.95, 1.2]
+
+
+def test_the_report_lists_every_runs_decode_steps():
+    from benchmarks.serving.report import decode_step_lines, measured_runs
+
+    def leaf(interval: float) -> dict:
+        return {"output_tok_s": 1.0, "step_phases": {
+            "decode": {"interval_mean_ms": interval, "mean_reqs": 7.0}}}
+
+    rounds = [merge_runs([leaf(2.0), leaf(2.2)], "passes"), merge_runs([leaf(2.4), leaf(2.6)],
+                                                                         "passes")]
+    run = merge_runs(rounds, "rounds")
+    assert [r["step_phases"]["decode"]["interval_mean_ms"] for r in measured_runs(run)] == [
+        2.0, 2.2, 2.4, 2.6]
+    lines = decode_step_lines({"runs": {"long_c8/t0": run, "health/refreekv": {}}})
+    assert lines[-1] == "| long_c8 | ReFreeKV T = 0 | 2.00 (7), 2.20 (7), 2.40 (7), 2.60 (7) |"
+    assert decode_step_lines({"runs": {"long_c8/t0": {"output_tok_s": 1.0}}}) == []
