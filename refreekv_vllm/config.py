@@ -20,10 +20,10 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, PrivateAttr, ValidationError
 
 from refreekv_vllm.policy.policies import POLICIES, CutPolicy
+from refreekv_vllm.policy.reference import AGGREGATIONS
 
 ADDITIONAL_CONFIG_KEY = "refreekv"
 REQUEST_KEY_PREFIX = "refreekv_"
-AGGREGATIONS = ("max", "mean")
 KERNELS = ("auto", "triton", "cuda", "torch")
 MAX_WINDOW = 64
 MAX_THRESHOLD = 0.5

@@ -1,5 +1,5 @@
-"""The one private vLLM function ReFreeKV calls outside its subclasses: the CPU attention
-kernel's work plan (registered in ``patches/__init__.py`` as a ``call`` hook)."""
+"""The CPU attention kernel's work plan, a private vLLM function (registered in
+``patches/__init__.py`` as a ``call`` hook)."""
 
 from typing import Any
 
