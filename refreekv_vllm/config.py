@@ -20,7 +20,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, PrivateAttr, ValidationError
 
 from refreekv_vllm.policy.policies import POLICIES, CutPolicy
-from refreekv_vllm.policy.reference import AGGREGATIONS
+from refreekv_vllm.policy.reference import AGGREGATIONS, HEAD_AGGREGATIONS
 
 ADDITIONAL_CONFIG_KEY = "refreekv"
 REQUEST_KEY_PREFIX = "refreekv_"
@@ -92,6 +92,7 @@ Flag = Annotated[bool, BeforeValidator(_flag)]
 Threshold = Annotated[float, BeforeValidator(_fraction(zero_allowed=True, high=MAX_THRESHOLD))]
 Window = Annotated[int, BeforeValidator(_integer(1, MAX_WINDOW))]
 Aggregation = Annotated[str, BeforeValidator(_choice(AGGREGATIONS))]
+HeadAggregation = Annotated[str, BeforeValidator(_choice(HEAD_AGGREGATIONS))]
 PolicyName = Annotated[str, BeforeValidator(_choice(tuple(POLICIES)))]
 Budget = Annotated[float, BeforeValidator(_fraction(zero_allowed=False, high=1.0))]
 
@@ -112,6 +113,9 @@ class RefreeKVConfig(BaseModel):
     """Observation window w: score rows of the last w prompt tokens (1 = the paper's rule)."""
     window_agg: Aggregation = "mean"
     """How the window's rows are combined per head before the norm test: max or mean."""
+    head_agg: HeadAggregation = "mean"
+    """How heads combine in the norm test: mean (the paper's mean of the heads' norms) or max
+    (every head's own norm drops by at most T; keeps more, scored by the torch backend)."""
     num_sink_tokens: Annotated[int, BeforeValidator(_integer(0, MAX_SINK_TOKENS))] = 4
     """m: first prompt tokens that are always kept and excluded from the norm."""
     frozen_layers: Annotated[tuple[int, ...], BeforeValidator(_layers)] = (0, 1)
@@ -135,9 +139,10 @@ class RefreeKVConfig(BaseModel):
         # overrides are pruned with it.
         self._default_settings = _settings(self.enabled, self, _SERVER_PREFIX, "policy")
 
-    def scored_layers(self, num_layers: int) -> tuple[int, ...]:
-        """The layers of a ``num_layers``-layer model that are scored (not frozen)."""
-        return tuple(layer for layer in range(num_layers) if layer not in self.frozen_layers)
+    def scored_layers(self, layers: range) -> tuple[int, ...]:
+        """Which of the model layers ``layers`` (a model's, or a pipeline stage's) are scored
+        (not frozen)."""
+        return tuple(layer for layer in layers if layer not in self.frozen_layers)
 
     @property
     def default_settings(self) -> "RequestSettings":
@@ -185,6 +190,7 @@ class RequestOverrides(BaseModel):
     threshold: Threshold | None = None
     window: Window | None = None
     window_agg: Aggregation | None = None
+    head_agg: HeadAggregation | None = None
     policy: PolicyName | None = None
     budget: Budget | None = None
 

@@ -22,6 +22,7 @@ def test_defaults_are_the_documented_ones():
     ({"threshold": -0.1}, "threshold"),
     ({"window": 0}, "window"),
     ({"window_agg": "sum"}, "window_agg"),
+    ({"head_agg": "median"}, "head_agg"),
     ({"policy": "fixed"}, "budget"),
     ({"policy": "fixed", "budget": 1.5}, "budget"),
     ({"budget": math.nan}, "budget"),
@@ -42,6 +43,19 @@ def test_request_overrides_apply_on_top_of_the_server_config():
     assert settings.prunes
     assert not request_settings(config, {"refreekv_threshold": 0}).prunes
     assert not request_settings(config, {"refreekv_enabled": False}).prunes
+
+
+def test_a_request_may_ask_every_head_to_keep_its_norm():
+    config = RefreeKVConfig()
+    settings = request_settings(config, {"refreekv_head_agg": "max"})
+    assert settings.policy == ThresholdPolicy(threshold=0.005, window=32, window_agg="mean",
+                                              head_agg="max")
+    assert settings.policy.describe()["head_agg"] == "max"
+    assert request_settings(config, None).policy.head_agg == "mean"  # the paper's mean
+    with pytest.raises(ConfigError, match="refreekv_head_agg applies to refreekv_policy "
+                                          "'threshold' only"):
+        request_settings(config, {"refreekv_policy": "fixed", "refreekv_budget": 0.5,
+                                  "refreekv_head_agg": "max"})
 
 
 def test_a_request_cannot_enable_pruning_on_a_disabled_server():
@@ -91,6 +105,7 @@ def test_flags_arrive_as_json_or_as_vllm_coerced_them(value):
     ({"refreekv_threshold": True}, "refreekv_threshold"),
     ({"refreekv_enabled": "yes"}, "refreekv_enabled"),
     ({"refreekv_windw": 3}, "refreekv_windw"),
+    ({"refreekv_head_agg": "min"}, "refreekv_head_agg"),
 ])
 def test_request_overrides_use_the_server_validators(xargs, field):
     with pytest.raises(ConfigError, match=f"{field}"):

@@ -6,6 +6,8 @@ OpenAI server by ``benchmarks/serving/run_serving.py``.
     python -m benchmarks.integration.bench_integration --device cuda  # results/integration_gpu.json
     python -m benchmarks.integration.bench_integration --device cuda --part parallel \
         --tensor-parallel-size 2                                       # results/parallel_gpu.json
+    python -m benchmarks.integration.bench_integration --device cuda --part parallel \
+        --tensor-parallel-size 1 --pipeline-parallel-size 2  # results/parallel_tp1_pp2_gpu.json
 
 Every engine runs in a child process (``engine_run.py``); this script compares their outputs.
 """
@@ -111,12 +113,16 @@ def main() -> None:
                         help="run part of the benchmark, merging into an existing result file")
     parser.add_argument("--tensor-parallel-size", type=int, default=2,
                         help="parallel: ranks of the tensor-parallel engines")
+    parser.add_argument("--pipeline-parallel-size", type=int, default=1,
+                        help="parallel: stages of the pipeline-parallel engines")
     args = parser.parse_args()
 
     scratch = Path("/tmp/refreekv-bench")
     scratch.mkdir(parents=True, exist_ok=True)
     if args.part == "parallel":
-        out = Path(args.out_dir) / f"parallel_{'gpu' if args.device == 'cuda' else 'cpu'}.json"
+        tp, pp = args.tensor_parallel_size, args.pipeline_parallel_size
+        kind = f"parallel_tp{tp}_pp{pp}" if pp > 1 else "parallel"
+        out = Path(args.out_dir) / f"{kind}_{'gpu' if args.device == 'cuda' else 'cpu'}.json"
         result = run_parallel(args, scratch)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2))
@@ -184,7 +190,8 @@ def run_exactness(args, scratch: Path) -> dict:
         "per_request": [{"num_prompt_tokens": r["num_prompt_tokens"], "ideal_budget": i,
                          "physical_budget": p} for r, i, p in zip(reports, ideal, physical,
                                                                   strict=True)],
-        "command": " ".join(["python", *sys.argv]),
+        "command": " ".join(["python -m benchmarks.integration.bench_integration",
+                             *sys.argv[1:]]),
     }
     if args.device == "cpu":
         result.update(compare_with_reference(args, scratch, model, int(block_size)))
@@ -193,31 +200,33 @@ def run_exactness(args, scratch: Path) -> dict:
 
 
 def run_parallel(args, scratch: Path) -> dict:
-    """Tensor parallelism: plain vLLM and ReFreeKV with ``--tensor-parallel-size`` ranks, and
-    ReFreeKV on one rank. The tiny Llama (4 query heads, 2 KV heads, head size 64) splits over
-    two ranks, which SmolLM2's 9 heads do not."""
+    """Tensor and pipeline parallelism: plain vLLM and ReFreeKV with ``--tensor-parallel-size``
+    ranks per stage and ``--pipeline-parallel-size`` stages, and ReFreeKV on one rank. The tiny
+    Llama (4 query heads, 2 KV heads, head size 64, 4 layers) splits over two ranks, which
+    SmolLM2's 9 heads do not. The ranks of the last stage report the cuts of every layer."""
     import os
 
     from benchmarks.serving.cpu_pinning import vllm_cpu_thread_binds
     from refreekv_vllm.models import prepare_tiny_llama
 
-    tp = args.tensor_parallel_size
+    tp, pp = args.tensor_parallel_size, args.pipeline_parallel_size
     if args.device == "cpu":
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", vllm_cpu_thread_binds(tp))
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", vllm_cpu_thread_binds(tp * pp))
     common = ["--model", str(prepare_tiny_llama(head_dim=64)),
               "--block-size", "16", "--filler", "60"]
-    parallel = [*common, "--tensor-parallel-size", str(tp)]
+    parallel = [*common, "--tensor-parallel-size", str(tp), "--pipeline-parallel-size", str(pp)]
     plain = child("exactness", "plain", args, scratch, parallel)
     pruned = child("exactness", "refreekv", args, scratch, parallel)
     one_rank = child("exactness", "refreekv", args, scratch, common)
-    ranks = pruned["cuts_per_rank"]
+    ranks = pruned["cuts_per_rank"][-tp:]  # the last stage's
     (single,) = one_rank["cuts_per_rank"]
     pairs = [(a, b) for n, cuts in single.items() for a, b in zip(ranks[0].get(n, []), cuts,
                                                                   strict=False)]
     return {
         "device": device_name(args.device),
         "tensor_parallel_size": tp,
-        "model": "tiny random Llama (4 query heads, 2 KV heads, head size 64)",
+        "pipeline_parallel_size": pp,
+        "model": "tiny random Llama (4 query heads, 2 KV heads, head size 64, 4 layers)",
         "t0_identical": plain["t0_token_ids"] == pruned["t0_token_ids"],
         "cuts_identical_across_ranks": len(ranks) == tp and all(r == ranks[0] for r in ranks),
         "layer_cuts_compared_with_one_rank": len(pairs),
@@ -225,7 +234,8 @@ def run_parallel(args, scratch: Path) -> dict:
         "prompts_scored_on_every_rank": len(ranks[0]),
         "leaked_blocks": plain["leaked_blocks"] + pruned["leaked_blocks"],
         "pruning_stats": pruned["stats"],
-        "command": " ".join(["python", *sys.argv]),
+        "command": " ".join(["python -m benchmarks.integration.bench_integration",
+                             *sys.argv[1:]]),
         "note": "TTFT and decode throughput against plain vLLM with the same parallelism come "
                 "from benchmarks/serving/run_serving.py --tensor-parallel-size",
     }

@@ -52,7 +52,8 @@ def build_llm(args, model: str, **extra):
     from refreekv_vllm.offline import refreekv_llm_kwargs
 
     kwargs = dict(model=model, dtype="bfloat16", block_size=args.block_size, seed=0,
-                  enable_prefix_caching=True, tensor_parallel_size=args.tensor_parallel_size)
+                  enable_prefix_caching=True, tensor_parallel_size=args.tensor_parallel_size,
+                  pipeline_parallel_size=args.pipeline_parallel_size)
     kwargs.update(extra)
     if args.engine == "refreekv":
         kwargs.update(refreekv_llm_kwargs(json.loads(args.refreekv)))
@@ -223,6 +224,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=8000)
     parser.add_argument("--submit", type=int, default=0, help="capacity: requests to submit")
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--pipeline-parallel-size", type=int, default=1)
     parser.add_argument("--scratch", default="/tmp/refreekv-bench")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()

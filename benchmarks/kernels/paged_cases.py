@@ -65,6 +65,7 @@ class PagedCase:
     thresholds: torch.Tensor  # [R] fp32
     num_sink_tokens: int = 4
     agg: str = "max"
+    head_agg: str = "mean"
     _refs: dict[int, tuple[int, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     @property
@@ -85,6 +86,9 @@ class PagedCase:
             thresholds=self.thresholds,
             num_sink_tokens=self.num_sink_tokens,
             agg=self.agg,
+            # Only the torch backend takes the other head aggregation (the kernels' entry
+            # points have no such argument and would refuse the case).
+            **({"head_agg": self.head_agg} if self.head_agg != "mean" else {}),
         )
 
     def window_lse(self) -> torch.Tensor:
@@ -118,6 +122,7 @@ class PagedCase:
                 num_sink_tokens=self.num_sink_tokens,
                 threshold=float(self.thresholds[i]),
                 agg=self.agg,
+                head_agg=self.head_agg,
             )
         return self._refs[i]
 
@@ -136,6 +141,7 @@ def make_case(
     thresholds: list[float] | None = None,
     layout: str = "NHD",
     agg: str = "max",
+    head_agg: str = "mean",
     num_sink_tokens: int = 4,
     device: str | torch.device = "cpu",
     seed: int = 0,
@@ -185,6 +191,7 @@ def make_case(
         thresholds=torch.tensor(thresholds, dtype=torch.float32, device=device),
         num_sink_tokens=num_sink_tokens,
         agg=agg,
+        head_agg=head_agg,
     )
 
 

@@ -68,7 +68,7 @@ def _cpu_layer_metadata(impl: Any, tables: LayerTables, layer: int, attn_metadat
     metadata's slot mapping: the first layer computes every layer's view there, and each layer
     gets its own slots. The CPU kernel's work split is planned on the host from the sequence
     lengths, so a batch with gaps gets a plan per layer."""
-    if layer == 0:
+    if layer == tables.layers.start:
         tables.compute(attn_metadata.block_table, attn_metadata.seq_lens,
                        attn_metadata.slot_mapping)
     slots = tables.layer_slots(layer, attn_metadata.slot_mapping.shape[0])
@@ -127,11 +127,11 @@ def _wrap(backend: type, impl: type,
             with keeping_lse as lse:
                 result = super().forward(layer, query, key, value, kv_cache, attn_metadata,
                                          output, *args, **kwargs)
-            capture(step, layer_index, tables.num_layers,
+            capture(step, layer_index, tables.layers,
                     query.view(-1, self.num_heads, self.head_size), lse[0] if lse else None)
-            if layer_index == tables.num_layers - 1:
-                end_of_forward(step, key_view(self, kv_cache), tables.tables, self.scale,
-                               kernel(step))
+            if layer_index == tables.layers[-1]:
+                end_of_forward(step, key_view(self, kv_cache), tables.tables, tables.layers,
+                               self.scale, kernel(step))
             return result
 
         def refreekv_warm_up(self, kv_cache: torch.Tensor, tables: LayerTables,

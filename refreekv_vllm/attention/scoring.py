@@ -38,28 +38,29 @@ def wants_prefill_lse(step: StepContext, layer: int) -> bool:
             and any(capture.window > 1 for capture in step.captures))
 
 
-def capture(step: StepContext, layer: int, num_layers: int, query: torch.Tensor,
+def capture(step: StepContext, layer: int, layers: range, query: torch.Tensor,
             prefill_lse: torch.Tensor | None = None) -> None:
     """Keep this layer's queries of the window rows that ran in this step, every capture's at
     once, in the step's buffer (one launch per layer: this runs in every layer's attention
-    call of the step). ``query``: ``[num_tokens, num_heads, head_size]``; ``prefill_lse``: the
+    call of the step). ``layers``: this worker's model layers; ``query``: ``[num_tokens,
+    num_heads, head_size]``; ``prefill_lse``: the
     attention's ``[num_heads, >= num_tokens]`` softmax normaliser of this step's rows, if it
     gave one."""
     if layer in step.config.frozen_layers or not step.captures:
         return
     index = step.capture_index(query.device)
-    torch.index_select(query, 0, index, out=step.query_rows(layer, num_layers, query))
+    torch.index_select(query, 0, index, out=step.query_rows(layer, layers, query))
     if prefill_lse is not None:
         step.captured_lse[layer] = prefill_lse.index_select(1, index).T
 
 
 def end_of_forward(step: StepContext, key_cache: torch.Tensor, layer_tables: torch.Tensor,
-                   scale: float, backend: str) -> None:
+                   layers: range, scale: float, backend: str) -> None:
     """After the last layer: file the step's captured rows under their requests' windows, then
     score the requests whose prompt ends in this step."""
     _store_captures(step)
     if step.scoring:
-        score(step, key_cache, layer_tables, scale, backend)
+        score(step, key_cache, layer_tables, layers, scale, backend)
 
 
 def _store_captures(step: StepContext) -> None:
@@ -85,27 +86,30 @@ def _store_captures(step: StepContext) -> None:
 
 
 def score(step: StepContext, key_cache: torch.Tensor, layer_tables: torch.Tensor,
-          scale: float, backend: str) -> None:
+          layers: range, scale: float, backend: str) -> None:
     """Cut of every layer of every request whose prompt ends in this step, in one kernel call
     per aggregation: (request, layer) pairs are the kernel's rows, since every layer's keys
     live in the same page pool. Runs once the last layer's keys are written.
 
     ``key_cache``: ``[num_pages, block_size, num_kv_heads, head_size]`` key view of the pool;
-    ``layer_tables``: ``[num_layers, max_reqs, max_blocks]`` pages per layer and batch row (a
-    request being scored has no gap yet)."""
-    layers = list(step.config.scored_layers(layer_tables.shape[0]))
+    ``layer_tables``: ``[len(layers), max_reqs, max_blocks]`` pages of this worker's model
+    layers ``layers`` per batch row (a request being scored has no gap yet)."""
+    scored = list(step.config.scored_layers(layers))
     windows = {row.req_id: _window(step, row.req_id) for row in step.scoring}
     rules = {row.req_id: row.policy for row in step.scoring
              if isinstance(row.policy, ThresholdPolicy)}
     rows = [row for row in step.scoring
-            if row.req_id in rules and _scored_layers(windows[row.req_id]) == tuple(layers)]
-    if not rows or not layers:
+            if row.req_id in rules and _scored_layers(windows[row.req_id]) == tuple(scored)]
+    if not rows or not scored:
         return
     started = time.perf_counter()
-    for agg in sorted({rules[row.req_id].window_agg for row in rows}):
-        group = [row for row in rows if rules[row.req_id].window_agg == agg]
-        _score_rows(step, layers, group, [rules[row.req_id].threshold for row in group],
-                    key_cache, layer_tables, scale, agg, backend)
+    for aggs in sorted({(rules[row.req_id].window_agg, rules[row.req_id].head_agg)
+                        for row in rows}):
+        group = [row for row in rows
+                 if (rules[row.req_id].window_agg, rules[row.req_id].head_agg) == aggs]
+        _score_rows(step, scored, group, [rules[row.req_id].threshold for row in group],
+                    key_cache, layer_tables, [layer - layers.start for layer in scored], scale,
+                    *aggs, backend if aggs[1] == "mean" else "torch")
     if step.observe_scoring is not None:
         # Host time of the launches (the cuts stay on the device until the step ends).
         step.observe_scoring(time.perf_counter() - started)
@@ -130,7 +134,9 @@ def _queries(step: StepContext, req_id: str) -> torch.Tensor:
 
 def _score_rows(step: StepContext, layers: list[int], rows: list[ScoringRow],
                 thresholds: list[float], key_cache: torch.Tensor, layer_tables: torch.Tensor,
-                scale: float, agg: str, backend: str) -> None:
+                table_rows: list[int], scale: float, agg: str, head_agg: str,
+                backend: str) -> None:
+    """``layers``: the model layers scored; ``table_rows``: their rows of ``layer_tables``."""
     max_window = max(row.window for row in rows)
     queries = _right_aligned(rows, [_queries(step, row.req_id) for row in rows], max_window)
     lses = [window_store.get_lse(row.req_id) for row in rows]
@@ -139,7 +145,7 @@ def _score_rows(step: StepContext, layers: list[int], rows: list[ScoringRow],
     window_lse = _right_aligned(rows, known_lses, max_window) if have_lse else None
     if max_window > 1:
         window_normalisers["attention" if have_lse else "own"] += len(rows) * len(layers)
-    inputs = _pair_inputs(rows, thresholds, layers, layer_tables.device)
+    inputs = _pair_inputs(rows, thresholds, table_rows, layer_tables.device)
     cuts = compute_cuts(
         queries,
         key_cache,
@@ -150,6 +156,7 @@ def _score_rows(step: StepContext, layers: list[int], rows: list[ScoringRow],
         num_sink_tokens=step.config.num_sink_tokens,
         scale=scale,
         agg=agg,
+        head_agg=head_agg,
         backend=backend,
         # Bounds the kernels' scratch by this step's prompts, not the block table's width.
         max_prompt_len=max(row.num_prompt_tokens for row in rows),
@@ -164,7 +171,7 @@ def _score_rows(step: StepContext, layers: list[int], rows: list[ScoringRow],
 @dataclass(frozen=True)
 class _PairInputs:
     """Per (request, layer) pair, request-major: what the kernel reads besides queries."""
-    layers: torch.Tensor
+    layers: torch.Tensor  # rows of the worker's per-layer tables
     batch_rows: torch.Tensor
     prompt_lens: torch.Tensor
     window_lens: torch.Tensor
@@ -210,7 +217,7 @@ def warm_up_scoring(key_cache: torch.Tensor, layer_tables: "LayerTables", config
                     scale: float, with_lse: bool) -> None:
     """One scoring call per aggregation with the server's window, on placeholder queries over
     the real key pool, so that the kernels are compiled before the first request."""
-    layers = list(config.scored_layers(layer_tables.num_layers))
+    layers = list(config.scored_layers(layer_tables.layers))
     window, device = config.window, key_cache.device
     num_prompt_tokens = window + config.num_sink_tokens + 1
     queries = torch.zeros(len(layers), window, num_heads, head_size, dtype=dtype, device=device)
@@ -218,7 +225,7 @@ def warm_up_scoring(key_cache: torch.Tensor, layer_tables: "LayerTables", config
            if with_lse and window > 1 else None)
     for agg in AGGREGATIONS:
         compute_cuts(
-            queries, key_cache, layer_tables.tables[layers, 0],
+            queries, key_cache, layer_tables.tables[layer_tables.layer_rows(layers), 0],
             torch.full((len(layers),), num_prompt_tokens, dtype=torch.int32, device=device),
             torch.full((len(layers),), window, dtype=torch.int32, device=device),
             torch.full((len(layers),), 0.01, dtype=torch.float32, device=device),

@@ -14,9 +14,18 @@ are never pruned) takes pages from the others.
 
 Page 0 is reserved: vLLM's null block (block 0, also the workers' padding entry) maps to it in
 every layer and nothing is ever written there.
+
+Under pipeline parallelism each stage's layers live in that stage's memory, so a page can only
+ever serve a layer of its own stage: the pool is then one *stage* per pipeline stage, each with
+its own pages (ids ``[base, base + pages)`` of the stage, ``base`` reserved), its layers' home
+regions and its free count, and a layer whose region is used up borrows from its own stage only.
+A block needs a page in every layer of every stage, so the scarcest stage decides how many
+blocks fit. Workers address a stage's pages from 0 (``take_updates``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -25,36 +34,66 @@ RESERVED_PAGE = 0
 
 
 class PagePool:
-    """``num_pages`` pages shared by ``num_layers`` layers behind ``num_blocks`` block ids."""
+    """``num_pages`` pages shared by ``num_layers`` layers behind ``num_blocks`` block ids; a
+    sequence for each (one entry per pipeline stage, consecutive layers) splits them into
+    stages."""
 
-    def __init__(self, num_pages: int, num_layers: int, num_blocks: int) -> None:
-        if num_pages <= num_layers or num_layers < 1 or num_blocks < 2:
-            raise ValueError(f"need more pages than layers, 1 layer and 2 blocks, got "
-                             f"{num_pages}, {num_layers}, {num_blocks}")
-        self.num_pages = num_pages
-        self.num_layers = num_layers
+    def __init__(self, num_pages: int | Sequence[int], num_layers: int | Sequence[int],
+                 num_blocks: int) -> None:
+        stage_pages = np.atleast_1d(np.asarray(num_pages, dtype=np.int64))
+        stage_layers = np.atleast_1d(np.asarray(num_layers, dtype=np.int64))
+        if len(stage_pages) != len(stage_layers) or (stage_pages <= stage_layers).any() \
+                or (stage_layers < 1).any() or num_blocks < 2:
+            raise ValueError(f"need, per stage, more pages than layers and 1 layer, and 2 "
+                             f"blocks, got {num_pages}, {num_layers}, {num_blocks}")
+        self.num_pages = int(stage_pages.sum())
+        self.num_layers = int(stage_layers.sum())
+        self.stage_layers = stage_layers
+        self._stage_of_layer = np.repeat(np.arange(len(stage_layers)), stage_layers)
+        bases = np.concatenate([[0], np.cumsum(stage_pages)[:-1]])
+        # Per layer: the reserved page of its stage (what the null block holds there).
+        self.reserved = bases[self._stage_of_layer].astype(np.int32)
         # pages[block, layer]: the page holding that layer's tokens of the block, or NO_PAGE.
-        self.pages = np.full((num_blocks, num_layers), NO_PAGE, dtype=np.int32)
-        self.pages[0] = RESERVED_PAGE
-        # Region l holds pages [1 + l * size, 1 + (l + 1) * size); the last one the remainder.
-        self._region_size = (num_pages - 1) // num_layers
-        starts = 1 + self._region_size * np.arange(num_layers + 1)
-        starts[-1] = num_pages
-        capacity = int((starts[1:] - starts[:-1]).max())
+        self.pages = np.full((num_blocks, self.num_layers), NO_PAGE, dtype=np.int32)
+        self.pages[0] = self.reserved
+        # A stage's layer i owns pages [base + 1 + i * size, base + 1 + (i + 1) * size) of it,
+        # size = (stage pages - 1) // stage layers; its last layer the remainder.
+        starts, ends = [], []
+        for base, pages, layers in zip(bases, stage_pages, stage_layers, strict=True):
+            size = (pages - 1) // layers
+            first = base + 1 + size * np.arange(layers)
+            starts.append(first)
+            ends.append(np.append(first[1:], base + pages))
+        self._region_start = np.concatenate(starts)
+        self._region_end = np.concatenate(ends)
+        sizes = self._region_end - self._region_start
         # Free pages of region l as a stack: _free[l, :_top[l]], lowest ids on top.
-        self._free = np.zeros((num_layers, capacity), dtype=np.int32)
-        self._top = (starts[1:] - starts[:-1]).astype(np.int64)
-        for layer in range(num_layers):
-            self._free[layer, :self._top[layer]] = np.arange(starts[layer + 1] - 1,
-                                                             starts[layer] - 1, -1)
-        self.num_free_pages = num_pages - 1
-        self._layers = np.arange(num_layers)
+        self._free = np.zeros((self.num_layers, int(sizes.max())), dtype=np.int32)
+        self._top = sizes.astype(np.int64)
+        for layer in range(self.num_layers):
+            self._free[layer, :self._top[layer]] = np.arange(
+                self._region_end[layer] - 1, self._region_start[layer] - 1, -1)
+        self._stage_free = stage_pages - 1
+        self._layers = np.arange(self.num_layers)
+        self._stage_layer_lists = [np.flatnonzero(self._stage_of_layer == stage)
+                                   for stage in range(len(stage_layers))]
+        self._update_free_counts()
         # Rows (re)assigned since the last take_updates(): block id -> its pages then.
         self._updated: dict[int, None] = {}
 
+    def _update_free_counts(self) -> None:
+        # Read by the scheduler once per request and step: plain ints.
+        if len(self._stage_free) == 1:
+            self.num_free_pages = int(self._stage_free[0])
+            self.num_free_whole_blocks = self.num_free_pages // self.num_layers
+            return
+        self.num_free_pages = int(self._stage_free.sum())
+        # Blocks that can get a page in every layer: the scarcest stage decides.
+        self.num_free_whole_blocks = int((self._stage_free // self.stage_layers).min())
+
     @property
     def num_usable_pages(self) -> int:
-        return self.num_pages - 1
+        return self.num_pages - len(self.stage_layers)
 
     def free_pages(self) -> np.ndarray:
         """Every free page (for accounting checks)."""
@@ -71,9 +110,10 @@ class PagePool:
         if not block_ids:
             return
         n = len(block_ids)
-        if n * self.num_layers > self.num_free_pages:
-            raise RuntimeError(f"page pool exhausted: {n} blocks need {n * self.num_layers} "
-                               f"pages, {self.num_free_pages} are free")
+        if n > self.num_free_whole_blocks:
+            raise RuntimeError(f"page pool exhausted: {n} blocks need {n} pages in each of "
+                               f"{self.num_layers} layers, {self.num_free_pages} are free "
+                               f"({self._stage_free.tolist()} per stage)")
         ids = block_ids[0] if n == 1 else np.asarray(block_ids, dtype=np.int64)
         # One block: a scalar check (check_accounting verifies whole rows).
         assert (self.pages[ids, 0] == NO_PAGE if n == 1 else (self.pages[ids] == NO_PAGE).all()), (
@@ -97,7 +137,11 @@ class PagePool:
             self._top[layers] -= n
             for layer in np.flatnonzero(~own).tolist():
                 self.pages[rows, layer] = self._take(layer, n)
-        self.num_free_pages -= n * self.num_layers
+        if len(self._stage_free) == 1:
+            self._stage_free[0] -= n * self.num_layers
+        else:
+            self._stage_free -= n * self.stage_layers
+        self._update_free_counts()
         self._updated.update(dict.fromkeys(block_ids))
 
     def move(self, from_ids: list[int], to_ids: list[int]) -> None:
@@ -123,9 +167,10 @@ class PagePool:
 
     def _take(self, home: int, n: int) -> np.ndarray:
         """``n`` free pages for layer ``home``: what is left in its own region, then from the
-        fullest region."""
+        fullest region of its stage."""
         taken = []
         region = home
+        stage_regions = self._stage_layer_lists[self._stage_of_layer[home]]
         while n > 0:
             top = int(self._top[region])
             k = min(n, top)
@@ -133,7 +178,7 @@ class PagePool:
                 taken.append(self._free[region, top - k:top][::-1])
                 self._top[region] -= k
                 n -= k
-            region = int(np.argmax(self._top))
+            region = int(stage_regions[np.argmax(self._top[stage_regions])])
         return np.concatenate(taken)
 
     def release(self, block_id: int) -> int:
@@ -183,6 +228,8 @@ class PagePool:
         ids = np.fromiter(self._updated, dtype=np.int32, count=len(self._updated))
         self._updated = {}
         rows = self.pages[ids]  # a copy
+        if len(self.stage_layers) > 1:
+            rows -= self.reserved  # each stage's workers count its pages from 0
         # A block released again before the workers heard of it: point it at the reserved page
         # so that a worker never holds an out-of-range page id (NO_PAGE < RESERVED_PAGE).
         np.maximum(rows, RESERVED_PAGE, out=rows)
@@ -196,11 +243,17 @@ class PagePool:
         # Descending pages have descending regions: each region's pages are one run, highest
         # first, so the lowest id ends on top of its stack.
         pages = np.sort(pages)[::-1]
-        assert pages[-1] != RESERVED_PAGE, "the reserved page cannot be freed"
-        regions = np.minimum((pages - 1) // self._region_size, self.num_layers - 1)
+        regions = np.searchsorted(self._region_start, pages, side="right") - 1
+        assert regions[-1] >= 0 and (pages < self._region_end[regions]).all(), (
+            "a reserved page cannot be freed")
         counts = np.bincount(regions, minlength=self.num_layers)
         run_starts = len(pages) - np.cumsum(counts)  # where region r's run begins
         rank = np.arange(len(pages)) - run_starts[regions]
         self._free[regions, self._top[regions] + rank] = pages
         self._top += counts
-        self.num_free_pages += len(pages)
+        if len(self._stage_free) == 1:
+            self._stage_free[0] += len(pages)
+        else:
+            self._stage_free += np.bincount(self._stage_of_layer[regions],
+                                            minlength=len(self._stage_free))
+        self._update_free_counts()

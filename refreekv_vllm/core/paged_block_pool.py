@@ -60,9 +60,11 @@ class PagedBlockPool(BlockPool):
     _num_layers: int
 
     @classmethod
-    def adopt(cls, pool: BlockPool, num_pages: int, num_layers: int) -> PagedBlockPool:
+    def adopt(cls, pool: BlockPool, num_pages: int | Sequence[int],
+              num_layers: int | Sequence[int]) -> PagedBlockPool:
         """Turn vLLM's freshly built pool (every block free) into a paged one, in place: the
-        KV cache manager, its coordinator and managers keep their references."""
+        KV cache manager, its coordinator and managers keep their references. Sequences give
+        the pages and layers of each pipeline stage (:class:`PagePool`)."""
         if type(pool) is not BlockPool:
             raise TypeError(f"expected vLLM's BlockPool, got {type(pool).__name__}")
         if pool.free_block_queue.num_free_blocks != pool.num_gpu_blocks - 1:
@@ -73,7 +75,7 @@ class PagedBlockPool(BlockPool):
         pool._holding = {}
         pool._pruned_by = {}
         pool._count_blocks_only = False
-        pool._num_layers = num_layers
+        pool._num_layers = pool.page_pool.num_layers
         return pool
 
     @property
@@ -90,11 +92,11 @@ class PagedBlockPool(BlockPool):
                 if holding.pop(block.block_id, _ABSENT) is _ABSENT]
         if not need:
             return blocks
-        shortfall = len(need) * self._num_layers - self.page_pool.num_free_pages
+        shortfall = len(need) - self.page_pool.num_free_whole_blocks
         if shortfall > 0:
             # get_num_free_blocks counted the cached free blocks' pages as free: the oldest of
             # them (each holding a page in every layer) hand theirs straight to new blocks.
-            victims = list(itertools.islice(self._holding, -(-shortfall // self._num_layers)))
+            victims = list(itertools.islice(self._holding, shortfall))
             for block_id in victims:
                 del self._holding[block_id]
                 self._maybe_evict_cached_block(self.blocks[block_id])
@@ -140,8 +142,7 @@ class PagedBlockPool(BlockPool):
         num_free = self.free_block_queue.num_free_blocks
         if self._count_blocks_only:
             return num_free
-        return min(num_free, self.page_pool.num_free_pages // self._num_layers
-                   + len(self._holding))
+        return min(num_free, self.page_pool.num_free_whole_blocks + len(self._holding))
 
     def get_usage(self) -> float:
         free = self.page_pool.num_free_pages + self.num_layers * len(self._holding)

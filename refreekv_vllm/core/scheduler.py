@@ -27,7 +27,7 @@ from vllm.v1.request import Request, RequestStatus
 from refreekv_vllm import envs
 from refreekv_vllm.config import RefreeKVConfig, RequestSettings, pruning_settings
 from refreekv_vllm.core.cut_state import CutState, CutStats, SkipReason
-from refreekv_vllm.core.kv_cache_layout import num_pages
+from refreekv_vllm.core.kv_cache_layout import stage_layers, stage_pages
 from refreekv_vllm.core.paged_block_pool import PagedBlockPool
 from refreekv_vllm.core.prefix_hits import capped_hit_tokens, trim_hit
 from refreekv_vllm.core.support import check_supported
@@ -66,8 +66,8 @@ class RefreeKVSchedulerMixin(_SchedulerBase):
         self._refreekv_pool: PagedBlockPool | None = None
         if enabled:
             self._refreekv_pool = PagedBlockPool.adopt(
-                self.kv_cache_manager.block_pool, num_pages(kv_cache_config),
-                self._refreekv_num_layers)
+                self.kv_cache_manager.block_pool, stage_pages(kv_cache_config),
+                stage_layers(kv_cache_config))
             self._cap_cache_blocks()
             self._cap_prefix_hits()
             self._unprune_before_free()

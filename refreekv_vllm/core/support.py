@@ -35,8 +35,6 @@ def _config_problems(vllm_config: VllmConfig) -> list[str]:
         problems.append(
             "speculative decoding (--speculative-config): drafters compute their own "
             "positions and slots from the block tables; remove the option")
-    if parallel.pipeline_parallel_size > 1:
-        problems.append("--pipeline-parallel-size > 1: use 1")
     if parallel.decode_context_parallel_size > 1:
         problems.append("--decode-context-parallel-size > 1: use 1")
     if parallel.prefill_context_parallel_size > 1:

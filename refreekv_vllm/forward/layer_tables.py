@@ -9,7 +9,10 @@ the first layer's KV write and hands every layer its own view.
 
 Gap rows follow vLLM's persistent batch: the worker's block table
 (``worker/block_table.py``) repeats every row edit vLLM makes (add, clear, move, swap) on them
-and uploads them with the block table when they changed.
+and uploads them with the block table when they changed. A request's gaps are also kept by
+request id for its life: vLLM takes a request that is not scheduled in a step out of the
+persistent batch and adds it back, in a fresh row, when it is scheduled again (under pipeline
+parallelism every other step), and that row must skip the same gaps.
 """
 
 from __future__ import annotations
@@ -30,10 +33,14 @@ class LayerTables:
     def __init__(self, kv_cache_config: KVCacheConfig, *, max_reqs: int, max_blocks: int,
                  max_tokens: int, device: torch.device, pin_memory: bool) -> None:
         (group,) = kv_cache_config.kv_cache_groups
+        # Model layer index of each attention layer of this worker (a pipeline stage holds
+        # consecutive layers; buffers are indexed from its first).
         self.layer_of = {name: extract_layer_index(name) for name in group.layer_names}
         num_layers = len(self.layer_of)
-        if sorted(self.layer_of.values()) != list(range(num_layers)):
-            raise ValueError(f"layers {sorted(self.layer_of.values())} are not 0..{num_layers - 1}")
+        first = min(self.layer_of.values())
+        self.layers = range(first, first + num_layers)
+        if sorted(self.layer_of.values()) != list(self.layers):
+            raise ValueError(f"layers {sorted(self.layer_of.values())} are not consecutive")
         # The first layer's KV write of a step computes every layer's view.
         self.first_layer_name = min(self.layer_of, key=self.layer_of.__getitem__)
         self.num_layers = num_layers
@@ -48,6 +55,8 @@ class LayerTables:
         self.gaps = (self._gaps_cpu if device.type == "cpu"
                      else torch.zeros_like(self._gaps_cpu, device=device))
         self._gaps_changed = True
+        self._request_gaps: dict[str, np.ndarray] = {}
+        self._rows_added: set[int] = set()
         self.tables = torch.zeros((num_layers, max_reqs, max_blocks), dtype=torch.int32,
                                   device=device)
         self.seq_lens = torch.zeros((num_layers, max_reqs), dtype=torch.int32, device=device)
@@ -61,9 +70,13 @@ class LayerTables:
     # Pages (scheduler -> worker).
 
     def apply_page_rows(self, page_rows: tuple[np.ndarray, np.ndarray] | None) -> None:
+        """``page_rows``: block ids and their pages in every layer of the model (a pipeline
+        stage takes its own layers' columns)."""
         if page_rows is None:
             return
         block_ids, pages = page_rows
+        if pages.shape[1] != self.num_layers:
+            pages = pages[:, self.layers.start:self.layers.stop]
         n = len(block_ids)
         if self.device.type == "cpu":
             ids = torch.from_numpy(np.ascontiguousarray(block_ids, dtype=np.int64))
@@ -95,10 +108,34 @@ class LayerTables:
 
     # Gap rows, in step with vLLM's persistent batch.
 
-    def set_gaps(self, row: int, gaps: np.ndarray) -> None:
-        """``gaps``: ``[num_layers, 2]`` first and end block of each layer's gap."""
-        self.gaps_np[row] = gaps
-        self._gaps_changed = True
+    def set_gaps(self, req_id: str, row: int | None, gaps: np.ndarray) -> None:
+        """From now on request ``req_id`` skips ``gaps`` (``[num_layers, 2]``: first and end
+        block of each layer's gap), in batch row ``row`` (None: not in the batch now)."""
+        self._request_gaps[req_id] = gaps
+        if row is not None:
+            self.gaps_np[row] = gaps
+            self._gaps_changed = True
+
+    def forget(self, req_id: str) -> None:
+        """The request finished or its KV is gone (preempted)."""
+        self._request_gaps.pop(req_id, None)
+
+    def restore_gaps(self, req_ids: list[str | None]) -> None:
+        """After vLLM updated its persistent batch (``req_ids``: the request of each row):
+        requests added back get their gaps again."""
+        if not self._rows_added:
+            return
+        for row in self._rows_added:
+            req_id = req_ids[row] if row < len(req_ids) else None
+            gaps = None if req_id is None else self._request_gaps.get(req_id)
+            if gaps is not None:
+                self.gaps_np[row] = gaps
+                self._gaps_changed = True
+        self._rows_added.clear()
+
+    def add_row(self, row: int) -> None:
+        self.clear_row(row)
+        self._rows_added.add(row)
 
     def clear_row(self, row: int) -> None:
         if self.gaps_np[row].any():
@@ -108,10 +145,15 @@ class LayerTables:
     def move_row(self, src: int, tgt: int) -> None:
         self.gaps_np[tgt] = self.gaps_np[src]
         self._gaps_changed = True
+        if self._rows_added and src in self._rows_added:
+            self._rows_added.discard(src)
+            self._rows_added.add(tgt)
 
     def swap_row(self, a: int, b: int) -> None:
         self.gaps_np[[a, b]] = self.gaps_np[[b, a]]
         self._gaps_changed = True
+        if self._rows_added and (a in self._rows_added) != (b in self._rows_added):
+            self._rows_added.symmetric_difference_update((a, b))
 
     def upload_gaps(self, num_reqs: int) -> None:
         if self.gaps is self._gaps_cpu:
@@ -139,13 +181,17 @@ class LayerTables:
     # tensor costs microseconds of host time, so the views of each size are made once.
 
     def table(self, layer: int, num_reqs: int) -> torch.Tensor:
-        return self._views(self.tables, num_reqs)[layer]
+        return self._views(self.tables, num_reqs)[layer - self.layers.start]
 
     def layer_seq_lens(self, layer: int, num_reqs: int) -> torch.Tensor:
-        return self._views(self.seq_lens, num_reqs)[layer]
+        return self._views(self.seq_lens, num_reqs)[layer - self.layers.start]
 
     def layer_slots(self, layer: int, num_tokens: int) -> torch.Tensor:
-        return self._views(self.slots, num_tokens)[layer]
+        return self._views(self.slots, num_tokens)[layer - self.layers.start]
+
+    def layer_rows(self, layers: list[int]) -> list[int]:
+        """Rows of ``tables`` (and the other per-layer buffers) of model layers ``layers``."""
+        return [layer - self.layers.start for layer in layers]
 
     def _views(self, buffer: torch.Tensor, n: int) -> list[torch.Tensor]:
         key = (id(buffer), n)

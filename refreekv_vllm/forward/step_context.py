@@ -87,11 +87,12 @@ class StepContext:
                                    else host.pin_memory().to(device, non_blocking=True))
         return self._capture_index
 
-    def query_rows(self, layer: int, num_layers: int, query: torch.Tensor) -> torch.Tensor:
-        """``[n, Hq, D]`` slot of ``layer`` in ``captured_queries`` (``query``: a layer's
-        ``[num_tokens, Hq, D]`` queries, for shape, dtype and device)."""
+    def query_rows(self, layer: int, layers: range, query: torch.Tensor) -> torch.Tensor:
+        """``[n, Hq, D]`` slot of ``layer`` (one of this worker's ``layers``) in
+        ``captured_queries`` (``query``: a layer's ``[num_tokens, Hq, D]`` queries, for shape,
+        dtype and device)."""
         if self.captured_queries is None:
-            self.scored_layers = self.config.scored_layers(num_layers)
+            self.scored_layers = self.config.scored_layers(layers)
             self._slot_of_layer = {layer: i for i, layer in enumerate(self.scored_layers)}
             n = sum(len(c.token_indices) for c in self.captures)
             self.captured_queries = query.new_empty((len(self.scored_layers), n,

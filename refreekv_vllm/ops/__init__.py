@@ -16,7 +16,10 @@ import torch
 
 from refreekv_vllm.policy.reference import (
     AGGREGATIONS,
+    HEAD_AGGREGATIONS,
     cut_from_head_norm_sum,
+    head_cut_positions,
+    head_drops,
     head_norm_sum,
     window_probs,
 )
@@ -70,10 +73,12 @@ def gather_request_keys(
 class HeadReduction:
     """How ranks that each hold ``1 / world_size`` of the query heads (tensor parallelism)
     combine their heads' part of the rule: ``all_reduce`` sums a tensor over the ranks, in place
-    or not, and returns the sum; ``broadcast`` hands rank 0's tensor to every rank."""
+    or not, and returns the sum; ``broadcast`` hands rank 0's tensor to every rank;
+    ``all_gather`` concatenates every rank's tensor along dim 0, in rank order."""
     world_size: int
     all_reduce: Callable[[torch.Tensor], torch.Tensor]
     broadcast: Callable[[torch.Tensor], torch.Tensor]
+    all_gather: Callable[[torch.Tensor], torch.Tensor]
 
 
 def torch_compute_cuts(
@@ -87,6 +92,7 @@ def torch_compute_cuts(
     num_sink_tokens: int = 4,
     scale: float | None = None,
     agg: str = "max",
+    head_agg: str = "mean",
     curve_out: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     compute_dtype: torch.dtype = torch.float32,
@@ -95,7 +101,8 @@ def torch_compute_cuts(
     """``compute_cuts`` by gathering keys and running the reference per request (host sync).
 
     With ``head_reduction`` (tensor parallelism) every request's heads' part of the rule goes
-    through one all-reduce of ``sum(n - m)`` fp32 values per call, and rank 0's cuts are
+    through one all-reduce of ``sum(n - m)`` fp32 values per call (``head_agg = "max"``: an
+    all-gather of one int64 per request, each rank's smallest ``j*_h``), and rank 0's cuts are
     broadcast, so that every rank applies the same cuts."""
     r, w_max = query.shape[:2]
     if out is None:
@@ -103,14 +110,48 @@ def torch_compute_cuts(
     lens = prompt_lens.tolist()
     wins = window_lens.tolist()
     thrs = thresholds.tolist()
-    norm_sums = []
+    probs_of = []
     for i in range(r):
         w = max(1, min(int(wins[i]), w_max))
         keys = gather_request_keys(key_cache, block_tables[i], int(lens[i]))
-        probs = window_probs(query[i, w_max - w :].to(compute_dtype), keys.to(compute_dtype),
-                             scale=scale, agg=agg)
-        norm_sums.append(head_norm_sum(probs, num_sink_tokens=num_sink_tokens))
-    num_heads = query.shape[2]
+        probs_of.append(window_probs(query[i, w_max - w :].to(compute_dtype),
+                                     keys.to(compute_dtype), scale=scale, agg=agg))
+    if head_agg == "max":
+        result = _every_head_cuts(probs_of, thrs, num_sink_tokens, curve_out, head_reduction)
+    else:
+        result = _mean_head_cuts(probs_of, thrs, num_sink_tokens, curve_out, head_reduction,
+                                 query.shape[2])
+    result = result.to(device=query.device, dtype=torch.int32)
+    if head_reduction is not None:
+        # Sums over ranks can differ in their last bits from rank to rank: one rank decides.
+        result = head_reduction.broadcast(result)
+    out.copy_(result)
+    return out
+
+
+def _every_head_cuts(probs_of: list[torch.Tensor], thresholds: list[float], m: int,
+                     curve_out: torch.Tensor | None,
+                     head_reduction: HeadReduction | None) -> torch.Tensor:
+    """``head_agg = "max"``: ``m + min_h j*_h`` per request, the minimum over every rank's
+    heads."""
+    j_stars = torch.stack([
+        head_cut_positions(probs, num_sink_tokens=m, threshold=float(threshold)).min()
+        for probs, threshold in zip(probs_of, thresholds, strict=True)]).cpu()
+    if head_reduction is not None:
+        gathered = head_reduction.all_gather(j_stars.to(probs_of[0].device))
+        j_stars = gathered.reshape(head_reduction.world_size, -1).amin(dim=0).cpu()
+    if curve_out is not None:
+        for i, probs in enumerate(probs_of):
+            drops = head_drops(probs, num_sink_tokens=m)
+            curve_out[i, : drops.numel()] = drops.to(curve_out.dtype)
+    return j_stars + m
+
+
+def _mean_head_cuts(probs_of: list[torch.Tensor], thresholds: list[float], m: int,
+                    curve_out: torch.Tensor | None, head_reduction: HeadReduction | None,
+                    num_heads: int) -> torch.Tensor:
+    """The paper's ``head_agg = "mean"``: one all-reduce of the heads' norm sums under TP."""
+    norm_sums = [head_norm_sum(probs, num_sink_tokens=m) for probs in probs_of]
     if head_reduction is not None:
         sizes = [x.numel() for x in norm_sums]
         total = head_reduction.all_reduce(torch.cat(norm_sums).contiguous())
@@ -118,18 +159,12 @@ def torch_compute_cuts(
         num_heads *= head_reduction.world_size
     cuts = []
     for i, norm_sum in enumerate(norm_sums):
-        cut, ratio = cut_from_head_norm_sum(norm_sum, num_heads,
-                                            num_sink_tokens=num_sink_tokens,
-                                            threshold=float(thrs[i]))
+        cut, ratio = cut_from_head_norm_sum(norm_sum, num_heads, num_sink_tokens=m,
+                                            threshold=float(thresholds[i]))
         cuts.append(cut)
         if curve_out is not None and ratio.numel():
             curve_out[i, : ratio.numel()] = ratio.to(curve_out.dtype)
-    result = torch.tensor(cuts, dtype=torch.int32, device=query.device)
-    if head_reduction is not None:
-        # Sums over ranks can differ in their last bits from rank to rank: one rank decides.
-        result = head_reduction.broadcast(result)
-    out.copy_(result)
-    return out
+    return torch.tensor(cuts, dtype=torch.int64)
 
 
 def required_workspace_numel(
@@ -176,6 +211,7 @@ def compute_cuts(
     num_sink_tokens: int = 4,
     scale: float | None = None,
     agg: str = "max",
+    head_agg: str = "mean",
     backend: str = "triton",
     curve_out: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
@@ -201,6 +237,8 @@ def compute_cuts(
         num_sink_tokens: m, always kept and excluded from the norms.
         scale: softmax scale, default ``head_size ** -0.5``.
         agg: ``"max"`` or ``"mean"`` over window rows.
+        head_agg: ``"mean"`` (the paper's mean of head norms) or ``"max"`` (every head keeps
+            its own norm within T; ``torch`` backend only).
         backend: ``"triton"``, ``"cuda"`` (JIT-built ``torch.ops._refreekv_C``) or ``"torch"``.
         curve_out: optional ``[R, L]`` fp32, ``L >= max n - m``; receives ``ratio(j)``.
         out: optional ``[R]`` int32 result buffer.
@@ -222,12 +260,17 @@ def compute_cuts(
     """
     if agg not in AGGREGATIONS:
         raise ValueError(f"agg must be one of {AGGREGATIONS}, got {agg!r}")
+    if head_agg not in HEAD_AGGREGATIONS:
+        raise ValueError(f"head_agg must be one of {HEAD_AGGREGATIONS}, got {head_agg!r}")
     if backend == "torch":
         return torch_compute_cuts(
             query, key_cache, block_tables, prompt_lens, window_lens, thresholds,
-            num_sink_tokens=num_sink_tokens, scale=scale, agg=agg, curve_out=curve_out, out=out,
-            head_reduction=head_reduction,
+            num_sink_tokens=num_sink_tokens, scale=scale, agg=agg, head_agg=head_agg,
+            curve_out=curve_out, out=out, head_reduction=head_reduction,
         )  # fmt: skip
+    if head_agg != "mean":
+        raise ValueError(f"the {backend} backend combines heads by their mean; head_agg "
+                         f"{head_agg!r} needs the torch backend")
     if head_reduction is not None:
         raise ValueError(f"the {backend} backend scores all heads on one rank; tensor "
                          "parallelism needs the torch backend")

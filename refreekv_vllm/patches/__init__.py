@@ -106,6 +106,10 @@ HOOKS: tuple[Hook, ...] = (
     _hook("vllm.v1.engine.core:get_kv_cache_configs", WRAP, "refreekv_vllm.core.kv_cache_layout",
           "one KV cache tensor of per-layer pages instead of one tensor per layer",
           "vllm_config", "kv_cache_specs", "available_memory"),
+    _hook("vllm.v1.engine.core:generate_scheduler_kv_cache_config", WRAP,
+          "refreekv_vllm.core.kv_cache_layout",
+          "under pipeline parallelism the scheduler's pool needs every stage's pages, not the "
+          "first worker's", "kv_cache_configs"),
     _hook("vllm.v1.engine.core:get_kv_cache_capacity", WRAP,
           "refreekv_vllm.core.kv_cache_layout",
           "the capacity the server reports counts whole blocks of pages, not block ids",
@@ -146,6 +150,12 @@ HOOKS: tuple[Hook, ...] = (
           "self", "logits", "spec_decode_metadata"),
     _hook(_RUNNER + "_bookkeeping_sync", OVERRIDE, _MODEL_RUNNER,
           "vLLM's own rewind skips those generators", "self", "scheduler_output"),
+    _hook(_RUNNER + "execute_model", OVERRIDE, _MODEL_RUNNER,
+          "a pipeline stage before the last sends its cut parts on in the intermediate "
+          "tensors", "self", "scheduler_output", "intermediate_tensors"),
+    _hook(_RUNNER + "sync_and_gather_intermediate_tensors", OVERRIDE, _MODEL_RUNNER,
+          "a later pipeline stage takes the earlier stages' cut parts out of what they sent "
+          "before the model sees it", "self", "num_tokens", "intermediate_tensors", "sync_self"),
     _hook(_RUNNER + "sample_tokens", OVERRIDE, _MODEL_RUNNER,
           "queue the step's cuts and attach the cut reports", "self", "grammar_output"),
     _hook("vllm.v1.worker.block_table:MultiGroupBlockTable", CLASS_SWAP, _BLOCK_TABLE,

@@ -30,19 +30,21 @@ class CutPolicy(ABC):
     def describe(self) -> dict[str, Any]:
         """The policy's settings for a request's record (every policy's keys, None if unused)."""
         return {"policy": self.name, "threshold": None, "window": None, "window_agg": None,
-                "budget": None}
+                "head_agg": None, "budget": None}
 
 
 @dataclass(frozen=True)
 class ThresholdPolicy(CutPolicy):
     """ReFreeKV: the shortest recent suffix whose attention norm stays within ``threshold`` of
-    the full one, scored on the last ``window`` prompt rows combined by ``window_agg`` (the
-    paper's rule is ``window=1``)."""
+    the full one, scored on the last ``window`` prompt rows combined by ``window_agg``, the
+    heads by ``head_agg`` (``"mean"`` of their norms, or ``"max"``: every head's own norm). The
+    paper's rule is ``window=1``, ``head_agg="mean"``."""
 
     name: ClassVar[str] = "threshold"
     threshold: float
     window: int
     window_agg: str
+    head_agg: str = "mean"
 
     @property
     def prunes(self) -> bool:
@@ -53,7 +55,7 @@ class ThresholdPolicy(CutPolicy):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "threshold": self.threshold, "window": self.window,
-                "window_agg": self.window_agg}
+                "window_agg": self.window_agg, "head_agg": self.head_agg}
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,11 @@ tensors for tests, float32 (the ``torch`` kernel backend) in production. One lay
    ``K(j) = mean_h sqrt(tail_h[j])``, ``ratio(j) = (K(0) - K(j)) / K(0)``.
 4. ``j* = max{j in [0, n - m - 1] : K(0) - K(j) <= T * K(0)}``, ``cut = m + j*``.
 
+Heads combine by the mean of their norms (step 3, the paper's ``head_agg = "mean"``) or, with
+``head_agg = "max"``, every head must keep its own norm: ``j*_h = max{j : N_h(0) - N_h(j) <=
+T * N_h(0)}`` with ``N_h(j) = sqrt(tail_h[j])``, and ``j* = min_h j*_h`` (the largest relative
+drop over heads stays within T; a head with no mass outside the sinks allows any j).
+
 Two rules pin the edges: ``n <= m + 1`` keeps everything (cut = m), and ``T <= 0`` keeps everything
 too. The literal rule at T = 0 would still drop the oldest candidates whose squared mass vanishes
 in floating point (ratio exactly 0 because adding them does not change the tail sum), which breaks
@@ -26,6 +31,7 @@ from collections.abc import Sequence
 import torch
 
 AGGREGATIONS = ("max", "mean")
+HEAD_AGGREGATIONS = ("mean", "max")
 
 
 def _check_agg(agg: str) -> None:
@@ -116,21 +122,55 @@ def cut_from_head_norm_sum(
     return m + j_star, ratio
 
 
+def head_cut_positions(probs: torch.Tensor, *, num_sink_tokens: int = 4,
+                       threshold: float = 0.01) -> torch.Tensor:
+    """``j*_h`` of every head (``head_agg = "max"``): ``[num_q_heads]`` int64, the largest ``j``
+    at which the head's own norm dropped by at most ``T`` of its baseline (0 when nothing can
+    be pruned). Ranks holding some of the heads each take the minimum over theirs; the layer's
+    ``j*`` is the minimum over all heads."""
+    sq = probs[:, num_sink_tokens:].square()  # [Hq, n - m]
+    num_heads, candidates = sq.shape
+    if candidates <= 1 or threshold <= 0:
+        return torch.zeros(num_heads, dtype=torch.int64, device=probs.device)
+    norms = sq.flip(-1).cumsum(-1).flip(-1).sqrt()  # N_h(j), non-increasing in j
+    base = norms[:, :1]
+    ok = (base - norms) <= threshold * base  # always true at j = 0
+    index = torch.arange(candidates, device=probs.device)
+    return torch.where(ok, index, -1).amax(dim=1)
+
+
+def head_drops(probs: torch.Tensor, *, num_sink_tokens: int = 4) -> torch.Tensor:
+    """``max_h (N_h(0) - N_h(j)) / N_h(0)`` for ``j = 0 .. n - m - 1`` (0 for a head without
+    mass outside the sinks): the ``ratio`` curve of ``head_agg = "max"``."""
+    norms = probs[:, num_sink_tokens:].square().flip(-1).cumsum(-1).flip(-1).sqrt()
+    base = norms[:, :1]
+    drops = torch.where(base > 0, (base - norms) / torch.where(base > 0, base, 1.0), 0.0)
+    return drops.amax(dim=0)
+
+
 def cut_from_probs(
     probs: torch.Tensor,
     *,
     num_sink_tokens: int = 4,
     threshold: float = 0.01,
+    head_agg: str = "mean",
 ) -> tuple[int, torch.Tensor]:
     """Cut of one layer from already aggregated attention rows.
 
     Args:
         probs: ``[num_q_heads, n]`` per-head attention mass per prompt position.
+        head_agg: ``"mean"`` (the paper's mean of head norms) or ``"max"`` (every head).
 
     Returns:
         ``(cut, ratio)`` with ``ratio`` of shape ``[max(n - num_sink_tokens, 0)]``, see
-        :func:`cut_from_head_norm_sum`.
+        :func:`cut_from_head_norm_sum` (and :func:`head_drops` for ``"max"``).
     """
+    if head_agg not in HEAD_AGGREGATIONS:
+        raise ValueError(f"head_agg must be one of {HEAD_AGGREGATIONS}, got {head_agg!r}")
+    if head_agg == "max":
+        j_star = head_cut_positions(probs, num_sink_tokens=num_sink_tokens,
+                                    threshold=threshold).min()
+        return num_sink_tokens + int(j_star), head_drops(probs, num_sink_tokens=num_sink_tokens)
     return cut_from_head_norm_sum(head_norm_sum(probs, num_sink_tokens=num_sink_tokens),
                                   probs.shape[0], num_sink_tokens=num_sink_tokens,
                                   threshold=threshold)
@@ -144,6 +184,7 @@ def layer_cut(
     threshold: float = 0.01,
     scale: float | None = None,
     agg: str = "max",
+    head_agg: str = "mean",
 ) -> tuple[int, torch.Tensor]:
     """Cut of one layer of one request (docs/method.md §2, plus the window).
 
@@ -158,7 +199,8 @@ def layer_cut(
         ``[max(n - num_sink_tokens, 0)]``, see :func:`cut_from_probs`.
     """
     probs = window_probs(query, keys, scale=scale, agg=agg)
-    return cut_from_probs(probs, num_sink_tokens=num_sink_tokens, threshold=threshold)
+    return cut_from_probs(probs, num_sink_tokens=num_sink_tokens, threshold=threshold,
+                          head_agg=head_agg)
 
 
 def request_cuts(
@@ -169,6 +211,7 @@ def request_cuts(
     threshold: float = 0.01,
     scale: float | None = None,
     agg: str = "max",
+    head_agg: str = "mean",
 ) -> list[int]:
     """Cuts of every layer of one request; frozen layers keep everything (cut = m).
 
@@ -186,6 +229,7 @@ def request_cuts(
             threshold=threshold,
             scale=scale,
             agg=agg,
+            head_agg=head_agg,
         )[0]
         for layer, (q, k) in enumerate(per_layer)
     ]

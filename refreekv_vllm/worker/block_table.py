@@ -25,7 +25,7 @@ class GapMirroringBlockTable(MultiGroupBlockTable):
 
     def add_row(self, block_ids: tuple[list[int], ...], row_idx: int) -> None:
         super().add_row(block_ids, row_idx)
-        self.layer_tables.clear_row(row_idx)
+        self.layer_tables.add_row(row_idx)
 
     def clear_row(self, row_idx: int) -> None:
         super().clear_row(row_idx)

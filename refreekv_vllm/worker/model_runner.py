@@ -6,7 +6,9 @@ has finished (no stall of the host). The first step that starts after that commi
 it on, each layer's attention skips the whole blocks of the request's gap in that layer
 (``forward/layer_tables.py``), and the cut report rides on that step's ``ModelRunnerOutput`` so
 that the scheduler gives the gap's pages back. Slot mappings and RoPE positions stay logical:
-new tokens are written after the prompt, never into a gap.
+new tokens are written after the prompt, never into a gap. Under pipeline parallelism each
+stage does this for its own layers and the last stage reports a request once every stage's part
+reached it (``worker/cut_parts.py``).
 """
 
 from collections import deque
@@ -15,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from vllm.distributed import get_pp_group
+from vllm.sequence import IntermediateTensors
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
 
 from refreekv_vllm.config import RefreeKVConfig, RequestSettings, pruning_settings
@@ -30,9 +34,17 @@ from refreekv_vllm.forward.step_context import (
 )
 from refreekv_vllm.metrics.prometheus import WorkerMetrics, engine_index
 from refreekv_vllm.ops import HeadReduction
-from refreekv_vllm.outputs import PAGE_ROWS_ATTR, CutReport, attach_cut_reports
+from refreekv_vllm.outputs import (
+    PAGE_ROWS_ATTR,
+    CutPart,
+    CutReport,
+    attach_cut_parts,
+    attach_cut_reports,
+    take_cut_parts,
+)
 from refreekv_vllm.policy.budget import freeable_block_range, paper_budget, resident_budget
 from refreekv_vllm.worker.block_table import GapMirroringBlockTable
+from refreekv_vllm.worker.cut_parts import CutAssembly
 
 RECORDS_KEPT = 1024  # per-request records served by GET /v1/refreekv/requests/{id}
 
@@ -65,7 +77,7 @@ class RefreeKVModelRunnerMixin(_RunnerBase):
     _refreekv_kernel: str
     _refreekv_heads: HeadReduction | None
     _refreekv_pending: list[_PendingCuts]
-    _refreekv_reports: dict[str, CutReport]
+    _refreekv_assembly: CutAssembly
 
     def init_refreekv(self, config: RefreeKVConfig) -> None:
         self.refreekv_config = config
@@ -77,7 +89,8 @@ class RefreeKVModelRunnerMixin(_RunnerBase):
             config.kernel, self.device,
             tensor_parallel=self._refreekv_heads is not None)
         self._refreekv_pending = []
-        self._refreekv_reports = {}
+        self._refreekv_assembly = CutAssembly(self.model_config.get_total_num_hidden_layers(),
+                                              sends_on=not get_pp_group().is_last_rank)
         self._refreekv_metrics = WorkerMetrics(self.model_config.served_model_name,
                                                engine_index(self.vllm_config))
         self.refreekv_records: deque[dict[str, Any]] = deque(maxlen=RECORDS_KEPT)
@@ -130,15 +143,35 @@ class RefreeKVModelRunnerMixin(_RunnerBase):
         result = super()._update_states(scheduler_output)
         tables = self._refreekv_tables
         if tables is not None:
+            tables.restore_gaps(self.input_batch.req_ids)
             tables.apply_page_rows(getattr(scheduler_output, PAGE_ROWS_ATTR, None))
         self._commit_finished_scoring()
         return result
 
     def _forget(self, req_id: str) -> None:
+        if self._refreekv_tables is not None:
+            self._refreekv_tables.forget(req_id)
         window_store.drop(req_id)
         for pending in self._refreekv_pending:
             pending.step.scoring = [row for row in pending.step.scoring if row.req_id != req_id]
-        self._refreekv_reports.pop(req_id, None)
+        self._refreekv_assembly.forget(req_id)
+
+    def execute_model(self, scheduler_output: Any,
+                      intermediate_tensors: IntermediateTensors | None = None) -> Any:
+        output = super().execute_model(scheduler_output, intermediate_tensors)
+        if isinstance(output, IntermediateTensors):  # a pipeline stage before the last
+            attach_cut_parts(output.tensors, self._refreekv_assembly.take_outgoing())
+        return output
+
+    def sync_and_gather_intermediate_tensors(
+            self, num_tokens: int, intermediate_tensors: IntermediateTensors | None,
+            sync_self: bool) -> IntermediateTensors:
+        # A later pipeline stage: the earlier stages' cut parts ride on what they sent.
+        if sync_self and intermediate_tensors is not None:
+            for part in take_cut_parts(intermediate_tensors.tensors):
+                self._refreekv_assembly.add(part)
+        return super().sync_and_gather_intermediate_tensors(num_tokens, intermediate_tensors,
+                                                            sync_self)
 
     def _prepare_inputs(self, scheduler_output: Any, num_scheduled_tokens: np.ndarray):
         result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
@@ -242,11 +275,10 @@ class RefreeKVModelRunnerMixin(_RunnerBase):
         set_step_context(None)
         if step is not None and step.scoring:
             self._refreekv_pending.append(self._cuts_to_host(step))
-        if self._refreekv_reports:
+        reports = self._take_cut_reports()
+        if reports:
             # Under async scheduling the ModelRunnerOutput sits inside vLLM's async wrapper.
-            attach_cut_reports(getattr(output, "_model_runner_output", output),
-                               self._refreekv_reports)
-            self._refreekv_reports = {}
+            attach_cut_reports(getattr(output, "_model_runner_output", output), reports)
         return output
 
     def _cuts_to_host(self, step: StepContext) -> _PendingCuts:
@@ -276,40 +308,45 @@ class RefreeKVModelRunnerMixin(_RunnerBase):
                 continue
             if pending.ready is not None:
                 pending.ready.synchronize()
-            self._refreekv_reports.update(self._commit_cuts(pending))
+            self._commit_cuts(pending)
         self._refreekv_pending = waiting
 
-    def _commit_cuts(self, pending: _PendingCuts) -> dict[str, CutReport]:
+    def _commit_cuts(self, pending: _PendingCuts) -> None:
+        """From this step on, skip the gaps of this worker's layers; file the cuts as parts of
+        the requests' reports."""
         step = pending.step
-        config = self.refreekv_config
+        m = self.refreekv_config.num_sink_tokens
         block_size = self.cache_config.block_size
-        num_layers = self.model_config.get_num_layers(self.parallel_config)
         cuts_by_request = step.cuts_by_request(
             None if pending.cuts is None else pending.cuts.tolist())
         tables = self._refreekv_tables
-        reports: dict[str, CutReport] = {}
+        assert tables is not None, "requests are scored only once the paged KV cache exists"
+        layers = tables.layers
         for row in step.scoring:
             window_store.drop(row.req_id)
             if row.fixed_cut is not None:
                 # A cut known without scoring (the fixed budget) holds for every layer, frozen
                 # ones included, so that its budget is the one it is named after.
-                cuts = (row.fixed_cut,) * num_layers
+                cuts = (row.fixed_cut,) * len(layers)
             else:
                 layer_cuts = cuts_by_request.get(row.req_id, {})
-                cuts = tuple(layer_cuts.get(layer, config.num_sink_tokens)
-                             for layer in range(num_layers))
-            gaps = np.zeros((num_layers, 2), dtype=np.int32)
-            for layer, cut in enumerate(cuts):
-                blocks = freeable_block_range(cut, config.num_sink_tokens, block_size)
-                if len(blocks):
-                    gaps[layer] = (blocks.start, blocks.stop)
-            batch_row = self.input_batch.req_id_to_index.get(row.req_id)
-            if tables is not None and batch_row is not None and gaps.any():
-                tables.set_gaps(batch_row, gaps)
-            self.refreekv_records.append(request_record(row, cuts, gaps, config, block_size))
-            reports[row.req_id] = CutReport(
-                req_id=row.req_id, num_prompt_tokens=row.num_prompt_tokens,
-                num_sink_tokens=config.num_sink_tokens, cuts=cuts)
+                cuts = tuple(layer_cuts.get(layer, m) for layer in layers)
+            gaps = gap_blocks(cuts, m, block_size)
+            if gaps.any():
+                tables.set_gaps(row.req_id, self.input_batch.req_id_to_index.get(row.req_id),
+                                gaps)
+            self._refreekv_assembly.add(CutPart(row.req_id, layers.start, cuts), row)
+
+    def _take_cut_reports(self) -> dict[str, CutReport]:
+        """Reports (and endpoint records) of the requests whose every layer's cut is known."""
+        m = self.refreekv_config.num_sink_tokens
+        block_size = self.cache_config.block_size
+        reports: dict[str, CutReport] = {}
+        for req_id, (row, cuts) in self._refreekv_assembly.take_complete().items():
+            self.refreekv_records.append(request_record(
+                row, cuts, gap_blocks(cuts, m, block_size), self.refreekv_config, block_size))
+            reports[req_id] = CutReport(req_id=req_id, num_prompt_tokens=row.num_prompt_tokens,
+                                        num_sink_tokens=m, cuts=cuts)
         return reports
 
 
@@ -329,14 +366,15 @@ def resolve_kernel(kernel: str, device: Any, tensor_parallel: bool = False) -> s
 
 
 def tensor_parallel_heads() -> HeadReduction | None:
-    """The tensor-parallel group's sum and broadcast, when heads are split over ranks."""
+    """The tensor-parallel group's collectives, when heads are split over ranks."""
     from vllm.distributed import get_tp_group
 
     group = get_tp_group()
     if group.world_size == 1:
         return None
     return HeadReduction(world_size=group.world_size, all_reduce=group.all_reduce,
-                         broadcast=lambda tensor: group.broadcast(tensor, src=0))
+                         broadcast=lambda tensor: group.broadcast(tensor, src=0),
+                         all_gather=lambda tensor: group.all_gather(tensor, dim=0))
 
 
 def check_dense_specs(specs: dict[str, KVCacheSpec]) -> None:
@@ -345,6 +383,16 @@ def check_dense_specs(specs: dict[str, KVCacheSpec]) -> None:
                 or spec.attention_chunk_size is not None:
             raise ValueError(f"ReFreeKV supports dense full-attention layers only; layer {name} "
                              f"has {type(spec).__name__}")
+
+
+def gap_blocks(cuts: tuple[int, ...], num_sink_tokens: int, block_size: int) -> np.ndarray:
+    """``[len(cuts), 2]``: the first and end block of each layer's gap (0, 0 without one)."""
+    gaps = np.zeros((len(cuts), 2), dtype=np.int32)
+    for index, cut in enumerate(cuts):
+        blocks = freeable_block_range(cut, num_sink_tokens, block_size)
+        if len(blocks):
+            gaps[index] = (blocks.start, blocks.stop)
+    return gaps
 
 
 def request_record(row: ScoringRow, cuts: tuple[int, ...], gaps: np.ndarray,

@@ -72,7 +72,7 @@ def step(model_config_dir, monkeypatch):
         block_table.add_row((ids,), row)
     gaps = np.zeros((NUM_LAYERS, 2), dtype=np.int32)
     gaps[3] = (1, 3)
-    tables.set_gaps(0, gaps)
+    tables.set_gaps("r0", 0, gaps)
     block_table.commit_block_table(2)
     metadata = Metadata(
         seq_lens=torch.tensor([19, 6], dtype=torch.int32),

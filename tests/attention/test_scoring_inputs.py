@@ -35,7 +35,8 @@ def recorded(monkeypatch):
 
     def record(query, key_cache, block_tables, prompt_lens, window_lens, thresholds, **kwargs):
         calls.append({"query": query.clone(), "window_lens": window_lens.tolist(),
-                      "window_lse": kwargs["window_lse"]})
+                      "window_lse": kwargs["window_lse"], "backend": kwargs["backend"],
+                      "head_agg": kwargs["head_agg"], "thresholds": thresholds.tolist()})
         return torch.full((query.shape[0],), 4, dtype=torch.int32)
 
     monkeypatch.setattr(scoring, "compute_cuts", record)
@@ -54,9 +55,9 @@ def _steps(with_lse_in_first_chunk: bool = True) -> StepContext:
     first = StepContext(config=config, kernel="triton", captures=[
         WindowCapture("a", 10, 4, token_indices=range(3, 5), window_slots=range(0, 2))])
     for layer in range(LAYER + 1):
-        scoring.capture(first, layer, LAYER + 1, _query(1, 5),
+        scoring.capture(first, layer, range(LAYER + 1), _query(1, 5),
                         _lse(1, 5) if with_lse_in_first_chunk else None)
-    scoring.end_of_forward(first, key_cache, layer_tables, 1.0, "triton")
+    scoring.end_of_forward(first, key_cache, layer_tables, range(LAYER + 1), 1.0, "triton")
     assert recorded_nothing_yet(first)
     second = StepContext(
         config=config, kernel="triton",
@@ -64,8 +65,8 @@ def _steps(with_lse_in_first_chunk: bool = True) -> StepContext:
                   WindowCapture("b", 5, 2, token_indices=range(5, 7), window_slots=range(0, 2))],
         scoring=[ScoringRow("a", 0, 10, 4, RULE), ScoringRow("b", 1, 5, 2, RULE)])
     for layer in range(LAYER + 1):
-        scoring.capture(second, layer, LAYER + 1, _query(2, 7), _lse(2, 7))
-    scoring.end_of_forward(second, key_cache, layer_tables, 1.0, "triton")
+        scoring.capture(second, layer, range(LAYER + 1), _query(2, 7), _lse(2, 7))
+    scoring.end_of_forward(second, key_cache, layer_tables, range(LAYER + 1), 1.0, "triton")
     return second
 
 
@@ -116,6 +117,17 @@ def test_only_the_triton_kernel_with_a_window_asks_for_normalisers():
     assert not scoring.wants_prefill_lse(StepContext(config, "triton"), LAYER)
 
 
+def run_forward(step: StepContext, query: torch.Tensor) -> None:
+    """Every layer's attention call of one step, then the end of its forward (no normalisers;
+    the layer tables are placeholders: the kernel is recorded, not run)."""
+    layers = range(LAYER + 1)
+    for layer in layers:
+        scoring.capture(step, layer, layers, query)
+    scoring.end_of_forward(step, torch.zeros(4, 16, 1, HEAD_SIZE),
+                           torch.zeros(len(layers), 2, 2, dtype=torch.int32), layers, 1.0,
+                           "triton")
+
+
 def test_windows_that_run_whole_in_their_scoring_step_skip_the_store(recorded):
     """Request a (window 3) is tokens 0-2 and request b (window 2) tokens 4-5 of one step that
     scores both; no normalisers: the kernel gets the rows straight from the step's buffer."""
@@ -125,10 +137,7 @@ def test_windows_that_run_whole_in_their_scoring_step_skip_the_store(recorded):
         captures=[WindowCapture("a", 3 + 5, 3, token_indices=range(0, 3), window_slots=range(3)),
                   WindowCapture("b", 6, 2, token_indices=range(4, 6), window_slots=range(2))],
         scoring=[ScoringRow("a", 0, 8, 3, RULE), ScoringRow("b", 1, 6, 2, RULE)])
-    for layer in range(LAYER + 1):
-        scoring.capture(step, layer, LAYER + 1, _query(3, 6))
-    scoring.end_of_forward(step, torch.zeros(4, 16, 1, HEAD_SIZE),
-                           torch.zeros(LAYER + 1, 2, 2, dtype=torch.int32), 1.0, "triton")
+    run_forward(step, _query(3, 6))
     assert window_store.get("a") is None and window_store.get("b") is None
     (call,) = recorded
     assert call["window_lens"] == [3, 2] and call["window_lse"] is None
@@ -136,3 +145,22 @@ def test_windows_that_run_whole_in_their_scoring_step_skip_the_store(recorded):
     for req, tokens in ((0, [0, 1, 2]), (1, [4, 5])):
         for slot, t in enumerate(tokens, start=3 - len(tokens)):
             torch.testing.assert_close(query[req, slot, :, 0], 3000 + 10 * t + heads)
+
+
+def test_requests_whose_every_head_keeps_its_norm_are_scored_by_the_torch_backend(recorded):
+    """One step, two requests with the same window: the paper's mean over heads goes to the
+    step's kernel, every head's own norm (head_agg "max") to the torch backend, in its own
+    call."""
+    every_head = ThresholdPolicy(threshold=0.02, window=2, window_agg="mean", head_agg="max")
+    step = StepContext(
+        config=RefreeKVConfig(), kernel="triton",
+        captures=[WindowCapture("a", 6, 2, token_indices=range(0, 2), window_slots=range(2)),
+                  WindowCapture("b", 6, 2, token_indices=range(2, 4), window_slots=range(2))],
+        scoring=[ScoringRow("a", 0, 6, 2, RULE), ScoringRow("b", 1, 6, 2, every_head)])
+    run_forward(step, _query(4, 4))
+    calls = sorted(recorded, key=lambda call: call["head_agg"])
+    assert [(c["head_agg"], c["backend"]) for c in calls] == [("max", "torch"),
+                                                             ("mean", "triton")]
+    assert [c["thresholds"] for c in calls] == [[pytest.approx(0.02)], [pytest.approx(0.01)]]
+    assert [req_ids for _, req_ids, _ in step.cuts] in (
+        [["a"], ["b"]], [["b"], ["a"]])

@@ -130,7 +130,11 @@ def test_policy_names_and_xargs():
         assert set(policy.xargs()) <= set(REQUEST_KEYS), policy.name
         request_settings(RefreeKVConfig(), policy.xargs())
     names = [p.name for p in full_grid()]
-    assert len(names) == len(set(names)) == 2 + 6 * 4 + 3
+    assert len(names) == len(set(names)) == 2 + (6 + 2) * 4 + 3
+    every_head = [p for p in full_grid() if p.head_agg == "max"]
+    assert {p.name for p in every_head} >= {"refreekv-w1-heads-T0.01",
+                                             "refreekv-w32-max-heads-T0.01"}
+    assert all(p.xargs()["refreekv_head_agg"] == "max" for p in every_head)
     assert {FULL.name, PAPER_RULE.name, CONFIGURED_DEFAULT.name, "fixed-0.5"} == {
         p.name for p in quick_grid()}
 

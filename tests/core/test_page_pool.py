@@ -64,6 +64,37 @@ def test_exhaustion_and_rows_released_before_the_workers_heard():
         pool.assign([1])
 
 
+def test_pipeline_stages_keep_their_own_pages():
+    """Stage 0 holds layers 0-1 and pages 0-6 (0 reserved), stage 1 layer 2 and pages 7-11
+    (7 reserved): a page only ever serves a layer of its own stage, and the scarcer stage
+    decides how many blocks fit."""
+    pool = PagePool(num_pages=[7, 5], num_layers=[2, 1], num_blocks=8)
+    assert pool.num_layers == LAYERS and pool.num_usable_pages == 10
+    assert pool.pages[0].tolist() == [0, 0, 7]  # the null block: each stage's reserved page
+    assert pool.num_free_whole_blocks == 3  # stage 0: 6 pages for 2 layers
+    pool.assign([1, 2])
+    assert pool.pages[[1, 2]].T.tolist() == [[1, 2], [4, 5], [8, 9]]
+    assert pool.num_free_whole_blocks == 1  # stage 0: 2 pages left for 2 layers
+    pool.release_page(1, 0)
+    pool.release_page(2, 0)
+    assert pool.num_free_whole_blocks == 2
+    # Layer 1 has one page of its own left: it borrows from layer 0's region, never from
+    # layer 2's (stage 1), which has two free pages too.
+    pool.assign([3, 4])
+    assert pool.pages[[3, 4]].T.tolist() == [[2, 1], [6, 3], [10, 11]]
+    assert pool.num_free_whole_blocks == 0 and pool.num_free_pages == 0
+    ids, rows = pool.take_updates()
+    assert ids.tolist() == [1, 2, 3, 4]
+    # Each stage's workers count their pages from 0; released pages read as the reserved one.
+    assert rows.T.tolist() == [[0, 0, 2, 1], [4, 5, 6, 3], [1, 2, 3, 4]]
+    with pytest.raises(RuntimeError, match="exhausted"):
+        pool.assign([5])
+    for block in (1, 2, 3, 4):
+        pool.release(block)
+    assert pool.num_free_pages == pool.num_usable_pages == len(pool.free_pages())
+    assert sorted(pool.free_pages().tolist()) == [1, 2, 3, 4, 5, 6, 8, 9, 10, 11]
+
+
 def paged_pool(num_blocks: int = 9, num_pages: int = 3 * LAYERS + 1,
                caching: bool = True) -> PagedBlockPool:
     return PagedBlockPool.adopt(BlockPool(num_blocks, caching, hash_block_size=4),

@@ -194,14 +194,12 @@ def _kv_connector(c: VllmConfig) -> None:
 
 @pytest.mark.parametrize(("mutate", "match"), [
     (_speculative, "--speculative-config"),
-    (lambda c: setattr(c.parallel_config, "pipeline_parallel_size", 2),
-     "--pipeline-parallel-size"),
     (lambda c: setattr(c.parallel_config, "decode_context_parallel_size", 2),
      "--decode-context-parallel-size"),
     (_kv_connector, "--kv-transfer-config"),
     (lambda c: setattr(c.cache_config, "cache_dtype", "fp8"), "--kv-cache-dtype"),
     (lambda c: setattr(c.model_config, "disable_cascade_attn", False), "--disable-cascade-attn"),
-], ids=["spec-decode", "pp", "dcp", "kv-connector", "fp8", "cascade"])
+], ids=["spec-decode", "dcp", "kv-connector", "fp8", "cascade"])
 def test_unsupported_configs_are_refused(model_config_dir, mutate, match):
     vllm_config = make_vllm_config(model_config_dir)
     kv_cache_config = paged_config(vllm_config, NUM_BLOCKS)

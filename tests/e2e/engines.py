@@ -55,6 +55,26 @@ def in_process_engine(model: Path, refreekv: dict | None, **overrides: Any) -> I
         gc.collect()
 
 
+@contextlib.contextmanager
+def parallel_engine(model: Path, refreekv: dict | None, *, debug_accounting: bool = False,
+                    **overrides: Any) -> Iterator[Any]:
+    """:func:`in_process_engine` with tensor- or pipeline-parallel workers, each bound to its
+    own CPU threads (vLLM's CPU workers bind theirs per rank; the test machine has one NUMA
+    node)."""
+    import pytest
+
+    from benchmarks.serving.cpu_pinning import vllm_cpu_thread_binds
+
+    workers = (overrides.get("tensor_parallel_size", 1)
+               * overrides.get("pipeline_parallel_size", 1))
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("VLLM_CPU_OMP_THREADS_BIND", vllm_cpu_thread_binds(workers))
+        if debug_accounting:
+            env.setenv("REFREEKV_DEBUG_ACCOUNTING", "1")
+        with in_process_engine(model, refreekv, **overrides) as llm:
+            yield llm
+
+
 def scheduler_of(llm: Any) -> Any:
     return llm.llm_engine.engine_core.engine_core.scheduler
 

@@ -46,14 +46,33 @@ def by_engine(base_url: str, name: str) -> dict[str, float]:
     return values
 
 
+def complete_passkeys(base_url: str, count: int, first_key: int, key_step: int) -> list[str]:
+    """``count`` passkey completions at once (the needle at evenly spread depths); every one
+    answered 200. Returns the response bodies."""
+    bodies = [{"model": DEFAULT_MODEL_NAME, "max_tokens": 4,
+               "prompt": passkey_prompt(50, (i + 1) / (count + 1), first_key + key_step * i)}
+              for i in range(count)]
+    with ThreadPoolExecutor(count) as pool:
+        answers = list(pool.map(lambda body: post_status(base_url + "/v1/completions", body),
+                                bodies))
+    assert all(status == 200 for status, _ in answers), answers
+    return [body for _, body in answers]
+
+
+def idle_usage(base_url: str, engines: set[str], timeout: float = 30) -> dict[str, float]:
+    """``vllm:kv_cache_usage_perc`` per engine once every one of ``engines`` reports 0 (the
+    gauge follows the steps), or when ``timeout`` seconds passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        usage = by_engine(base_url, "vllm:kv_cache_usage_perc")
+        if set(usage) == engines and not any(usage.values()) or time.monotonic() > deadline:
+            return usage
+        time.sleep(0.5)
+
+
 def test_every_engine_prunes_and_the_views_add_up(dp_server):
     url = dp_server.base_url
-    bodies = [{"model": DEFAULT_MODEL_NAME, "max_tokens": 4,
-               "prompt": passkey_prompt(50, (i + 1) / (NUM_REQUESTS + 1), 10_000 + 97 * i)}
-              for i in range(NUM_REQUESTS)]
-    with ThreadPoolExecutor(NUM_REQUESTS) as pool:
-        answers = list(pool.map(lambda body: post_status(url + "/v1/completions", body), bodies))
-    assert all(status == 200 for status, _ in answers), answers
+    answers = complete_passkeys(url, NUM_REQUESTS, 10_000, 97)
 
     finished = by_engine(url, "vllm:request_success_total")
     assert set(finished) == {"0", "1"} and all(finished.values()), finished
@@ -71,17 +90,12 @@ def test_every_engine_prunes_and_the_views_add_up(dp_server):
 
     # Every response's record is found, whichever engine ran it.
     skipped = 0
-    for _, body in answers:
+    for body in answers:
         status, record = get_json(url + "/v1/refreekv/requests/" + json.loads(body)["id"])
         assert status == 200, record
         skipped += record["blocks_skipped"]
     assert skipped == stats["kv_blocks_released_total"]
 
-    # Both pools go back to idle once the requests are done (the usage gauge follows the steps).
-    deadline = time.monotonic() + 30
-    while True:
-        usage = by_engine(url, "vllm:kv_cache_usage_perc")
-        if set(usage) == {"0", "1"} and not any(usage.values()) or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
+    # Both pools go back to idle once the requests are done.
+    usage = idle_usage(url, {"0", "1"})
     assert set(usage) == {"0", "1"} and not any(usage.values()), usage

@@ -115,18 +115,32 @@ def test_fixed_budget_policy_cuts_every_layer_to_the_named_share(refreekv_llm):
     assert free_blocks(refreekv_llm) == start
 
 
+def cuts_per_setting(llm, prompt: str, settings: dict[str, dict]) -> dict[str, tuple[int, ...]]:
+    """The cuts ``prompt`` gets under each named set of request settings (the pool balanced
+    after each)."""
+    start, cuts = free_blocks(llm), {}
+    for name, xargs in settings.items():
+        llm.generate([prompt], greedy(max_tokens=2, **xargs))
+        cuts[name] = scheduler_of(llm).refreekv_recent_reports()[-1].cuts
+        assert free_blocks(llm) == start
+    return cuts
+
+
 def test_mean_window_aggregation_is_selectable_per_request(refreekv_llm):
-    scheduler = scheduler_of(refreekv_llm)
-    start = free_blocks(refreekv_llm)
-    prompt = passkey_prompt(90, 0.6, 31415)
-    cuts = {}
-    for agg in ("max", "mean"):
-        refreekv_llm.generate([prompt], greedy(max_tokens=2, refreekv_window_agg=agg))
-        cuts[agg] = scheduler.refreekv_recent_reports()[-1].cuts
+    cuts = cuts_per_setting(refreekv_llm, passkey_prompt(90, 0.6, 31415),
+                            {agg: {"refreekv_window_agg": agg} for agg in ("max", "mean")})
     # Both prune, and differently: the request's aggregation reached the kernel.
     assert all(max(layer_cuts) > 4 for layer_cuts in cuts.values())
     assert cuts["mean"] != cuts["max"]
-    assert free_blocks(refreekv_llm) == start
+
+
+def test_every_head_rule_is_selectable_per_request_and_keeps_more(refreekv_llm):
+    cuts = cuts_per_setting(refreekv_llm, passkey_prompt(90, 0.4, 16180),
+                            {agg: {"refreekv_threshold": 0.05, "refreekv_head_agg": agg}
+                             for agg in ("mean", "max")})
+    # Every head within T puts the heads' mean within T: no layer cuts later, some earlier.
+    assert all(a <= b for a, b in zip(cuts["max"], cuts["mean"], strict=True))
+    assert cuts["max"] != cuts["mean"] and max(cuts["max"]) > 4
 
 
 def test_a_seeded_prompt_prefilled_in_chunks_samples_and_repeats(refreekv_llm):

@@ -8,16 +8,18 @@ greedy tokens say little, so exactness at T = 0 is checked on the sampled tokens
 import pytest
 
 from benchmarks.integration.engine_run import cuts_per_rank
-from benchmarks.serving.cpu_pinning import vllm_cpu_thread_binds
 from refreekv_vllm.workloads import mixed_prompts, passkey_prompt
-from tests.e2e.engines import abort_once_pruned, free_blocks, in_process_engine
+from tests.e2e.engines import (
+    abort_once_pruned,
+    free_blocks,
+    in_process_engine,
+    parallel_engine,
+)
 from tests.e2e.test_engine_pruning import greedy
 
 pytestmark = pytest.mark.e2e
 
 PROMPTS = mixed_prompts(6, seed=5)
-# vLLM's CPU workers bind their threads per rank; the test machine has one NUMA node.
-THREADS_BIND = {"VLLM_CPU_OMP_THREADS_BIND": vllm_cpu_thread_binds(2)}
 
 
 def with_logprobs(**xargs):
@@ -33,11 +35,8 @@ def tokens_and_logprobs(outputs) -> list[list[tuple[int, float]]]:
 
 @pytest.fixture(scope="module")
 def plain_tp2(tiny_llama_dir):
-    with pytest.MonkeyPatch.context() as env:
-        for key, value in THREADS_BIND.items():
-            env.setenv(key, value)
-        with in_process_engine(tiny_llama_dir, refreekv=None, tensor_parallel_size=2) as llm:
-            return tokens_and_logprobs(llm.generate(PROMPTS, with_logprobs()))
+    with parallel_engine(tiny_llama_dir, refreekv=None, tensor_parallel_size=2) as llm:
+        return tokens_and_logprobs(llm.generate(PROMPTS, with_logprobs()))
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +49,9 @@ def tp1_cuts(tiny_llama_dir, plain_tp2):
 
 @pytest.fixture(scope="module")
 def refreekv_tp2(tiny_llama_dir, tp1_cuts):
-    with pytest.MonkeyPatch.context() as env:
-        for key, value in THREADS_BIND.items():
-            env.setenv(key, value)
-        env.setenv("REFREEKV_DEBUG_ACCOUNTING", "1")
-        with in_process_engine(tiny_llama_dir, refreekv={}, tensor_parallel_size=2) as llm:
-            yield llm
+    with parallel_engine(tiny_llama_dir, refreekv={}, debug_accounting=True,
+                         tensor_parallel_size=2) as llm:
+        yield llm
 
 
 def test_threshold_zero_matches_plain_vllm_with_the_same_parallelism(refreekv_tp2, plain_tp2):

@@ -35,7 +35,15 @@ class TwoRanks:
             self._barrier.wait()
             return chosen
 
-        return HeadReduction(world_size=2, all_reduce=all_reduce, broadcast=broadcast)
+        def all_gather(tensor: torch.Tensor) -> torch.Tensor:
+            self._slots[rank] = tensor.clone()
+            self._barrier.wait()
+            gathered = torch.cat([self._slots[0], self._slots[1]])
+            self._barrier.wait()
+            return gathered
+
+        return HeadReduction(world_size=2, all_reduce=all_reduce, broadcast=broadcast,
+                             all_gather=all_gather)
 
 
 def rank_inputs(case, rank: int) -> dict:
@@ -64,12 +72,14 @@ def split_cuts(case) -> list[list[int]]:
     return results
 
 
+@pytest.mark.parametrize("head_agg", ["mean", "max"])
 @pytest.mark.parametrize("agg", ["max", "mean"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_two_ranks_reach_the_cuts_of_all_heads(seed, agg):
+def test_two_ranks_reach_the_cuts_of_all_heads(seed, agg, head_agg):
     case = make_case(lens=[37, 200, 513, 96], num_q_heads=8, num_kv_heads=4, head_size=32,
                      dtype=torch.float64, w_max=8, windows=[1, 8, 4, 8],
-                     thresholds=[0.01, 0.005, 0.02, 0.01], agg=agg, seed=seed)
+                     thresholds=[0.01, 0.005, 0.02, 0.01], agg=agg, head_agg=head_agg,
+                     seed=seed)
     # Heads that disagree, so that a rank's own heads alone would cut elsewhere.
     case.query[:, :, :4] *= 4.0
     expected = [case.reference(i)[0] for i in range(case.num_reqs)]

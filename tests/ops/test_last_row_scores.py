@@ -294,6 +294,21 @@ def test_torch_backend_matches_reference():
     _check(case, cuts, curve, rtol=1e-5)
 
 
+@pytest.mark.parametrize("window_agg", ["max", "mean"])
+def test_every_head_rule_runs_on_the_torch_backend_only(window_agg):
+    case = make_case(lens=LENS, num_q_heads=8, num_kv_heads=2, head_size=32,
+                     dtype=torch.float32, w_max=8, windows=[8, 1, 3, 8, 8, 2, 8, 5],
+                     thresholds=[0.01, 0.02, 0.005, 0.05, 0.01, 0.01, 0.2, 0.0],
+                     agg=window_agg, head_agg="max", seed=11)
+    cuts, curve = _run(case, "torch")
+    _check(case, cuts, curve, rtol=1e-5)
+    mean_rule = compute_cuts(**{**case.kwargs(), "head_agg": "mean"}, backend="torch")
+    assert (cuts <= mean_rule).all() and (cuts < mean_rule).any()  # every head keeps more
+    for backend in ("triton", "cuda"):
+        with pytest.raises(ValueError, match="needs the torch backend"):
+            compute_cuts(**case.kwargs(), backend=backend)
+
+
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
 def test_key_view_from_flash_kv_cache(layout):
     case = make_case(lens=[40, 17], num_q_heads=4, num_kv_heads=2, head_size=8, layout=layout)
@@ -318,6 +333,8 @@ def test_dispatch_rejects_unknown_backend_and_agg():
         compute_cuts(**case.kwargs(), backend="numpy")
     with pytest.raises(ValueError, match="agg must be one of"):
         compute_cuts(**{**case.kwargs(), "agg": "sum"}, backend="torch")
+    with pytest.raises(ValueError, match="head_agg must be one of"):
+        compute_cuts(**{**case.kwargs(), "head_agg": "sum"}, backend="torch")
 
 
 @needs_cuda

@@ -36,8 +36,9 @@ def test_every_registered_policy_is_configurable_and_described(name):
     # each setting a policy reads is a server option and a request override
     assert set(settings) <= set(RefreeKVConfig.model_fields)
     assert set(settings) <= set(RequestOverrides.model_fields)
-    values = {"threshold": 0.01, "window": 8, "window_agg": "max", "budget": 0.5}
+    values = {"threshold": 0.01, "window": 8, "window_agg": "max", "head_agg": "max",
+              "budget": 0.5}
     described = cls(**{s: values[s] for s in settings}).describe()
     assert described["policy"] == name
-    assert set(described) == {"policy", "threshold", "window", "window_agg", "budget"}
+    assert set(described) == {"policy", *values}
     assert all(described[s] == values[s] for s in settings)

@@ -168,3 +168,38 @@ def test_short_prompts_and_bad_arguments():
         layer_cut(q, torch.randn(1, 9, 8), agg="sum")
     with pytest.raises(ValueError, match="bad shapes"):
         layer_cut(torch.randn(3, 8), torch.randn(2, 9, 8))
+
+
+def test_every_head_rule_on_the_method_vector():
+    """head_agg = "max" on docs/method.md §3's rows: each head's own norm, by hand."""
+    norms = ROWS[:, 4:].square().flip(-1).cumsum(-1).flip(-1).sqrt()
+    drops = (norms[:, :1] - norms) / norms[:, :1]
+    # Head 0 keeps its norm within 1% up to j = 5, head 1 up to j = 3: the stricter one wins
+    # (the mean of the two norms allows j = 4).
+    assert [int(torch.nonzero(d <= 0.01).max()) for d in drops] == [5, 3]
+    cut, ratio = cut_from_probs(ROWS, num_sink_tokens=4, threshold=0.01, head_agg="max")
+    assert cut == 4 + 3
+    torch.testing.assert_close(ratio, drops.amax(dim=0))
+
+
+def test_every_head_rule_matches_a_loop_over_heads_and_keeps_more():
+    gen = torch.Generator().manual_seed(6)
+    for trial in range(40):
+        n = int(torch.randint(1, 150, (1,), generator=gen))
+        query, keys = _random_case(gen, n, hq=8, hkv=2, w=[1, 8][trial % 2])
+        threshold = [0.0, 0.005, 0.01, 0.05][trial % 4]
+        probs = window_probs(query, keys, agg="max")
+        per_head = [cut_from_probs(probs[h:h + 1], num_sink_tokens=4, threshold=threshold)[0]
+                    for h in range(probs.shape[0])]
+        cut = layer_cut(query, keys, threshold=threshold, agg="max", head_agg="max")[0]
+        assert cut == min(per_head)  # one head alone is the mean rule over one head
+        # Every head within T puts their mean within T: never a later cut than the mean rule.
+        assert cut <= layer_cut(query, keys, threshold=threshold, agg="max")[0]
+        assert 4 <= cut <= max(4, n - 1)
+        if threshold == 0.0:
+            assert cut == 4
+
+
+def test_unknown_head_aggregation_is_refused():
+    with pytest.raises(ValueError, match="head_agg"):
+        cut_from_probs(ROWS, head_agg="median")

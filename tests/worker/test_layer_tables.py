@@ -43,7 +43,7 @@ def test_gap_rows_follow_vllms_row_edits(tables):
     block_table, layer_tables = tables
     for row, first_block in enumerate((1, 11, 21)):
         block_table.add_row((list(range(first_block, first_block + 5)),), row)
-    layer_tables.set_gaps(1, gaps_of(2, 1, 3))
+    layer_tables.set_gaps("r1", 1, gaps_of(2, 1, 3))
     block_table.swap_row(1, 2)  # vLLM reorders the batch
     assert layer_tables.gaps_np[2, 2].tolist() == [1, 3] and not layer_tables.gaps_np[1].any()
     block_table.move_row(2, 0)  # condensing after request 0 finished
@@ -60,6 +60,32 @@ def test_gap_rows_follow_vllms_row_edits(tables):
         GapMirroringBlockTable.adopt(block_table, layer_tables)  # adopted once
 
 
+def test_a_request_added_back_to_the_batch_skips_its_gaps_again(tables):
+    """vLLM takes a request that is not scheduled in a step out of its persistent batch and
+    adds it back in a fresh row later (under pipeline parallelism every other step): whether
+    its gaps were committed before or while it was out, its new row must skip them."""
+    block_table, layer_tables = tables
+    block_table.add_row(([1, 2, 3, 4],), 0)
+    block_table.add_row(([11, 12, 13],), 1)
+    layer_tables.restore_gaps(["a", "b"])
+    layer_tables.set_gaps("a", 0, gaps_of(2, 1, 3))
+    block_table.clear_row(0)  # neither is scheduled in the next step: both leave the batch
+    block_table.clear_row(1)
+    layer_tables.set_gaps("b", None, gaps_of(3, 1, 2))  # b's cuts commit while it is out
+    block_table.add_row(([11, 12, 13],), 0)  # both come back, then vLLM reorders the batch
+    block_table.add_row(([1, 2, 3, 4],), 1)
+    block_table.swap_row(0, 1)
+    layer_tables.restore_gaps(["a", "b"])
+    assert layer_tables.gaps_np[0].tolist() == gaps_of(2, 1, 3).tolist()
+    assert layer_tables.gaps_np[1].tolist() == gaps_of(3, 1, 2).tolist()
+    layer_tables.forget("a")  # finished: a new request in its row starts without gaps
+    block_table.clear_row(0)
+    block_table.add_row(([5, 6],), 0)
+    layer_tables.restore_gaps(["c", "b"])
+    assert not layer_tables.gaps_np[0].any()
+    assert layer_tables.gaps_np[1].tolist() == gaps_of(3, 1, 2).tolist()
+
+
 def test_each_layer_skips_its_gap_and_writes_to_its_pages(tables):
     block_table, layer_tables = tables
     rng = np.random.default_rng(0)
@@ -72,7 +98,7 @@ def test_each_layer_skips_its_gap_and_writes_to_its_pages(tables):
                for layer in range(NUM_LAYERS)}
     for row, ids in enumerate(block_ids):
         block_table.add_row((ids,), row)
-    layer_tables.set_gaps(0, gaps_of(3, 1, 3))  # request 0 pruned blocks 1-2 in layer 3
+    layer_tables.set_gaps("r0", 0, gaps_of(3, 1, 3))  # request 0 pruned blocks 1-2 in layer 3
     block_table.commit_block_table(2)
     # request 0 decodes its 19th token (seq_len 19, 5 blocks); request 1 prefills 6 tokens
     seq_lens = torch.tensor([19, 6], dtype=torch.int32)
