@@ -2,8 +2,9 @@
 
 - ideal budget: the paper's token-level sample budget, the mean over all layers of kept prompt
   tokens / prompt tokens (``refreekv_vllm.policy.budget.paper_budget``);
-- physical budget: prompt blocks still resident / prompt blocks, over all layers, after freeing
-  the whole blocks inside each layer's gap (``freeable_block_range``).
+- physical budget: the engine's block budget (``resident_budget``, the one the endpoint and the
+  ``refreekv:request_block_budget`` histogram report): prompt tokens still resident / prompt
+  tokens, over all layers, after freeing the whole blocks inside each layer's gap.
 
 A request that was not pruned (full cache, opted out, too short) has both budgets 1.0.
 """
@@ -14,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from refreekv_vllm.policy.budget import freeable_block_range, paper_budget
+from refreekv_vllm.policy.budget import freeable_block_range, paper_budget, resident_budget
 
 
 @dataclass(frozen=True)
@@ -29,10 +30,8 @@ UNPRUNED = Budgets(1.0, 1.0, False)
 
 def physical_budget(cuts: Iterable[int], num_prompt_tokens: int, num_sink_tokens: int,
                     block_size: int) -> float:
-    cuts = list(cuts)
-    prompt_blocks = -(-num_prompt_tokens // block_size)
-    freed = sum(len(freeable_block_range(c, num_sink_tokens, block_size)) for c in cuts)
-    return 1.0 - freed / (prompt_blocks * len(cuts))
+    freed = [len(freeable_block_range(c, num_sink_tokens, block_size)) for c in cuts]
+    return resident_budget(num_prompt_tokens, freed, block_size)
 
 
 def report_budgets(report: Any, block_size: int) -> Budgets:

@@ -77,6 +77,6 @@ def run_batch(llm: Any, task: Task, policy: Policy) -> BatchResult:
     request_ids = [o.request_id for o in outputs]
     reports = match_reports(request_ids, scheduler_of(llm).refreekv_recent_reports())
     block_size = block_size_of(llm)
-    budgets = [UNPRUNED if policy.kind == "full" or rid not in reports
+    budgets = [UNPRUNED if policy.rule is None or rid not in reports
                else report_budgets(reports[rid], block_size) for rid in request_ids]
     return BatchResult([o.outputs[0].text for o in outputs], budgets, wall_s)

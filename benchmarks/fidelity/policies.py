@@ -17,6 +17,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from refreekv_vllm.config import REQUEST_KEY_PREFIX
+from refreekv_vllm.policy.policies import CutPolicy, FixedBudgetPolicy, ThresholdPolicy
+
 # The engine-wide configuration the benchmark pins (the plugin's defaults): requests that leave
 # a key out get these values.
 ENGINE_CONFIG: dict[str, Any] = {"threshold": 0.005, "window": 32, "window_agg": "mean"}
@@ -33,65 +36,85 @@ FIXED_BUDGETS = (0.9, 0.5, 0.2)
 
 @dataclass(frozen=True)
 class Policy:
-    kind: str  # "full", "refreekv" or "fixed"
-    threshold: float = 0.0
-    window: int = 1
-    window_agg: str | None = None
-    head_agg: str = "mean"
-    budget: float = 1.0
+    """One compared policy: the full cache (``rule`` None) or one of the package's cut
+    policies (``refreekv_vllm.policy.policies``), whose settings the request sends."""
+
+    rule: CutPolicy | None = None
     rerun: bool = False
 
     @property
+    def adaptive(self) -> bool:
+        """A ReFreeKV rule: the budget is its output."""
+        return isinstance(self.rule, ThresholdPolicy)
+
+    @property
+    def fixed(self) -> bool:
+        """The fixed-budget baseline."""
+        return isinstance(self.rule, FixedBudgetPolicy)
+
+    @property
+    def budget(self) -> float:
+        return self.rule.budget if isinstance(self.rule, FixedBudgetPolicy) else 1.0
+
+    @property
     def name(self) -> str:
-        if self.kind == "full":
+        rule = self.rule
+        if rule is None:
             return "full-rerun" if self.rerun else "full"
-        if self.kind == "fixed":
-            return f"fixed-{self.budget:g}"
-        agg = f"-{self.window_agg}" if self.window > 1 else ""
-        heads = "-heads" if self.head_agg == "max" else ""
-        return f"refreekv-w{self.window}{agg}{heads}-T{self.threshold:g}"
+        if isinstance(rule, FixedBudgetPolicy):
+            return f"fixed-{rule.budget:g}"
+        assert isinstance(rule, ThresholdPolicy)
+        agg = f"-{rule.window_agg}" if rule.window > 1 else ""
+        heads = "-heads" if rule.head_agg == "max" else ""
+        return f"refreekv-w{rule.window}{agg}{heads}-T{rule.threshold:g}"
 
     @property
     def family(self) -> str:
         """Plot series: policies that differ only in T (or the fixed budget)."""
-        if self.kind == "refreekv":
-            return (f"ReFreeKV w={self.window}" + (f" {self.window_agg}" if self.window > 1 else "")
-                    + (" every head" if self.head_agg == "max" else ""))
-        return {"full": "full cache", "fixed": "fixed budget"}[self.kind]
+        rule = self.rule
+        if isinstance(rule, ThresholdPolicy):
+            return (f"ReFreeKV w={rule.window}" + (f" {rule.window_agg}" if rule.window > 1 else "")
+                    + (" every head" if rule.head_agg == "max" else ""))
+        return "full cache" if rule is None else "fixed budget"
 
     def xargs(self) -> dict[str, Any]:
-        """The request's ``vllm_xargs`` selecting this policy."""
-        if self.kind == "full":
+        """The request's ``vllm_xargs`` selecting this policy: its registry name and every
+        setting it has."""
+        if self.rule is None:
             return {"refreekv_enabled": False}
-        if self.kind == "fixed":
-            return {"refreekv_policy": "fixed", "refreekv_budget": self.budget}
-        xargs: dict[str, Any] = {"refreekv_threshold": self.threshold,
-                                 "refreekv_window": self.window}
-        if self.window > 1:
-            xargs["refreekv_window_agg"] = self.window_agg
-        if self.head_agg != "mean":
-            xargs["refreekv_head_agg"] = self.head_agg
-        return xargs
+        settings = self.rule.describe()
+        return {REQUEST_KEY_PREFIX + key: value for key, value in settings.items()
+                if value is not None}
 
 
-FULL = Policy("full")
-FULL_RERUN = Policy("full", rerun=True)
-PAPER_RULE = Policy("refreekv", threshold=0.01, window=1)
-CONFIGURED_DEFAULT = Policy("refreekv", threshold=ENGINE_CONFIG["threshold"],
-                            window=ENGINE_CONFIG["window"], window_agg=ENGINE_CONFIG["window_agg"])
+def threshold_rule(threshold: float, window: int = 1, window_agg: str | None = None,
+                   head_agg: str = "mean") -> Policy:
+    """A ReFreeKV policy (a window of one row has nothing to aggregate: ``max``)."""
+    return Policy(ThresholdPolicy(threshold=threshold, window=window,
+                                  window_agg=window_agg or "max", head_agg=head_agg))
+
+
+def fixed_budget(budget: float) -> Policy:
+    return Policy(FixedBudgetPolicy(budget=budget))
+
+
+FULL = Policy()
+FULL_RERUN = Policy(rerun=True)
+PAPER_RULE = threshold_rule(0.01)
+CONFIGURED_DEFAULT = threshold_rule(ENGINE_CONFIG["threshold"], ENGINE_CONFIG["window"],
+                                    ENGINE_CONFIG["window_agg"])
 
 
 def full_grid() -> list[Policy]:
-    refreekv = [Policy("refreekv", threshold=t, window=w, window_agg=agg)
-                for w, agg in WINDOWS for t in THRESHOLDS]
-    refreekv += [Policy("refreekv", threshold=t, window=w, window_agg=agg, head_agg="max")
+    refreekv = [threshold_rule(t, w, agg) for w, agg in WINDOWS for t in THRESHOLDS]
+    refreekv += [threshold_rule(t, w, agg, head_agg="max")
                  for w, agg in EVERY_HEAD_WINDOWS for t in THRESHOLDS]
-    fixed = [Policy("fixed", budget=b) for b in FIXED_BUDGETS]
+    fixed = [fixed_budget(b) for b in FIXED_BUDGETS]
     return [FULL, FULL_RERUN, *refreekv, *fixed]
 
 
 def quick_grid() -> list[Policy]:
-    return [FULL, PAPER_RULE, CONFIGURED_DEFAULT, Policy("fixed", budget=0.5)]
+    return [FULL, PAPER_RULE, CONFIGURED_DEFAULT, fixed_budget(0.5)]
 
 
 def select(policies: Sequence[Policy], names: Sequence[str] | None) -> list[Policy]:

@@ -87,7 +87,7 @@ def run_task(llm: Any, task: Task, policies: list[pol.Policy], samples_file: Any
         metrics = task_metrics(task.name, scores, full_scores, batch.outputs, full_outputs,
                                [b.ideal for b in batch.budgets],
                                [b.physical for b in batch.budgets], batch.wall_s)
-        if policy.kind != "full":
+        if policy.rule is not None:
             metrics["unreported"] = sum(not b.reported for b in batch.budgets)
         by_policy[policy.name] = metrics
         for s, out, ref, score, b in zip(task.samples, batch.outputs, full_outputs, scores,
@@ -122,7 +122,7 @@ def run_iso_budget(llm: Any, tasks: list[Task], result: dict[str, Any], names: l
     physical: dict[pol.Policy, float] = {}  # each baseline run: its mean physical budget
 
     def run(budget: float) -> pol.Policy:
-        policy = pol.Policy("fixed", budget=round(min(max(budget, 0.01), 1.0), 3))
+        policy = pol.fixed_budget(round(min(max(budget, 0.01), 1.0), 3))
         if policy not in physical:
             for task, record in zip(tasks, result["tasks"], strict=True):
                 done = run_task(llm, task, [policy], samples_file, start, "iso-budget",
@@ -156,17 +156,17 @@ def summarise(result: dict[str, Any], policies: list[pol.Policy], chosen_name: s
         result["summary"] = {**chosen, "met": chosen["meets_goal"],
                              "rule": "chosen before this run (--chosen), reported as measured"}
     else:
-        refreekv = [summaries[p.name] for p in policies if p.kind == "refreekv"]
+        refreekv = [summaries[p.name] for p in policies if p.adaptive]
         chosen, met = choose_default(refreekv)
         result["summary"] = {**chosen, "met": met, "rule": (
             "among the ReFreeKV policies meeting the goal, the lowest mean physical budget; if "
             "none meets it, the one closest to the quality goal (smallest shortfall, then lowest "
             "budget)")}
-    result["summary"]["policies_compared"] = sum(p.kind == "refreekv" for p in policies)
+    result["summary"]["policies_compared"] = sum(p.adaptive for p in policies)
     for key, policy in (("paper_rule_summary", pol.PAPER_RULE),
                         ("configured_default_summary", pol.CONFIGURED_DEFAULT)):
         result[key] = summaries.get(policy.name)
-    result["fixed_summaries"] = [summaries[p.name] for p in policies if p.kind == "fixed"]
+    result["fixed_summaries"] = [summaries[p.name] for p in policies if p.fixed]
     result["noise_floor_summary"] = summaries.get(pol.FULL_RERUN.name)
     for entry in result.get("iso_budget", {}).values():
         entry["fixed_summary"] = summaries[entry["fixed"]]
@@ -200,7 +200,7 @@ def main() -> None:
     start = time.perf_counter()
     grid = pol.quick_grid() if args.quick else pol.full_grid()
     policies = pol.select(grid, [p for p in args.policies.split(",") if p])
-    if not any(p.kind == "refreekv" for p in policies):
+    if not any(p.adaptive for p in policies):
         raise SystemExit("no ReFreeKV policy left to run")
     name, path = model_path(args)
     out_dir = Path(args.out_dir)
@@ -209,7 +209,7 @@ def main() -> None:
         f"_{args.size}" if args.size != "full" else "") + (
         f"_{args.split}" if args.split != "all" else "")
     iso_of = [name for name in args.iso_budget_of.split(",") if name]
-    running = {p.name for p in policies if p.kind == "refreekv"}
+    running = {p.name for p in policies if p.adaptive}
     unknown = sorted(set(iso_of + ([args.chosen] if args.chosen else [])) - running)
     if unknown:
         raise SystemExit(f"--iso-budget-of / --chosen name policies that do not run: {unknown}")

@@ -11,7 +11,7 @@ from benchmarks.fidelity.policies import (
     CONFIGURED_DEFAULT,
     FULL,
     PAPER_RULE,
-    Policy,
+    fixed_budget,
     full_grid,
     quick_grid,
 )
@@ -25,6 +25,7 @@ from benchmarks.fidelity.scoring import (
 )
 from benchmarks.fidelity.summary import choose_default, policy_summary, rel_change, task_metrics
 from benchmarks.fidelity.tasks import humaneval_completion
+from refreekv_vllm.policy.budget import resident_budget
 
 ADD_PROMPT = 'def add(x: int, y: int) -> int:\n    """Add two numbers."""\n'
 ADD_TEST = ("def check(candidate):\n    assert candidate(2, 3) == 5\n"
@@ -108,8 +109,9 @@ def test_budgets_from_a_cut_report():
                              cuts=(4, 68, 4))
     budgets = report_budgets(report, block_size=16)
     assert budgets.ideal == pytest.approx((1 + 36 / 100 + 1) / 3)
-    # Layer 1 frees blocks 1..3 of 7 prompt blocks.
-    assert budgets.physical == pytest.approx(1 - 3 / 21)
+    # Layer 1 frees blocks 1..3 (48 of its 100 prompt tokens): the engine's block budget.
+    assert budgets.physical == pytest.approx(1 - 48 / 300)
+    assert budgets.physical == pytest.approx(resident_budget(100, [0, 3, 0], 16))
     assert physical_budget([4, 4], 100, 4, 16) == 1.0
     assert match_reports(["7", "8"], [report]) == {"7": report}
 
@@ -119,19 +121,26 @@ def test_policy_names_and_xargs():
 
     assert FULL.xargs() == {"refreekv_enabled": False}
     assert PAPER_RULE.name == "refreekv-w1-T0.01"
-    assert PAPER_RULE.xargs() == {"refreekv_threshold": 0.01, "refreekv_window": 1}
+    assert PAPER_RULE.xargs()["refreekv_threshold"] == 0.01
+    assert PAPER_RULE.xargs()["refreekv_window"] == 1
     assert CONFIGURED_DEFAULT.name == "refreekv-w32-mean-T0.005"
     assert CONFIGURED_DEFAULT.xargs()["refreekv_window_agg"] == "mean"
-    fixed = Policy("fixed", budget=0.5)
+    fixed = fixed_budget(0.5)
     assert fixed.name == "fixed-0.5"
     assert fixed.xargs() == {"refreekv_policy": "fixed", "refreekv_budget": 0.5}
-    # Every key a policy sends is one the plugin accepts per request, with these values.
+    # Every key a policy sends is one the plugin accepts per request, and the request is pruned
+    # with exactly the policy's rule.
     for policy in full_grid():
         assert set(policy.xargs()) <= set(REQUEST_KEYS), policy.name
-        request_settings(RefreeKVConfig(), policy.xargs())
+        settings = request_settings(RefreeKVConfig(), policy.xargs())
+        if policy.rule is None:
+            assert settings is None or not settings.enabled, policy.name
+        else:
+            assert settings.policy == policy.rule, policy.name
     names = [p.name for p in full_grid()]
     assert len(names) == len(set(names)) == 2 + (6 + 2) * 4 + 3
-    every_head = [p for p in full_grid() if p.head_agg == "max"]
+    every_head = [p for p in full_grid() if "-heads-" in p.name]
+    assert len(every_head) == 2 * 4
     assert {p.name for p in every_head} >= {"refreekv-w1-heads-T0.01",
                                              "refreekv-w32-max-heads-T0.01"}
     assert all(p.xargs()["refreekv_head_agg"] == "max" for p in every_head)
