@@ -72,11 +72,14 @@ def test_a_moved_hook_is_named():
     renamed = dataclasses.replace(scheduler_free, params=("self", "req"))
     gone = dataclasses.replace(scheduler_free, symbol="vllm.v1.core.sched.scheduler:Gone.x")
     keyword = dataclasses.replace(scheduler_free, params=("self",), keywords=("no_such_arg",))
-    problems = hook_problems(DEVICE, (renamed, gone, keyword))
-    assert len(problems) == 3
+    read = next(h for h in HOOKS if h.attribute)
+    unset = dataclasses.replace(read, attribute="_no_such_attribute")
+    problems = hook_problems(DEVICE, (renamed, gone, keyword, read, unset))
+    assert len(problems) == 4
     assert "expected parameters ('self', 'req')" in problems[0]
     assert "Gone.x" in problems[1] and "missing" in problems[1]
     assert "no parameter no_such_arg" in problems[2]
+    assert "no longer sets _no_such_attribute" in problems[3]
 
 
 def test_an_unverified_release_is_refused_naming_moved_hooks():

@@ -25,6 +25,7 @@ OVERRIDE = "override"  # a method of our subclass (or mixin) calls vLLM's throug
 WRAP = "wrap"  # replaced at run time on a class, an instance or a module; the original is called
 CLASS_SWAP = "class swap"  # an object vLLM built gets our subclass as its __class__
 CALL = "call"  # a private function or method we call
+READ = "read"  # a private attribute we read (set by the class's __init__)
 
 
 @dataclass(frozen=True)
@@ -41,11 +42,13 @@ class Hook:
     """"cuda" or "cpu" for symbols that exist on that platform's vLLM build only."""
     keywords: tuple[str, ...] = ()
     """Parameters the change passes by name, wherever they are."""
+    attribute: str = ""
+    """For READ hooks: the attribute the class's ``__init__`` must assign."""
 
 
 def _hook(symbol: str, kind: str, where: str, why: str, *params: str, device: str = "any",
-          keywords: tuple[str, ...] = ()) -> Hook:
-    return Hook(symbol, kind, where, why, params, device, keywords)
+          keywords: tuple[str, ...] = (), attribute: str = "") -> Hook:
+    return Hook(symbol, kind, where, why, params, device, keywords, attribute)
 
 
 _SCHED = "vllm.v1.core.sched.scheduler:Scheduler."
@@ -158,6 +161,10 @@ HOOKS: tuple[Hook, ...] = (
           "before the model sees it", "self", "num_tokens", "intermediate_tensors", "sync_self"),
     _hook(_RUNNER + "sample_tokens", OVERRIDE, _MODEL_RUNNER,
           "queue the step's cuts and attach the cut reports", "self", "grammar_output"),
+    _hook("vllm.v1.worker.gpu_model_runner:AsyncGPUModelRunnerOutput", READ,
+          "refreekv_vllm.patches.async_output",
+          "under async scheduling the cut reports go on the ModelRunnerOutput it wraps",
+          "self", "model_runner_output", attribute="_model_runner_output"),
     _hook("vllm.v1.worker.block_table:MultiGroupBlockTable", CLASS_SWAP, _BLOCK_TABLE,
           "the gap rows follow every row edit of vLLM's persistent batch", "self"),
     _hook(_TABLE + "add_row", OVERRIDE, _BLOCK_TABLE, "a new row has no gap",
@@ -249,7 +256,18 @@ def hook_problems(device: str, hooks: tuple[Hook, ...] = HOOKS) -> list[str]:
         if missing:
             problems.append(f"{hook.symbol} ({hook.kind} in {hook.where}): no parameter "
                             f"{', '.join(missing)}")
+        if hook.attribute and not _assigns(function, hook.attribute):
+            problems.append(f"{hook.symbol} ({hook.kind} in {hook.where}): __init__ no longer "
+                            f"sets {hook.attribute}")
     return problems
+
+
+def _assigns(function: Any, attribute: str) -> bool:
+    try:
+        source = inspect.getsource(function)
+    except (OSError, TypeError):
+        return False
+    return f"self.{attribute} =" in source
 
 
 def check_vllm_release(version: str, device: str | None = None, hooks: tuple[Hook, ...] = HOOKS,

@@ -42,6 +42,7 @@ from refreekv_vllm.outputs import (
     attach_cut_reports,
     take_cut_parts,
 )
+from refreekv_vllm.patches.async_output import model_runner_output
 from refreekv_vllm.policy.budget import freeable_block_range, paper_budget, resident_budget
 from refreekv_vllm.worker.block_table import GapMirroringBlockTable
 from refreekv_vllm.worker.cut_parts import CutAssembly
@@ -278,7 +279,7 @@ class RefreeKVModelRunnerMixin(_RunnerBase):
         reports = self._take_cut_reports()
         if reports:
             # Under async scheduling the ModelRunnerOutput sits inside vLLM's async wrapper.
-            attach_cut_reports(getattr(output, "_model_runner_output", output), reports)
+            attach_cut_reports(model_runner_output(output), reports)
         return output
 
     def _cuts_to_host(self, step: StepContext) -> _PendingCuts:
