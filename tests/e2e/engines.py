@@ -75,6 +75,26 @@ def parallel_engine(model: Path, refreekv: dict | None, *, debug_accounting: boo
             yield llm
 
 
+def with_logprobs(**xargs: Any) -> Any:
+    """Greedy sampling of 8 tokens that also returns each sampled token's log-prob."""
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=0,
+                          extra_args=xargs or None)
+
+
+def tokens_and_logprobs(outputs: Any) -> list[list[tuple[int, float]]]:
+    return [[(token, step[token].logprob) for token, step in
+             zip(o.outputs[0].token_ids, o.outputs[0].logprobs, strict=True)] for o in outputs]
+
+
+def plain_logprobs(model: Path, prompts: list[str], **parallel: Any
+                   ) -> list[list[tuple[int, float]]]:
+    """:func:`tokens_and_logprobs` of plain vLLM with the given parallelism."""
+    with parallel_engine(model, refreekv=None, **parallel) as llm:
+        return tokens_and_logprobs(llm.generate(prompts, with_logprobs()))
+
+
 def scheduler_of(llm: Any) -> Any:
     return llm.llm_engine.engine_core.engine_core.scheduler
 

@@ -20,10 +20,12 @@ from tests.e2e.engines import (
     free_blocks,
     in_process_engine,
     parallel_engine,
+    plain_logprobs,
     scheduler_of,
+    tokens_and_logprobs,
+    with_logprobs,
 )
 from tests.e2e.test_engine_pruning import greedy
-from tests.e2e.test_tensor_parallel import tokens_and_logprobs, with_logprobs
 
 pytestmark = pytest.mark.e2e
 
@@ -49,8 +51,7 @@ def _run(llm) -> dict:
 
 @pytest.fixture(scope="module")
 def plain_pp2(tiny_llama_dir):
-    with parallel_engine(tiny_llama_dir, refreekv=None, pipeline_parallel_size=2) as llm:
-        return tokens_and_logprobs(llm.generate(PROMPTS, with_logprobs()))
+    return plain_logprobs(tiny_llama_dir, PROMPTS, pipeline_parallel_size=2)
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,9 @@ from tests.e2e.engines import (
     free_blocks,
     in_process_engine,
     parallel_engine,
+    plain_logprobs,
+    tokens_and_logprobs,
+    with_logprobs,
 )
 from tests.e2e.test_engine_pruning import greedy
 
@@ -22,21 +25,9 @@ pytestmark = pytest.mark.e2e
 PROMPTS = mixed_prompts(6, seed=5)
 
 
-def with_logprobs(**xargs):
-    params = greedy(max_tokens=8, **xargs)
-    params.logprobs = 0
-    return params
-
-
-def tokens_and_logprobs(outputs) -> list[list[tuple[int, float]]]:
-    return [[(token, step[token].logprob) for token, step in
-             zip(o.outputs[0].token_ids, o.outputs[0].logprobs, strict=True)] for o in outputs]
-
-
 @pytest.fixture(scope="module")
 def plain_tp2(tiny_llama_dir):
-    with parallel_engine(tiny_llama_dir, refreekv=None, tensor_parallel_size=2) as llm:
-        return tokens_and_logprobs(llm.generate(PROMPTS, with_logprobs()))
+    return plain_logprobs(tiny_llama_dir, PROMPTS, tensor_parallel_size=2)
 
 
 @pytest.fixture(scope="module")
