@@ -75,6 +75,10 @@ class PagePool:
                 self._region_end[layer] - 1, self._region_start[layer] - 1, -1)
         self._stage_free = stage_pages - 1
         self._layers = np.arange(self.num_layers)
+        # The free stacks flat, and where each layer's stack starts in it (a block's next page
+        # in every layer is one np.take).
+        self._free_flat = self._free.reshape(-1)
+        self._stack_starts = self._layers * self._free.shape[1]
         self._stage_layer_lists = [np.flatnonzero(self._stage_of_layer == stage)
                                    for stage in range(len(stage_layers))]
         self._update_free_counts()
@@ -83,6 +87,7 @@ class PagePool:
 
     def _update_free_counts(self) -> None:
         # Read by the scheduler once per request and step: plain ints.
+        self._min_top = int(self._top.min())
         if len(self._stage_free) == 1:
             self.num_free_pages = int(self._stage_free[0])
             self.num_free_whole_blocks = self.num_free_pages // self.num_layers
@@ -114,22 +119,20 @@ class PagePool:
             raise RuntimeError(f"page pool exhausted: {n} blocks need {n} pages in each of "
                                f"{self.num_layers} layers, {self.num_free_pages} are free "
                                f"({self._stage_free.tolist()} per stage)")
+        if n == 1 and self._min_top >= 1 and len(self._stage_free) == 1:
+            self._assign_one(block_ids[0])
+            return
         ids = block_ids[0] if n == 1 else np.asarray(block_ids, dtype=np.int64)
-        # One block: a scalar check (check_accounting verifies whole rows).
         assert (self.pages[ids, 0] == NO_PAGE if n == 1 else (self.pages[ids] == NO_PAGE).all()), (
             f"blocks {block_ids} already hold pages")
-        own = self._top >= n
-        if own.all():  # every layer from its own region
-            if n == 1:  # the common case: one request's next block
-                self._top -= 1
-                self.pages[ids] = self._free[self._layers, self._top]
-            else:
-                picks = self._top[:, None] - 1 - np.arange(n)
-                self.pages[ids] = self._free[self._layers[:, None], picks].T
-                self._top -= n
+        if n <= self._min_top:  # every layer from its own region
+            picks = self._top[:, None] - 1 - np.arange(n)
+            self.pages[ids] = self._free[self._layers[:, None], picks].T
+            self._top -= n
         else:
             # Some regions are used up (layers never pruned): the others still take from their
             # own, in one go; only the short layers look elsewhere.
+            own = self._top >= n
             rows = np.asarray(block_ids, dtype=np.int64)
             layers = self._layers[own]
             picks = self._top[layers, None] - 1 - np.arange(n)
@@ -143,6 +146,21 @@ class PagePool:
             self._stage_free -= n * self.stage_layers
         self._update_free_counts()
         self._updated.update(dict.fromkeys(block_ids))
+
+    def _assign_one(self, block_id: int) -> None:
+        """:meth:`assign` of one block, every layer from its own region, one stage: the common
+        case (a request's next block), called per request and step, so no array temporaries
+        beyond one index vector and the counts kept as ints."""
+        # A scalar check (check_accounting verifies whole rows).
+        assert self.pages[block_id, 0] == NO_PAGE, f"block {block_id} already holds pages"
+        self._top -= 1
+        np.take(self._free_flat, self._stack_starts + self._top, out=self.pages[block_id],
+                mode="clip")  # indices are in range; "clip" writes out unbuffered
+        self._stage_free[0] -= self.num_layers
+        self.num_free_pages -= self.num_layers
+        self.num_free_whole_blocks = self.num_free_pages // self.num_layers
+        self._min_top -= 1
+        self._updated[block_id] = None
 
     def move(self, from_ids: list[int], to_ids: list[int]) -> None:
         """Hand every page of each ``from_ids`` block (which must hold all of its pages) to the

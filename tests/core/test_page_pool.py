@@ -274,3 +274,55 @@ def test_release_where_and_move_keep_the_accounting():
     free = pool.free_pages()
     held_pages = pool.pages[1:][pool.pages[1:] != NO_PAGE]
     assert len(np.unique(np.concatenate([free, held_pages]))) == 12
+
+
+@pytest.mark.filterwarnings("error::DeprecationWarning")
+@pytest.mark.parametrize("stages", [(4,), (2, 3)])
+def test_random_assign_and_release_keep_every_page_once(stages):
+    """Random single- and multi-block assignments (the one-block fast path included),
+    releases of whole blocks and of single layers, and moves: every usable page stays held by
+    one block or free, the free counts agree with the free lists, and a layer takes its own
+    region's pages while it has some."""
+    rng = np.random.default_rng(sum(stages))
+    layers = sum(stages)
+    pool = PagePool([6 * n + 1 for n in stages], list(stages), num_blocks=40)
+    regions = [(int(start), int(end)) for start, end in
+               zip(pool._region_start, pool._region_end, strict=True)]
+    holding: set[int] = set()
+    for _ in range(1000):
+        empty = [b for b in range(1, 40) if b not in holding]
+        op = rng.choice(4, p=[0.5, 0.1, 0.3, 0.1])
+        if op == 0 and empty and pool.num_free_whole_blocks:
+            blocks = rng.choice(empty, size=min(len(empty), pool.num_free_whole_blocks,
+                                                1 + int(rng.random() < 0.2)), replace=False)
+            had_own = [pool._top[layer] >= len(blocks) for layer in range(layers)]
+            pool.assign(blocks.tolist())
+            holding.update(blocks.tolist())
+            for layer, own in enumerate(had_own):
+                start, end = regions[layer]
+                if own:
+                    assert ((start <= pool.pages[blocks, layer])
+                            & (pool.pages[blocks, layer] < end)).all()
+        elif op == 1 and holding:
+            block = int(rng.choice(sorted(holding)))
+            pool.release_blocks([block])
+            holding.discard(block)
+        elif op == 2 and holding:
+            pool.release_page(int(rng.choice(sorted(holding))), int(rng.integers(layers)))
+        elif op == 3 and holding and empty:
+            source = int(rng.choice(sorted(holding)))
+            if pool.holds_all(source):
+                target = int(rng.choice(empty))
+                pool.move([source], [target])
+                holding.discard(source)
+                holding.add(target)
+        held = pool.pages[1:][pool.pages[1:] != NO_PAGE]
+        free = pool.free_pages()
+        everything = np.concatenate([held, free])
+        assert len(everything) == pool.num_usable_pages == len(np.unique(everything))
+        assert pool.num_free_pages == len(free)
+        per_stage = [len(free[(free >= lo) & (free < lo + 6 * n + 1)]) // n for lo, n in
+                     zip(np.cumsum([0, *[6 * n + 1 for n in stages]])[:-1], stages,
+                         strict=False)]
+        assert pool.num_free_whole_blocks == min(per_stage)
+        assert not any(pool.holds_any(b) for b in range(1, 40) if b not in holding)
