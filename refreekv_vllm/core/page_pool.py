@@ -207,12 +207,28 @@ class PagePool:
         """:meth:`release` for many blocks at once; returns how many pages went back."""
         if not block_ids:
             return 0
+        if len(block_ids) == 1 and self._release_home_row(block_ids[0]):
+            return self.num_layers
         ids = np.asarray(block_ids, dtype=np.int64)
         rows = self.pages[ids]
         held = rows[rows != NO_PAGE]
         self._push(held)
         self.pages[ids] = NO_PAGE
         return len(held)
+
+    def _release_home_row(self, block_id: int) -> bool:
+        """The common release: one block holding a page of its own region in every layer (no
+        pruning, no borrowed page), each page pushed back on its layer's stack. False, and
+        nothing done, for any other block."""
+        row = self.pages[block_id]
+        if not ((row >= self._region_start) & (row < self._region_end)).all():
+            return False
+        self._free_flat[self._stack_starts + self._top] = row
+        self._top += 1
+        self._stage_free += self.stage_layers
+        self._update_free_counts()
+        self.pages[block_id] = NO_PAGE
+        return True
 
     def holds_all_of(self, block_ids: list[int]) -> np.ndarray:
         """:meth:`holds_all` for many blocks at once."""
