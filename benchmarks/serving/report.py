@@ -51,7 +51,9 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
     commands = result["command"] if isinstance(result["command"], list) else [result["command"]]
     lines = [f"# Serving: plain vLLM vs ReFreeKV ({result['device']})", "",
              " and ".join(f"`{command}`" for command in commands)
-             + f" — vLLM {result['vllm_version']}, plugin {result['plugin_commit']}. "
+             + f" — vLLM {result['vllm_version']}, plugin {result['plugin_commit']}"
+             + (f" (sources {result['plugin_source_digest']})"
+                if "plugin_source_digest" in result else "") + ". "
              f"{result['note']}." + (f" {result['not_measured']}." if "not_measured" in result
                                      else ""), "",
              "## Ratios (ReFreeKV / plain vLLM, same run)", "",

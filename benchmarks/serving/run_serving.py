@@ -17,6 +17,7 @@ per-run numbers and a ``summary`` of plugin / plain ratios, a markdown table and
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -353,6 +354,16 @@ def device_name(device: str) -> str:
     return f"{cpuinfo.get_cpu_info().get('brand_raw', platform.machine())}, {os.cpu_count()} cores"
 
 
+def source_digest(package: Path) -> str:
+    """sha256 (first 12 hex digits) of a package's Python sources: ties a result to the code
+    that ran even where git's HEAD does not name it (a copied or installed tree)."""
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, check=True,
@@ -467,12 +478,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {}
     import vllm
 
+    import refreekv_vllm
+
     result = {
         "command": "python -m benchmarks.serving.run_serving " + " ".join(
             sys.argv[1:] if argv is None else argv),
         "device": device_name(args.device),
         "vllm_version": vllm.__version__,
         "plugin_commit": args.commit or git_commit(),
+        # Of the copy the servers imported; a checkout's refreekv_vllm/ gives the same digest.
+        "plugin_source_digest": source_digest(Path(refreekv_vllm.__file__).parent),
         "quick": args.quick,
         "note": PLAIN_RUNNER_NOTE,
         "wall_s": round(time.time() - started, 1),

@@ -1,6 +1,10 @@
 """How the serving benchmark orders and combines its runs (no servers)."""
 
-from benchmarks.serving.run_serving import merge_runs, round_order, round_ratios
+import shutil
+from pathlib import Path
+
+import refreekv_vllm
+from benchmarks.serving.run_serving import merge_runs, round_order, round_ratios, source_digest
 
 
 def test_rounds_rotate_and_palindromes_run_every_variant_forth_and_back():
@@ -59,3 +63,13 @@ def test_the_report_lists_every_runs_decode_steps():
     lines = decode_step_lines({"runs": {"long_c8/t0": run, "health/refreekv": {}}})
     assert lines[-1] == "| long_c8 | ReFreeKV T = 0 | 2.00 (7), 2.20 (7), 2.40 (7), 2.60 (7) |"
     assert decode_step_lines({"runs": {"long_c8/t0": {"output_tok_s": 1.0}}}) == []
+
+
+def test_source_digest_names_the_code_that_ran(tmp_path):
+    package = Path(refreekv_vllm.__file__).parent
+    copy = tmp_path / "refreekv_vllm"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert source_digest(copy) == source_digest(package)
+    config = copy / "config.py"
+    config.write_bytes(config.read_bytes() + b"\n")
+    assert source_digest(copy) != source_digest(package)
