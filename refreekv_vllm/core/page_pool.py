@@ -119,7 +119,7 @@ class PagePool:
             raise RuntimeError(f"page pool exhausted: {n} blocks need {n} pages in each of "
                                f"{self.num_layers} layers, {self.num_free_pages} are free "
                                f"({self._stage_free.tolist()} per stage)")
-        if n == 1 and self._min_top >= 1 and len(self._stage_free) == 1:
+        if n == 1 and self._min_top >= 1:
             self._assign_one(block_ids[0])
             return
         ids = block_ids[0] if n == 1 else np.asarray(block_ids, dtype=np.int64)
@@ -140,26 +140,20 @@ class PagePool:
             self._top[layers] -= n
             for layer in np.flatnonzero(~own).tolist():
                 self.pages[rows, layer] = self._take(layer, n)
-        if len(self._stage_free) == 1:
-            self._stage_free[0] -= n * self.num_layers
-        else:
-            self._stage_free -= n * self.stage_layers
+        self._stage_free -= n * self.stage_layers
         self._update_free_counts()
         self._updated.update(dict.fromkeys(block_ids))
 
     def _assign_one(self, block_id: int) -> None:
-        """:meth:`assign` of one block, every layer from its own region, one stage: the common
-        case (a request's next block), called per request and step, so no array temporaries
-        beyond one index vector and the counts kept as ints."""
+        """:meth:`assign` of one block, every layer from its own region: the common case (a
+        request's next block), called per request and step, so its pages are one np.take."""
         # A scalar check (check_accounting verifies whole rows).
         assert self.pages[block_id, 0] == NO_PAGE, f"block {block_id} already holds pages"
         self._top -= 1
         np.take(self._free_flat, self._stack_starts + self._top, out=self.pages[block_id],
                 mode="clip")  # indices are in range; "clip" writes out unbuffered
-        self._stage_free[0] -= self.num_layers
-        self.num_free_pages -= self.num_layers
-        self.num_free_whole_blocks = self.num_free_pages // self.num_layers
-        self._min_top -= 1
+        self._stage_free -= self.stage_layers
+        self._update_free_counts()
         self._updated[block_id] = None
 
     def move(self, from_ids: list[int], to_ids: list[int]) -> None:
@@ -285,9 +279,6 @@ class PagePool:
         rank = np.arange(len(pages)) - run_starts[regions]
         self._free[regions, self._top[regions] + rank] = pages
         self._top += counts
-        if len(self._stage_free) == 1:
-            self._stage_free[0] += len(pages)
-        else:
-            self._stage_free += np.bincount(self._stage_of_layer[regions],
-                                            minlength=len(self._stage_free))
+        self._stage_free += np.bincount(self._stage_of_layer, weights=counts,
+                                        minlength=len(self._stage_free)).astype(np.int64)
         self._update_free_counts()
