@@ -80,6 +80,13 @@ def window_probs(
     return probs.amax(dim=1) if agg == "max" else probs.mean(dim=1)
 
 
+def _head_tail_norms(probs: torch.Tensor, num_sink_tokens: int) -> torch.Tensor:
+    """``N_h(j) = sqrt(tail_h[j])``, ``tail_h[j] = sum_{p >= m + j} probs[h, p]^2``: every
+    head's norm over the candidates ``j = 0 .. n - m - 1`` (``[num_q_heads, n - m]``),
+    non-increasing in ``j``."""
+    return probs[:, num_sink_tokens:].square().flip(-1).cumsum(-1).flip(-1).sqrt()
+
+
 def head_norm_sum(probs: torch.Tensor, *, num_sink_tokens: int = 4) -> torch.Tensor:
     """``sum_h sqrt(tail_h[j])`` for ``j = 0 .. n - m - 1``: the heads' part of ``K(j)``
     (empty when ``n <= m``).
@@ -90,9 +97,7 @@ def head_norm_sum(probs: torch.Tensor, *, num_sink_tokens: int = 4) -> torch.Ten
     Args:
         probs: ``[num_q_heads, n]`` per-head attention mass per prompt position.
     """
-    sq = probs[:, num_sink_tokens:].square()  # [Hq, n - m], oldest candidate first
-    tail = sq.flip(-1).cumsum(-1).flip(-1)  # tail[h, j] = sum_{p >= j} sq[h, p]
-    return tail.sqrt().sum(dim=0)
+    return _head_tail_norms(probs, num_sink_tokens).sum(dim=0)
 
 
 def cut_from_head_norm_sum(
@@ -128,11 +133,10 @@ def head_cut_positions(probs: torch.Tensor, *, num_sink_tokens: int = 4,
     at which the head's own norm dropped by at most ``T`` of its baseline (0 when nothing can
     be pruned). Ranks holding some of the heads each take the minimum over theirs; the layer's
     ``j*`` is the minimum over all heads."""
-    sq = probs[:, num_sink_tokens:].square()  # [Hq, n - m]
-    num_heads, candidates = sq.shape
+    norms = _head_tail_norms(probs, num_sink_tokens)
+    num_heads, candidates = norms.shape
     if candidates <= 1 or threshold <= 0:
         return torch.zeros(num_heads, dtype=torch.int64, device=probs.device)
-    norms = sq.flip(-1).cumsum(-1).flip(-1).sqrt()  # N_h(j), non-increasing in j
     base = norms[:, :1]
     ok = (base - norms) <= threshold * base  # always true at j = 0
     index = torch.arange(candidates, device=probs.device)
@@ -142,7 +146,7 @@ def head_cut_positions(probs: torch.Tensor, *, num_sink_tokens: int = 4,
 def head_drops(probs: torch.Tensor, *, num_sink_tokens: int = 4) -> torch.Tensor:
     """``max_h (N_h(0) - N_h(j)) / N_h(0)`` for ``j = 0 .. n - m - 1`` (0 for a head without
     mass outside the sinks): the ``ratio`` curve of ``head_agg = "max"``."""
-    norms = probs[:, num_sink_tokens:].square().flip(-1).cumsum(-1).flip(-1).sqrt()
+    norms = _head_tail_norms(probs, num_sink_tokens)
     base = norms[:, :1]
     drops = torch.where(base > 0, (base - norms) / torch.where(base > 0, base, 1.0), 0.0)
     return drops.amax(dim=0)
