@@ -42,7 +42,11 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def build_engine(model: str, dtype: str = "bfloat16", max_model_len: int = 8192) -> Any:
+def build_engine(model: str, dtype: str = "bfloat16", max_model_len: int = 8192,
+                 cpu_kv_cache_gib: float = 2.0) -> Any:
+    """``cpu_kv_cache_gib``: the KV pool on CPUs. Policies run one after the other over the same
+    prompts, so a pool that holds a whole task's prompts lets each policy after the first hit
+    the prefix cache for everything but the window it must recompute."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM
 
@@ -50,7 +54,8 @@ def build_engine(model: str, dtype: str = "bfloat16", max_model_len: int = 8192)
 
     device_kwargs: dict[str, Any] = (
         {"block_size": 16, "gpu_memory_utilization": 0.5} if on_gpu() else
-        {"block_size": 32, "enforce_eager": True, "kv_cache_memory_bytes": 2 << 30})
+        {"block_size": 32, "enforce_eager": True,
+         "kv_cache_memory_bytes": int(cpu_kv_cache_gib * (1 << 30))})
     return LLM(model=model, **refreekv_llm_kwargs(dict(ENGINE_CONFIG)),
                enable_prefix_caching=True, dtype=dtype, max_model_len=max_model_len, seed=0,
                **device_kwargs)

@@ -196,6 +196,11 @@ def main() -> None:
     parser.add_argument("--iso-budget-of", default="",
                         help="comma-separated ReFreeKV policies: after them, the fixed budget "
                              "at each one's mean physical budget (the same memory)")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="",
+                        help="model dtype (default bfloat16; float32 for --quick on CPUs)")
+    parser.add_argument("--cpu-kv-cache-gib", type=float, default=2.0,
+                        help="KV pool on CPUs (GiB); large enough for a task's prompts, every "
+                             "policy after the first reuses their prefill from the prefix cache")
     args = parser.parse_args()
     start = time.perf_counter()
     grid = pol.quick_grid() if args.quick else pol.full_grid()
@@ -214,10 +219,11 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--iso-budget-of / --chosen name policies that do not run: {unknown}")
 
-    # The quick smoke run on CPUs uses fp32: vLLM's bf16 matmuls there take a path ~5x slower.
-    dtype = "float32" if args.quick and not eng.on_gpu() else "bfloat16"
+    # vLLM's bf16 matmuls on CPUs take a path ~5x slower than fp32: the quick smoke run uses
+    # fp32 there, and so may a CPU run that asks for it (the dtype is recorded).
+    dtype = args.dtype or ("float32" if args.quick and not eng.on_gpu() else "bfloat16")
     max_model_len = 32768 if args.size == "stats-long" else 8192
-    llm = eng.build_engine(path, dtype, max_model_len)
+    llm = eng.build_engine(path, dtype, max_model_len, args.cpu_kv_cache_gib)
     log(f"engine up ({name}, block size {eng.block_size_of(llm)})", start)
     sizes = QUICK_SIZES if args.quick else SIZES[args.size]
     tasks = keep_split(build_tasks(llm.get_tokenizer(), sizes,
