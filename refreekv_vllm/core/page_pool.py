@@ -119,9 +119,12 @@ class PagePool:
             raise RuntimeError(f"page pool exhausted: {n} blocks need {n} pages in each of "
                                f"{self.num_layers} layers, {self.num_free_pages} are free "
                                f"({self._stage_free.tolist()} per stage)")
-        if n == 1 and self._min_top >= 1:
-            self._assign_one(block_ids[0])
-            return
+        if n == 1:
+            if self._min_top >= 1:
+                self._assign_one(block_ids[0])
+                return
+            if self._assign_one_borrowing(block_ids[0]):
+                return
         ids = block_ids[0] if n == 1 else np.asarray(block_ids, dtype=np.int64)
         assert (self.pages[ids, 0] == NO_PAGE if n == 1 else (self.pages[ids] == NO_PAGE).all()), (
             f"blocks {block_ids} already hold pages")
@@ -155,6 +158,36 @@ class PagePool:
         self._stage_free -= self.stage_layers
         self._update_free_counts()
         self._updated[block_id] = None
+
+    def _assign_one_borrowing(self, block_id: int) -> bool:
+        """:meth:`assign` of one block when some regions are used up (under pruning, the layers
+        never pruned: then every new block is this case): each short layer takes a page from
+        the fullest region, every other layer from its own, all in one gather. Single-stage
+        pools only, and only while the fullest region can give every short layer a page;
+        returns False, having done nothing, otherwise."""
+        if len(self.stage_layers) != 1:
+            return False
+        top = self._top
+        short = top == 0
+        fullest = int(np.argmax(top))
+        takers = short.copy()
+        takers[fullest] = True  # the fullest region also gives its own layer's page
+        need = int(takers.sum())
+        if top[fullest] < need:
+            return False
+        assert self.pages[block_id, 0] == NO_PAGE, f"block {block_id} already holds pages"
+        source = np.where(short, fullest, self._layers)
+        depth = np.ones(self.num_layers, dtype=np.int64)
+        depth[takers] = np.arange(1, need + 1)
+        np.take(self._free_flat, self._stack_starts[source] + top[source] - depth,
+                out=self.pages[block_id], mode="clip")
+        top -= 1
+        top[short] += 1
+        top[fullest] -= need - 1
+        self._stage_free -= self.stage_layers
+        self._update_free_counts()
+        self._updated[block_id] = None
+        return True
 
     def move(self, from_ids: list[int], to_ids: list[int]) -> None:
         """Hand every page of each ``from_ids`` block (which must hold all of its pages) to the
