@@ -5,6 +5,8 @@
 //                        max / sum of exp2 over one key chunk; with one window row it also stores
 //                        the logits and the sum of squared exp2 over non-sink keys.
 //   combine_kernel       (window > 1) chunk stats -> log-sum-exp per row.
+//   given_lse_kernel     (window > 1, the rows' normalisers handed in, as the prefill attention
+//                        returns them) replaces the two above: the keys are read once.
 //   window_probs_kernel  (window > 1) re-reads the keys: r[h, pos] = agg_i(p[h, i, pos])^2 and
 //                        per-chunk sums of r.
 //   cut_kernel           grid (reqs): backward scan of per-head tail sums at chunk boundaries,
@@ -108,7 +110,9 @@ struct Params {
   float* row_max;             // [R, num_chunks, rows], rows = Hq * W_MAX
   float* row_sum;             // [R, num_chunks, rows]
   float* row_sum2;            // [R, num_chunks, Hq] (last row)
-  float* lse;                 // [R, rows] (window)
+  float* lse;                 // [R, rows] (window), log2 units
+  const float* given_lse;     // [R, W_MAX, Hq] natural-log normalisers handed in, or nullptr
+  int64_t g_sr, g_sw, g_sh;
   float* chunk_sum;           // [R, num_chunks, Hq] (window)
   int64_t q_sr, q_sw, q_sh, q_sd;
   int64_t k_sb, k_ss, k_sh, k_sd;
@@ -458,6 +462,21 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const Params p) {
   p.lse[static_cast<int64_t>(req) * rows_total + row] = m + log2f(fmaxf(l, 1e-30f));
 }
 
+// (window > 1, normalisers handed in) the attention's natural-log normaliser of each window row
+// -> lse in log2 units, as combine_kernel would have written it: the first pass is skipped.
+__global__ void __launch_bounds__(kThreads) given_lse_kernel(const Params p) {
+  const int req = blockIdx.x;
+  const int rows_total = p.num_q_heads * p.w_max;
+  const int row = blockIdx.y * kThreads + threadIdx.x;
+  if (row >= rows_total) return;
+  const int w_eff = window_eff(p, req, p.prompt_lens[req]);
+  const int head = row / p.w_max, i = row % p.w_max;
+  if (i >= w_eff) return;  // row never read
+  // Window row i of the request is query slot w_max - w_eff + i (right-aligned).
+  const float lse = p.given_lse[req * p.g_sr + (p.w_max - w_eff + i) * p.g_sw + head * p.g_sh];
+  p.lse[static_cast<int64_t>(req) * rows_total + row] = lse * kLog2e;
+}
+
 template <typename KT, typename QT>
 __global__ void __launch_bounds__(kThreads, 3) window_probs_kernel(const Params p) {
   const int chunk = blockIdx.x, kv_head = blockIdx.y, req = blockIdx.z;
@@ -758,10 +777,14 @@ void run_scoring(const Params& p, int num_reqs, cudaStream_t stream) {
     return;
   }
   const size_t smem = TileSmem<QT, KT, kStagesWindow>::bytes(p.q_rows, p.head_size);
-  launch(stats_kernel<KT, QT, false, kRowsPerWarp>, grid, smem, stream, p);
   const int rows_total = p.num_q_heads * p.w_max;
-  combine_kernel<<<dim3(num_reqs, (rows_total + kThreads - 1) / kThreads), kThreads, 0,
-                   stream>>>(p);
+  const dim3 row_grid(num_reqs, (rows_total + kThreads - 1) / kThreads);
+  if (p.given_lse != nullptr) {
+    given_lse_kernel<<<row_grid, kThreads, 0, stream>>>(p);
+  } else {
+    launch(stats_kernel<KT, QT, false, kRowsPerWarp>, grid, smem, stream, p);
+    combine_kernel<<<row_grid, kThreads, 0, stream>>>(p);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   launch(window_probs_kernel<KT, QT>, grid, smem, stream, p);
 }
@@ -813,8 +836,8 @@ void compute_cuts(const at::Tensor& query, const at::Tensor& key_cache,
                   const at::Tensor& block_tables, const at::Tensor& prompt_lens,
                   const at::Tensor& window_lens, const at::Tensor& thresholds, at::Tensor& cuts,
                   at::Tensor& workspace, const std::optional<at::Tensor>& curve,
-                  int64_t num_sink_tokens, double scale, bool agg_max, int64_t chunk_size,
-                  int64_t max_prompt_len) {
+                  const std::optional<at::Tensor>& window_lse, int64_t num_sink_tokens,
+                  double scale, bool agg_max, int64_t chunk_size, int64_t max_prompt_len) {
   using namespace refreekv;
   TORCH_CHECK(query.dim() == 4, "query must be [R, W_MAX, Hq, D]");
   TORCH_CHECK(key_cache.dim() == 4, "key_cache must be [num_blocks, block_size, Hkv, D]");
@@ -866,6 +889,12 @@ void compute_cuts(const at::Tensor& query, const at::Tensor& key_cache,
                 "curve must be fp32 [R, L] with unit inner stride");
     TORCH_CHECK(c.size(1) >= max_prompt_len - num_sink_tokens, "curve too short");
   }
+  if (window_lse.has_value()) {
+    const at::Tensor& g = *window_lse;
+    TORCH_CHECK(g.dim() == 3 && g.size(0) == R && g.size(1) == w_max && g.size(2) == hq &&
+                    g.scalar_type() == at::kFloat && g.device() == query.device(),
+                "window_lse must be fp32 [R, W_MAX, Hq] on the query's device");
+  }
   if (R == 0) return;
 
   const c10::cuda::OptionalCUDAGuard guard(query.device());
@@ -880,6 +909,13 @@ void compute_cuts(const at::Tensor& query, const at::Tensor& key_cache,
   p.thresholds = thresholds.data_ptr<float>();
   p.cuts = cuts.data_ptr<int>();
   p.curve = curve.has_value() ? curve->data_ptr<float>() : nullptr;
+  // One row has no normaliser to find (the last-row pass needs none): ignored there.
+  if (window_lse.has_value() && !last_row) {
+    p.given_lse = window_lse->data_ptr<float>();
+    p.g_sr = window_lse->stride(0);
+    p.g_sw = window_lse->stride(1);
+    p.g_sh = window_lse->stride(2);
+  }
   float* ws = workspace.data_ptr<float>();
   p.vals = ws + layout.vals;
   p.row_max = ws + layout.row_max;

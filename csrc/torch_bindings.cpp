@@ -11,19 +11,20 @@ void compute_cuts(const at::Tensor& query, const at::Tensor& key_cache,
                   const at::Tensor& block_tables, const at::Tensor& prompt_lens,
                   const at::Tensor& window_lens, const at::Tensor& thresholds, at::Tensor& cuts,
                   at::Tensor& workspace, const std::optional<at::Tensor>& curve,
-                  int64_t num_sink_tokens, double scale, bool agg_max, int64_t chunk_size,
-                  int64_t max_prompt_len);
+                  const std::optional<at::Tensor>& window_lse, int64_t num_sink_tokens,
+                  double scale, bool agg_max, int64_t chunk_size, int64_t max_prompt_len);
 
 int64_t workspace_numel(int64_t num_reqs, int64_t w_max, int64_t num_q_heads,
                         int64_t max_prompt_len, int64_t chunk_size);
 
 TORCH_LIBRARY(_refreekv_C, m) {
-  // cuts, workspace and curve are written; everything else is read-only.
+  // cuts, workspace and curve are written; everything else is read-only. window_lse: the
+  // window rows' natural-log softmax normalisers (the prefill attention's), or None.
   m.def(
       "compute_cuts(Tensor query, Tensor key_cache, Tensor block_tables, Tensor prompt_lens, "
       "Tensor window_lens, Tensor thresholds, Tensor(a!) cuts, Tensor(b!) workspace, "
-      "Tensor(c!)? curve, int num_sink_tokens, float scale, bool agg_max, int chunk_size, "
-      "int max_prompt_len) -> ()");
+      "Tensor(c!)? curve, Tensor? window_lse, int num_sink_tokens, float scale, bool agg_max, "
+      "int chunk_size, int max_prompt_len) -> ()");
   // Host arithmetic only: one kernel for every dispatch key.
   m.def("workspace_numel(int num_reqs, int w_max, int num_q_heads, int max_prompt_len, "
         "int chunk_size) -> int",

@@ -31,9 +31,9 @@ SCORING_CHUNK = 1024
 
 def wants_prefill_lse(step: StepContext, layer: int) -> bool:
     """Whether this layer's forward should keep the attention's softmax normaliser: only when
-    the config asks for it, only the Triton kernel uses it, and only for windows of more than
-    one row."""
-    return (step.config.reuse_attention_lse and step.kernel == "triton"
+    the config asks for it, only the GPU kernels use it, and only for windows of more than one
+    row."""
+    return (step.config.reuse_attention_lse and step.kernel in ("triton", "cuda")
             and layer not in step.config.frozen_layers
             and any(capture.window > 1 for capture in step.captures))
 

@@ -250,8 +250,8 @@ def compute_cuts(
             ``launch_utils.default_chunk_size`` (larger for the Triton window pass).
         window_lse: optional ``[R, W_MAX, num_q_heads]`` fp32 natural-log softmax normaliser
             of every query row (FlashAttention's ``softmax_lse`` of the prefill), aligned with
-            ``query``. The Triton backend then reads the keys once instead of twice for
-            windows of w > 1 rows; the other backends compute the normaliser themselves.
+            ``query``. The GPU backends then read the keys once instead of twice for windows
+            of w > 1 rows; the torch backend computes the normaliser itself.
         head_reduction: tensor parallelism (``query`` holds this rank's heads): combine the
             ranks' heads (``torch`` backend only).
 
@@ -274,12 +274,11 @@ def compute_cuts(
     if head_reduction is not None:
         raise ValueError(f"the {backend} backend scores all heads on one rank; tensor "
                          "parallelism needs the torch backend")
-    extra: dict = {}
     fn: Callable[..., torch.Tensor]
     if backend == "triton":
         from refreekv_vllm.ops.triton_last_row_scores import triton_compute_cuts
 
-        fn, extra = triton_compute_cuts, {"window_lse": window_lse}
+        fn = triton_compute_cuts
     elif backend == "cuda":
         from refreekv_vllm.ops._custom_ops import cuda_compute_cuts
 
@@ -289,7 +288,8 @@ def compute_cuts(
     return fn(
         query, key_cache, block_tables, prompt_lens, window_lens, thresholds,
         num_sink_tokens=num_sink_tokens, scale=scale, agg=agg, max_prompt_len=max_prompt_len,
-        curve_out=curve_out, out=out, workspace=workspace, chunk_size=chunk_size, **extra,
+        curve_out=curve_out, out=out, workspace=workspace, chunk_size=chunk_size,
+        window_lse=window_lse,
     )  # fmt: skip
 
 

@@ -86,12 +86,14 @@ def cuda_compute_cuts(
     out: torch.Tensor | None = None,
     workspace: torch.Tensor | None = None,
     chunk_size: int | None = None,
+    window_lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """CUDA twin of ``triton_compute_cuts`` (same arguments and result).
 
     A ``query`` whose dtype is neither ``key_cache``'s nor fp32 is upcast (one copy). At most
     64 window rows, 256 query heads and head size 256. ``workspace``: flat fp32 of at least
-    :func:`cuda_workspace_numel` elements.
+    :func:`cuda_workspace_numel` elements. ``window_lse``: as in ``triton_compute_cuts``, the
+    window rows' normalisers, so that the keys are read once.
     """
     load_extension()
     r, w_max, hq, d = query.shape
@@ -111,7 +113,7 @@ def cuda_compute_cuts(
         workspace = torch.empty(need, dtype=torch.float32, device=query.device)
     torch.ops._refreekv_C.compute_cuts(
         query, key_cache, block_tables, prompt_lens, window_lens, thresholds, out, workspace,
-        curve_out, num_sink_tokens, d**-0.5 if scale is None else scale, agg == "max", chunk,
-        max_prompt_len,
+        curve_out, window_lse, num_sink_tokens, d**-0.5 if scale is None else scale,
+        agg == "max", chunk, max_prompt_len,
     )  # fmt: skip
     return out

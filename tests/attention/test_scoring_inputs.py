@@ -102,7 +102,7 @@ def test_a_chunk_without_normalisers_sends_none(recorded):
     assert scoring.window_normalisers["own"] == before + 2  # two requests, one layer each
 
 
-def test_only_the_triton_kernel_with_a_window_asks_for_normalisers():
+def test_only_gpu_kernels_with_a_window_ask_for_normalisers():
     window = [WindowCapture("a", 10, 4, token_indices=range(0, 1), window_slots=range(3, 4))]
     assert not scoring.wants_prefill_lse(StepContext(RefreeKVConfig(), "triton", captures=window),
                                          LAYER)  # off unless the config asks for it
@@ -110,7 +110,8 @@ def test_only_the_triton_kernel_with_a_window_asks_for_normalisers():
     window = [WindowCapture("a", 10, 4, token_indices=range(0, 1), window_slots=range(3, 4))]
     one_row = [WindowCapture("a", 10, 1, token_indices=range(0, 1), window_slots=range(0, 1))]
     assert scoring.wants_prefill_lse(StepContext(config, "triton", captures=window), LAYER)
-    assert not scoring.wants_prefill_lse(StepContext(config, "cuda", captures=window), LAYER)
+    assert scoring.wants_prefill_lse(StepContext(config, "cuda", captures=window), LAYER)
+    assert not scoring.wants_prefill_lse(StepContext(config, "torch", captures=window), LAYER)
     assert not scoring.wants_prefill_lse(StepContext(config, "triton", captures=one_row), LAYER)
     frozen = config.frozen_layers[0]
     assert not scoring.wants_prefill_lse(StepContext(config, "triton", captures=window), frozen)

@@ -239,6 +239,29 @@ def test_given_window_lse_replaces_the_first_pass(config, tiles):
 
 
 @needs_cuda
+@pytest.mark.parametrize("config", WINDOW_CONFIGS, ids=lambda c: "-".join(map(str, c)))
+def test_cuda_given_window_lse_replaces_the_first_pass(config):
+    """The CUDA kernel with the window rows' normalisers handed in: same cuts and curve as the
+    reference, and its first pass's statistics (row max and sum) never written."""
+    from refreekv_vllm.ops._custom_ops import cuda_compute_cuts, cuda_workspace_numel
+
+    case = _case(config, seed=40 + CONFIGS.index(config))
+    r, w_max, hq, _ = case.query.shape
+    chunk = 64
+    workspace = torch.full((cuda_workspace_numel(r, w_max, hq, case.max_len, chunk),),
+                           float("nan"), device=DEVICE)
+    curve = torch.full((case.num_reqs, case.max_len), -7.0, device=DEVICE)
+    cuts = cuda_compute_cuts(**case.kwargs(), curve_out=curve, max_prompt_len=case.max_len,
+                             chunk_size=chunk, window_lse=case.window_lse(),
+                             workspace=workspace)  # fmt: skip
+    _check(case, cuts, curve)
+    # The layout's row_max and row_sum sections (after vals): [R, chunks, Hq * W_MAX] each.
+    chunks = -(-case.max_len // chunk)
+    first_pass = workspace[r * hq * chunks * chunk:][: 2 * r * chunks * hq * w_max]
+    assert bool(first_pass.isnan().all())
+
+
+@needs_cuda
 def test_flash_attention_lse_feeds_the_window_pass():
     """vLLM's FlashAttention returns the normaliser the window pass expects (base e, scaled
     logits, ``[heads, tokens]``), read from the same paged cache."""
@@ -258,10 +281,11 @@ def test_flash_attention_lse_feeds_the_window_pass():
     for i, k in enumerate(rows):
         torch.testing.assert_close(window_lse[i, w_max - k:], expected[i, w_max - k:],
                                    rtol=0, atol=2e-3)  # fmt: skip
-    curve = torch.full((case.num_reqs, case.max_len), -7.0, device=DEVICE)
-    cuts = compute_cuts(**case.kwargs(), backend="triton", curve_out=curve,
-                        max_prompt_len=case.max_len, window_lse=window_lse)  # fmt: skip
-    _check(case, cuts, curve)
+    for backend in ("triton", "cuda"):
+        curve = torch.full((case.num_reqs, case.max_len), -7.0, device=DEVICE)
+        cuts = compute_cuts(**case.kwargs(), backend=backend, curve_out=curve,
+                            max_prompt_len=case.max_len, window_lse=window_lse)  # fmt: skip
+        _check(case, cuts, curve)
 
 
 @pytest.mark.parametrize("backend", _backends())
@@ -360,7 +384,7 @@ def test_cuda_op_passes_opcheck():
     ws = torch.empty(cuda_workspace_numel(2, 8, 8, 96, 64), device=DEVICE)
     curve = torch.zeros(2, 96, device=DEVICE)
     args = (case.query, case.key_cache, case.block_tables, case.prompt_lens, case.window_lens,
-            case.thresholds, cuts, ws, curve, 4, 0.125, True, 64, 96)  # fmt: skip
+            case.thresholds, cuts, ws, curve, None, 4, 0.125, True, 64, 96)  # fmt: skip
     torch.library.opcheck(
         torch.ops._refreekv_C.compute_cuts.default, args,
         test_utils=("test_schema", "test_faketensor"),
