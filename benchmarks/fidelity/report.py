@@ -72,7 +72,8 @@ def _policy_table(summaries: list[Mapping[str, Any]]) -> list[str]:
 
 
 def _task_table(task: Mapping[str, Any]) -> list[str]:
-    lines = [f"### {task['name']} — {task['metric']} (%)", "", task["notes"], "",
+    metric = f" — {task['metric']} (%)" if task["metric"] else ""
+    lines = [f"### {task['name']}{metric}", "", task["notes"], "",
              "| policy | score | rel. change [95% CI] | full score | agreement | ideal budget | "
              "physical budget | n | wall s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -115,7 +116,7 @@ def plot(result: Mapping[str, Any], out_dir: Path, suffix: str) -> list[str]:
                              family, dict(marker="o", linestyle="-"))
                 ax.plot([p[0] for p in points], [100 * p[1] for p in points], label=family,
                         color=colors[family], **style)
-            ax.set_title(f"{task['name']}: {task['metric']}" if key == "score"
+            ax.set_title(f"{task['name']}: {task['metric'] or 'score'}" if key == "score"
                          else task["name"], fontsize=10)
             ax.set_xlabel("physical budget (resident prompt blocks)", fontsize=8)
             ax.set_ylabel(f"{label} (%)", fontsize=8)
@@ -134,20 +135,31 @@ def plot(result: Mapping[str, Any], out_dir: Path, suffix: str) -> list[str]:
     return names
 
 
+def _wall_time(result: Mapping[str, Any]) -> str:
+    if result["wall_s"] is not None:
+        return f"{result['wall_s']:.0f} s."
+    left_out = result.get("left_out")
+    return ("not recorded: the run was stopped and its summaries rebuilt from its samples "
+            "(`benchmarks.fidelity.from_samples`)"
+            + (f"; left out: {', '.join(left_out)}." if left_out else "."))
+
+
 def write_markdown(result: Mapping[str, Any], path: Path, images: list[str]) -> None:
     summary, paper = result["summary"], result["paper_rule_summary"]
     configured, machine = result["configured_default_summary"], result["machine"]
     lines = [f"# ReFreeKV fidelity{' (quick)' if result['quick'] else ''}", "",
              f"Model {result['model']}; {machine.get('gpu') or machine['cpu_model']}"
-             f" ({machine['cpu_cores']} cores); total wall time "
-             f"{result['wall_s']:.0f} s.", "", f"Command: `{result['command']}`", "",
+             f" ({machine['cpu_cores']} cores); total wall time {_wall_time(result)}",
+             "", f"Command: `{result['command']}`", "",
              "Every policy runs in one engine (prefix caching on), selected per request through "
              "`vllm_xargs`; greedy decoding; each task's samples run as one batch per policy. "
              "Agreement = exact match of the generated text with the full-cache output of the "
              "same sample. Ideal budget = the paper's token-level budget (mean over layers); "
              "physical budget = prompt KV blocks still resident / prompt blocks, over all layers. "
-             "The full cache's wall time includes the prefill that later policies reuse from the "
-             "prefix cache (a pruned request recomputes only its last window's tokens).",
+             "The full cache's wall time includes the prefill that the full-cache rerun and "
+             "the first pruned policy reuse from the prefix cache (a pruned request recomputes "
+             "only its last window's tokens); pruning takes the pruned blocks out of the prefix "
+             "cache, so each later policy computes its prompts again.",
              "", f"Goal: {GOAL_TEXT}.", "",
              f"Samples: {result.get('size', 'full')} size, {result.get('split', 'all')} split; "
              f"{summary.get('policies_compared', 'n/a')} ReFreeKV policies compared "

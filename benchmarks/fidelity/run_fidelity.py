@@ -96,6 +96,7 @@ def run_task(llm: Any, task: Task, policies: list[pol.Policy], samples_file: Any
                 "task": task.name, "policy": policy.name, "id": s.id, "score": score,
                 "agree": out == ref, "ideal": b.ideal,
                 "physical": b.physical, "reported": b.reported, "output": out}) + "\n")
+        samples_file.flush()  # a stopped run keeps every finished policy (from_samples.py)
         log(f"  {i + 1:2d}/{len(policies)} {policy.name:24s} score "
             f"{100 * metrics['score']:5.1f}%  agreement "
             f"{100 * metrics['agreement']:5.1f}%  ideal {metrics['ideal_budget']:.3f}  "

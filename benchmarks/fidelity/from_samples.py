@@ -1,0 +1,101 @@
+"""Summaries of a fidelity run rebuilt from its samples file, for a run that was stopped before
+it finished (every (task, policy) pair whose samples are all in the file is kept; the others
+are left out and named).
+
+    python -m benchmarks.fidelity.from_samples RESULTS/fidelity_stats_dev_samples.jsonl \\
+        --model SmolLM2-135M-Instruct --command "python -m benchmarks.fidelity.run_fidelity ..."
+
+Writes ``<stem>.json`` and ``.md`` (and plots) next to the samples file, ``<stem>`` being the
+samples file's name without ``_samples.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from benchmarks.fidelity import engine as eng
+from benchmarks.fidelity import policies as pol
+from benchmarks.fidelity.policies import ENGINE_CONFIG
+from benchmarks.fidelity.report import plot, write_markdown
+from benchmarks.fidelity.run_fidelity import summarise
+from benchmarks.fidelity.summary import GOAL, GOAL_TEXT, task_metrics
+
+
+def read_samples(path: Path) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """task -> policy -> sample records, in file order."""
+    by_task: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(dict)
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            record = json.loads(line)
+            by_task[record["task"]].setdefault(record["policy"], []).append(record)
+    return dict(by_task)
+
+
+def rebuild(samples: dict[str, dict[str, list[dict[str, Any]]]]
+            ) -> tuple[list[dict[str, Any]], list[str], list[str]]:
+    """``result["tasks"]`` entries of the complete (task, policy) pairs, the policies run on
+    every kept task, and what was left out."""
+    tasks, left_out = [], []
+    for name, by_policy in samples.items():
+        full = by_policy.get(pol.FULL.name)
+        if full is None:
+            left_out.append(f"{name} (no full-cache reference)")
+            continue
+        ids = [s["id"] for s in full]
+        policies: dict[str, Any] = {}
+        for policy, records in by_policy.items():
+            if [s["id"] for s in records] != ids:
+                left_out.append(f"{name}/{policy} ({len(records)} of {len(ids)} samples)")
+                continue
+            policies[policy] = task_metrics(
+                name, [s["score"] for s in records], [s["score"] for s in full],
+                [s["output"] for s in records], [s["output"] for s in full],
+                [s["ideal"] for s in records], [s["physical"] for s in records], wall_s=0.0)
+        tasks.append({"name": name, "metric": "", "notes": "", "policies": policies,
+                      "subset_ids": ids})
+    everywhere = [p for p in tasks[0]["policies"]
+                  if all(p in t["policies"] for t in tasks)] if tasks else []
+    for task in tasks:
+        for policy in set(task["policies"]) - set(everywhere):
+            left_out.append(f"{task['name']}/{policy} (not run on every task)")
+            del task["policies"][policy]
+    return tasks, everywhere, left_out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("samples", type=Path)
+    parser.add_argument("--model", required=True, help="the model the run served")
+    parser.add_argument("--command", required=True, help="the command that made the samples")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--size", default="stats", help="the run's --size")
+    parser.add_argument("--split", default="all", help="the run's --split")
+    args = parser.parse_args()
+    tasks, names, left_out = rebuild(read_samples(args.samples))
+    if not tasks:
+        raise SystemExit(f"no complete task in {args.samples}")
+    policies = pol.select(pol.full_grid(), names)
+    stem = args.samples.name.removesuffix("_samples.jsonl")
+    result: dict[str, Any] = {
+        "command": args.command, "quick": False, "model": args.model, "machine": eng.machine(),
+        "engine": {"refreekv": ENGINE_CONFIG, "dtype": args.dtype},
+        "goal": {**GOAL, "text": GOAL_TEXT}, "policies": [p.name for p in policies],
+        "policy_families": {p.name: p.family for p in policies},
+        "policy_xargs": {p.name: p.xargs() for p in policies},
+        "size": args.size, "split": args.split, "tasks": tasks, "wall_s": None,
+        "stopped_early": True, "left_out": left_out,
+    }
+    summarise(result, policies, None)
+    out_dir = args.samples.parent
+    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    images = plot(result, out_dir, stem[len("fidelity"):])
+    write_markdown(result, out_dir / f"{stem}.md", images)
+    print(f"wrote {out_dir / stem}.json/.md from {len(tasks)} task(s); left out: {left_out}")
+
+
+if __name__ == "__main__":
+    main()
