@@ -45,8 +45,9 @@ def machine() -> dict[str, Any]:
 def build_engine(model: str, dtype: str = "bfloat16", max_model_len: int = 8192,
                  cpu_kv_cache_gib: float = 2.0) -> Any:
     """``cpu_kv_cache_gib``: the KV pool on CPUs. Policies run one after the other over the same
-    prompts, so a pool that holds a whole task's prompts lets each policy after the first hit
-    the prefix cache for everything but the window it must recompute."""
+    prompts: with a pool that holds a whole task's prompts, the full-cache rerun and the first
+    pruned policy hit the prefix cache for everything but the window they must recompute
+    (pruning then takes the pruned blocks out of the cache, so later policies prefill again)."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM
 

@@ -17,12 +17,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from benchmarks.fidelity import engine as eng
 from benchmarks.fidelity import policies as pol
-from benchmarks.fidelity.policies import ENGINE_CONFIG
 from benchmarks.fidelity.report import plot, write_markdown
-from benchmarks.fidelity.run_fidelity import summarise
-from benchmarks.fidelity.summary import GOAL, GOAL_TEXT, task_metrics
+from benchmarks.fidelity.run_fidelity import result_header, summarise
+from benchmarks.fidelity.summary import task_metrics
 
 
 def read_samples(path: Path) -> dict[str, dict[str, list[dict[str, Any]]]]:
@@ -60,7 +58,7 @@ def rebuild(samples: dict[str, dict[str, list[dict[str, Any]]]]
     everywhere = [p for p in tasks[0]["policies"]
                   if all(p in t["policies"] for t in tasks)] if tasks else []
     for task in tasks:
-        for policy in set(task["policies"]) - set(everywhere):
+        for policy in [p for p in task["policies"] if p not in everywhere]:
             left_out.append(f"{task['name']}/{policy} (not run on every task)")
             del task["policies"][policy]
     return tasks, everywhere, left_out
@@ -80,15 +78,9 @@ def main() -> None:
         raise SystemExit(f"no complete task in {args.samples}")
     policies = pol.select(pol.full_grid(), names)
     stem = args.samples.name.removesuffix("_samples.jsonl")
-    result: dict[str, Any] = {
-        "command": args.command, "quick": False, "model": args.model, "machine": eng.machine(),
-        "engine": {"refreekv": ENGINE_CONFIG, "dtype": args.dtype},
-        "goal": {**GOAL, "text": GOAL_TEXT}, "policies": [p.name for p in policies],
-        "policy_families": {p.name: p.family for p in policies},
-        "policy_xargs": {p.name: p.xargs() for p in policies},
-        "size": args.size, "split": args.split, "tasks": tasks, "wall_s": None,
-        "stopped_early": True, "left_out": left_out,
-    }
+    result = result_header(args.command, args.model, policies, {"dtype": args.dtype},
+                           args.size, args.split)
+    result.update(tasks=tasks, wall_s=None, stopped_early=True, left_out=left_out)
     summarise(result, policies, None)
     out_dir = args.samples.parent
     (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")

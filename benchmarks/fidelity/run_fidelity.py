@@ -106,6 +106,20 @@ def run_task(llm: Any, task: Task, policies: list[pol.Policy], samples_file: Any
             "prompt_tokens": [len(s.prompt_ids) for s in task.samples], "policies": by_policy}
 
 
+def result_header(command: str, model: str, policies: list[pol.Policy],
+                  engine: dict[str, Any], size: str, split: str, quick: bool = False
+                  ) -> dict[str, Any]:
+    """What a result file says of its run before any task: the command, model, machine,
+    engine settings, goal and the compared policies (``tasks`` still empty)."""
+    return {"command": command, "quick": quick, "model": model, "machine": eng.machine(),
+            "engine": {"refreekv": pol.ENGINE_CONFIG, **engine},
+            "goal": {**GOAL, "text": GOAL_TEXT},
+            "policies": [p.name for p in policies],
+            "policy_families": {p.name: p.family for p in policies},
+            "policy_xargs": {p.name: p.xargs() for p in policies},
+            "size": size, "split": split, "tasks": []}
+
+
 ISO_TOLERANCE = 0.02  # physical budget a fixed-budget baseline may miss its target by
 
 
@@ -200,8 +214,9 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="",
                         help="model dtype (default bfloat16; float32 for --quick on CPUs)")
     parser.add_argument("--cpu-kv-cache-gib", type=float, default=2.0,
-                        help="KV pool on CPUs (GiB); large enough for a task's prompts, every "
-                             "policy after the first reuses their prefill from the prefix cache")
+                        help="KV pool on CPUs (GiB); large enough for a task's prompts, the "
+                             "full-cache rerun and the first pruned policy reuse their prefill "
+                             "from the prefix cache")
     args = parser.parse_args()
     start = time.perf_counter()
     grid = pol.quick_grid() if args.quick else pol.full_grid()
@@ -230,20 +245,12 @@ def main() -> None:
     tasks = keep_split(build_tasks(llm.get_tokenizer(), sizes,
                                    [t for t in args.tasks.split(",") if t]), args.split)
     log(f"{len(tasks)} tasks, {len(policies)} policies", start)
-    result: dict[str, Any] = {
-        "command": shlex.join(["python", "-m", "benchmarks.fidelity.run_fidelity",
-                               *sys.argv[1:]]),
-        "quick": args.quick,
-        "model": name, "machine": eng.machine(),
-        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "engine": {"refreekv": pol.ENGINE_CONFIG, "block_size": eng.block_size_of(llm),
-                   "prefix_caching": True, "dtype": dtype, "max_model_len": max_model_len},
-        "goal": {**GOAL, "text": GOAL_TEXT},
-        "policies": [p.name for p in policies],
-        "policy_families": {p.name: p.family for p in policies},
-        "policy_xargs": {p.name: p.xargs() for p in policies},
-        "size": "quick" if args.quick else args.size,
-        "split": args.split, "tasks": []}
+    result = result_header(
+        shlex.join(["python", "-m", "benchmarks.fidelity.run_fidelity", *sys.argv[1:]]), name,
+        policies, {"block_size": eng.block_size_of(llm), "prefix_caching": True,
+                   "dtype": dtype, "max_model_len": max_model_len},
+        "quick" if args.quick else args.size, args.split, quick=args.quick)
+    result["started"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     references: dict[str, dict[str, list]] = {task.name: {} for task in tasks}
     with open(out_dir / f"{stem}_samples.jsonl", "w", encoding="utf-8") as samples_file:
         for k, task in enumerate(tasks):

@@ -181,9 +181,7 @@ class PagePool:
         depth[takers] = np.arange(1, need + 1)
         np.take(self._free_flat, self._stack_starts[source] + top[source] - depth,
                 out=self.pages[block_id], mode="clip")
-        top -= 1
-        top[short] += 1
-        top[fullest] -= need - 1
+        top -= np.bincount(source, minlength=self.num_layers)
         self._stage_free -= self.stage_layers
         self._update_free_counts()
         self._updated[block_id] = None
