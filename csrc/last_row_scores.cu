@@ -792,52 +792,13 @@ void run_scoring(const Params& p, int num_reqs, cudaStream_t stream) {
 }  // namespace
 }  // namespace refreekv
 
-// Workspace layout: the one definition, used by compute_cuts and exported as
-// torch.ops._refreekv_C.workspace_numel (which refreekv_vllm/ops/_custom_ops.py asks). fp32,
-// in this order:
-//   vals [R, Hq, num_chunks * chunk], row_max [R, num_chunks, Hq * W_MAX], row_sum (same),
-//   then for W_MAX == 1: row_sum2 [R, num_chunks, Hq]
-//   else:                lse [R, Hq * W_MAX], chunk_sum [R, num_chunks, Hq].
-namespace refreekv {
-struct WorkspaceLayout {
-  int64_t num_chunks, n_scratch;
-  // Offsets in fp32 elements; row_sum2 and lse share an offset (one or the other is used).
-  int64_t vals, row_max, row_sum, row_sum2, lse, chunk_sum, total;
-};
-
-WorkspaceLayout workspace_layout(int64_t num_reqs, int64_t w_max, int64_t num_q_heads,
-                                 int64_t max_prompt_len, int64_t chunk_size) {
-  WorkspaceLayout l{};
-  l.num_chunks = std::max<int64_t>(1, (max_prompt_len + chunk_size - 1) / chunk_size);
-  l.n_scratch = l.num_chunks * chunk_size;
-  const int64_t rows = num_q_heads * w_max;
-  l.vals = 0;
-  l.row_max = l.vals + num_reqs * num_q_heads * l.n_scratch;
-  l.row_sum = l.row_max + num_reqs * l.num_chunks * rows;
-  l.row_sum2 = l.lse = l.row_sum + num_reqs * l.num_chunks * rows;
-  if (w_max == 1) {
-    l.chunk_sum = l.row_sum2;  // unused
-    l.total = l.row_sum2 + num_reqs * l.num_chunks * num_q_heads;
-  } else {
-    l.chunk_sum = l.lse + num_reqs * rows;
-    l.total = l.chunk_sum + num_reqs * l.num_chunks * num_q_heads;
-  }
-  return l;
-}
-}  // namespace refreekv
-
-int64_t workspace_numel(int64_t num_reqs, int64_t w_max, int64_t num_q_heads,
-                        int64_t max_prompt_len, int64_t chunk_size) {
-  return refreekv::workspace_layout(num_reqs, w_max, num_q_heads, max_prompt_len, chunk_size)
-      .total;
-}
-
 void compute_cuts(const at::Tensor& query, const at::Tensor& key_cache,
                   const at::Tensor& block_tables, const at::Tensor& prompt_lens,
                   const at::Tensor& window_lens, const at::Tensor& thresholds, at::Tensor& cuts,
                   at::Tensor& workspace, const std::optional<at::Tensor>& curve,
                   const std::optional<at::Tensor>& window_lse, int64_t num_sink_tokens,
-                  double scale, bool agg_max, int64_t chunk_size, int64_t max_prompt_len) {
+                  double scale, bool agg_max, int64_t chunk_size, int64_t max_prompt_len,
+                  c10::IntArrayRef workspace_offsets) {
   using namespace refreekv;
   TORCH_CHECK(query.dim() == 4, "query must be [R, W_MAX, Hq, D]");
   TORCH_CHECK(key_cache.dim() == 4, "key_cache must be [num_blocks, block_size, Hkv, D]");
@@ -875,12 +836,31 @@ void compute_cuts(const at::Tensor& query, const at::Tensor& key_cache,
   }
   TORCH_CHECK(query.is_cuda(), "compute_cuts runs on CUDA tensors");
 
-  const WorkspaceLayout layout = workspace_layout(R, w_max, hq, max_prompt_len, chunk_size);
-  const int64_t num_chunks = layout.num_chunks;
-  const int64_t n_scratch = layout.n_scratch;
+  // The scratch layout is defined once, in refreekv_vllm/ops/workspace.py (the Triton kernels
+  // follow it too): offsets of vals, row_max, row_sum, row_sum2, lse, chunk_sum, then the end.
+  TORCH_CHECK(workspace_offsets.size() == 7,
+              "workspace_offsets must hold the 6 section starts and the total");
+  for (size_t i = 0; i + 1 < workspace_offsets.size(); ++i) {
+    TORCH_CHECK(workspace_offsets[i] >= 0 && workspace_offsets[i] <= workspace_offsets[i + 1],
+                "workspace_offsets must be ascending from 0");
+  }
+  enum Section { kVals, kRowMax, kRowSum, kRowSum2, kLse, kChunkSum, kTotal };
+  TORCH_CHECK(workspace.numel() >= workspace_offsets[kTotal], "workspace too small: ",
+              workspace.numel(), " < ", workspace_offsets[kTotal]);
+  const int64_t num_chunks = std::max<int64_t>(1, (max_prompt_len + chunk_size - 1) / chunk_size);
+  const int64_t n_scratch = num_chunks * chunk_size;
   const bool last_row = w_max == 1;
-  TORCH_CHECK(workspace.numel() >= layout.total, "workspace too small: ", workspace.numel(),
-              " < ", layout.total);
+  // The sections this launch writes must have the sizes the kernels index.
+  const int64_t rows = hq * w_max;
+  TORCH_CHECK(workspace_offsets[kRowMax] - workspace_offsets[kVals] >= R * hq * n_scratch &&
+                  workspace_offsets[kRowSum] - workspace_offsets[kRowMax] >= R * num_chunks * rows &&
+                  workspace_offsets[kRowSum2] - workspace_offsets[kRowSum] >= R * num_chunks * rows,
+              "workspace_offsets do not fit these shapes");
+  TORCH_CHECK(last_row ? workspace_offsets[kLse] - workspace_offsets[kRowSum2] >= R * num_chunks * hq
+                       : workspace_offsets[kChunkSum] - workspace_offsets[kLse] >= R * rows &&
+                             workspace_offsets[kTotal] - workspace_offsets[kChunkSum] >=
+                                 R * num_chunks * hq,
+              "workspace_offsets do not fit these shapes");
   TORCH_CHECK(num_chunks <= 8192, "max_prompt_len / chunk_size must be <= 8192");
   if (curve.has_value()) {
     const at::Tensor& c = *curve;
@@ -917,14 +897,14 @@ void compute_cuts(const at::Tensor& query, const at::Tensor& key_cache,
     p.g_sh = window_lse->stride(2);
   }
   float* ws = workspace.data_ptr<float>();
-  p.vals = ws + layout.vals;
-  p.row_max = ws + layout.row_max;
-  p.row_sum = ws + layout.row_sum;
+  p.vals = ws + workspace_offsets[kVals];
+  p.row_max = ws + workspace_offsets[kRowMax];
+  p.row_sum = ws + workspace_offsets[kRowSum];
   if (last_row) {
-    p.row_sum2 = ws + layout.row_sum2;
+    p.row_sum2 = ws + workspace_offsets[kRowSum2];
   } else {
-    p.lse = ws + layout.lse;
-    p.chunk_sum = ws + layout.chunk_sum;
+    p.lse = ws + workspace_offsets[kLse];
+    p.chunk_sum = ws + workspace_offsets[kChunkSum];
   }
   p.q_sr = query.stride(0);
   p.q_sw = query.stride(1);

@@ -187,16 +187,16 @@ def required_workspace_numel(
     if backend == "torch":
         return 0
     if backend == "cuda":
-        from refreekv_vllm.ops._custom_ops import cuda_workspace_numel
         from refreekv_vllm.ops.launch_utils import default_chunk_size
+        from refreekv_vllm.ops.workspace import workspace_layout
 
         chunk = chunk_size or default_chunk_size(num_reqs, num_kv_heads, max_prompt_len, device)
-        return cuda_workspace_numel(num_reqs, w_max, num_q_heads, max_prompt_len, chunk)
+        return workspace_layout(num_reqs, w_max, num_q_heads, max_prompt_len, chunk).total
     if backend == "triton":
-        from refreekv_vllm.ops.triton_last_row_scores import make_plan, workspace_numel
+        from refreekv_vllm.ops.triton_last_row_scores import make_plan
 
-        return workspace_numel(make_plan(num_reqs, w_max, num_q_heads, num_kv_heads, head_size,
-                                         max_prompt_len, device, chunk_size))  # fmt: skip
+        return make_plan(num_reqs, w_max, num_q_heads, num_kv_heads, head_size, max_prompt_len,
+                         device, chunk_size).layout.total
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 

@@ -15,6 +15,7 @@ import threading
 import torch
 
 from refreekv_vllm.ops.launch_utils import check_chunk_size, default_chunk_size
+from refreekv_vllm.ops.workspace import workspace_layout
 
 _LOCK = threading.Lock()
 _LOADED = False
@@ -56,20 +57,6 @@ def _register_fake() -> None:
         torch.library.register_fake("_refreekv_C::compute_cuts")(lambda *args, **kwargs: None)
 
 
-def cuda_workspace_numel(
-    num_reqs: int,
-    w_max: int,
-    num_q_heads: int,
-    max_prompt_len: int,
-    chunk_size: int,
-) -> int:
-    """fp32 scratch elements of one launch, as the kernel lays them out
-    (``workspace_layout`` in csrc/last_row_scores.cu, its one definition)."""
-    load_extension()
-    return int(torch.ops._refreekv_C.workspace_numel(num_reqs, w_max, num_q_heads,
-                                                      max_prompt_len, chunk_size))
-
-
 def cuda_compute_cuts(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -92,7 +79,8 @@ def cuda_compute_cuts(
 
     A ``query`` whose dtype is neither ``key_cache``'s nor fp32 is upcast (one copy). At most
     64 window rows, 256 query heads and head size 256. ``workspace``: flat fp32 of at least
-    :func:`cuda_workspace_numel` elements. ``window_lse``: as in ``triton_compute_cuts``, the
+    ``workspace_layout(...).total`` elements (:mod:`refreekv_vllm.ops.workspace`, the layout
+    the Triton kernels use too). ``window_lse``: as in ``triton_compute_cuts``, the
     window rows' normalisers, so that the keys are read once.
     """
     load_extension()
@@ -108,12 +96,12 @@ def cuda_compute_cuts(
     check_chunk_size(chunk)
     if out is None:
         out = torch.empty(r, dtype=torch.int32, device=query.device)
-    need = cuda_workspace_numel(r, w_max, hq, max_prompt_len, chunk)
+    layout = workspace_layout(r, w_max, hq, max_prompt_len, chunk)
     if workspace is None:
-        workspace = torch.empty(need, dtype=torch.float32, device=query.device)
+        workspace = torch.empty(layout.total, dtype=torch.float32, device=query.device)
     torch.ops._refreekv_C.compute_cuts(
         query, key_cache, block_tables, prompt_lens, window_lens, thresholds, out, workspace,
         curve_out, window_lse, num_sink_tokens, d**-0.5 if scale is None else scale,
-        agg == "max", chunk, max_prompt_len,
+        agg == "max", chunk, max_prompt_len, layout.offsets(),
     )  # fmt: skip
     return out

@@ -18,8 +18,9 @@ Contract: :func:`refreekv_vllm.policy.reference.layer_cut` applied to every requ
    find the crossing chunk, tile sums inside it the crossing tile, then the exact cut inside
    that; optionally the whole ratio curve.
 
-Scratch comes from one flat fp32 ``workspace`` (size: :func:`workspace_numel`); pass one in to
-avoid allocating per call (required under CUDA graphs).
+Scratch comes from one flat fp32 ``workspace`` laid out as :mod:`refreekv_vllm.ops.workspace`
+says (the CUDA kernel's layout too); pass one in to avoid allocating per call (required under
+CUDA graphs).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch
 
 from refreekv_vllm.ops.launch_utils import check_chunk_size, default_chunk_size
 from refreekv_vllm.ops.triton_utils import HAS_TRITON, tl, triton
+from refreekv_vllm.ops.workspace import WorkspaceLayout, workspace_layout
 
 if not HAS_TRITON:
     raise ImportError(
@@ -179,10 +181,10 @@ def _stats_kernel(
     block_tables_ptr,  # [R, max_blocks] int32
     prompt_lens_ptr,  # [R] int32
     window_lens_ptr,  # [R] int32
-    max_ptr,  # [R, ROWS, NUM_CHUNKS] fp32, ROWS = Hq * W_PAD
-    sum_ptr,  # [R, ROWS, NUM_CHUNKS] fp32
-    sum2_ptr,  # [R, Hq, NUM_CHUNKS] fp32 (LAST_ROW only)
-    logits_ptr,  # [R, Hq, N_SCRATCH] fp32 (LAST_ROW only)
+    max_ptr,  # row_max [R, NUM_CHUNKS, ROWS], ROWS = Hq * W_MAX (see ops/workspace.py)
+    sum_ptr,  # row_sum [R, NUM_CHUNKS, ROWS]
+    sum2_ptr,  # row_sum2 [R, NUM_CHUNKS, Hq] (LAST_ROW only)
+    logits_ptr,  # vals [R, Hq, N_SCRATCH] (LAST_ROW only)
     qk_scale,
     num_sink_tokens,
     w_max,
@@ -256,7 +258,8 @@ def _stats_kernel(
                     lg_row = logits_ptr + (req * num_rows + head)[:, None] * n_scratch
                     tl.store(lg_row + pos[None, :], s, mask=row_valid[:, None] & pos_mask[None, :])
                 m_i = m_new
-            stat_off = (req * num_rows + head * W_PAD + win) * num_chunks + chunk
+            # LAST_ROW: w_max = 1, so row_sum2's [Hq] columns are the rows too.
+            stat_off = (req * num_chunks + chunk) * num_rows + head * w_max + win
             tl.store(max_ptr + stat_off, m_i, mask=row_valid)
             tl.store(sum_ptr + stat_off, l_i, mask=row_valid)
             if LAST_ROW:
@@ -266,9 +269,9 @@ def _stats_kernel(
 @triton.jit(do_not_specialize=["num_rows", "num_chunks"])
 def _combine_kernel(
     prompt_lens_ptr,  # [R] int32
-    max_ptr,  # [R, ROWS, NUM_CHUNKS] fp32
-    sum_ptr,  # [R, ROWS, NUM_CHUNKS] fp32
-    lse_ptr,  # [R, ROWS] fp32, log2 domain
+    max_ptr,  # row_max [R, NUM_CHUNKS, ROWS]
+    sum_ptr,  # row_sum [R, NUM_CHUNKS, ROWS]
+    lse_ptr,  # lse [R, ROWS], log2 domain
     num_rows,
     num_chunks,
     CHUNK: tl.constexpr,
@@ -280,18 +283,18 @@ def _combine_kernel(
     row_mask = rows < num_rows
     n = tl.load(prompt_lens_ptr + req)
     nc = tl.cdiv(n, CHUNK)
-    base = (req * num_rows + rows)[:, None] * num_chunks
     m_run = tl.full([BLOCK_R], NEG_BIG, tl.float32)
     l_run = tl.zeros([BLOCK_R], tl.float32)
     for c0 in range(0, nc, C_TILE):
         cs = c0 + tl.arange(0, C_TILE)
         mask = row_mask[:, None] & (cs < nc)[None, :]
-        m_c = tl.load(max_ptr + base + cs[None, :], mask=mask, other=NEG_BIG)
-        l_c = tl.load(sum_ptr + base + cs[None, :], mask=mask, other=0.0)
+        off = (req * num_chunks + cs[None, :]) * num_rows + rows[:, None]
+        m_c = tl.load(max_ptr + off, mask=mask, other=NEG_BIG)
+        l_c = tl.load(sum_ptr + off, mask=mask, other=0.0)
         m_new = tl.maximum(m_run, tl.max(m_c, axis=1))
         l_run = l_run * tl.exp2(m_run - m_new) + tl.sum(l_c * tl.exp2(m_c - m_new[:, None]), axis=1)
         m_run = m_new
-    # Rows that no request uses have l_run == 0; their lse is never read.
+    # Rows beyond a request's window were never written; their lse is never read.
     lse = m_run + tl.log2(tl.maximum(l_run, 1e-30))
     tl.store(lse_ptr + req * num_rows + rows, lse, mask=row_mask)
 
@@ -353,9 +356,9 @@ def _window_probs_kernel(
     block_tables_ptr,  # [R, max_blocks] int32
     prompt_lens_ptr,  # [R] int32
     window_lens_ptr,  # [R] int32
-    lse_ptr,  # [R, Hq, W_PAD] log2 (from _combine_kernel) or [R, W_MAX, Hq] natural (given)
-    r_ptr,  # [R, Hq, N_SCRATCH] fp32: squared aggregated probability, 0 at sinks
-    chunk_sum_ptr,  # [R, Hq, NUM_CHUNKS] fp32
+    lse_ptr,  # lse [R, Hq * W_MAX] log2 (from _combine_kernel) or [R, W_MAX, Hq] natural (given)
+    r_ptr,  # vals [R, Hq, N_SCRATCH]: squared aggregated probability, 0 at sinks
+    chunk_sum_ptr,  # chunk_sum [R, NUM_CHUNKS, Hq]
     qk_scale,
     lse_scale,
     num_sink_tokens,
@@ -451,7 +454,7 @@ def _window_probs_kernel(
                 r_acc += _window_tile_r(dots, qk_scale, lse, last_pos, start, chunk_end, *r_args,
                                        BLOCK_N, HEADS_PER_TILE, W_PAD, AGG_MAX, True)  # fmt: skip
             csum = tl.sum(r_acc, axis=0)
-            tl.store(chunk_sum_ptr + (req * num_q_heads + out_head) * num_chunks + chunk, csum,
+            tl.store(chunk_sum_ptr + (req * num_chunks + chunk) * num_q_heads + out_head, csum,
                      mask=slot_valid)  # fmt: skip
 
 
@@ -462,7 +465,7 @@ def _chunk_sums(
 ):  # fmt: skip
     """``[HQ_PAD, C_TILE]`` sums of r over chunks ``cs`` (0 where masked)."""
     mask = h_mask[:, None] & c_mask[None, :]
-    off = (req * num_q_heads + heads)[:, None] * num_chunks + cs[None, :]
+    off = (req * num_chunks + cs[None, :]) * num_q_heads + heads[:, None]
     if LAST_ROW:
         m_c = tl.load(max_ptr + off, mask=mask, other=0.0)
         l2_c = tl.load(sum2_ptr + off, mask=mask, other=0.0)
@@ -519,11 +522,11 @@ def _backward_step(sums, units, valid, always_ok, acc, after, found, base, limit
 def _cut_kernel(
     prompt_lens_ptr,  # [R] int32
     thresholds_ptr,  # [R] fp32
-    max_ptr,  # [R, Hq, NUM_CHUNKS] fp32 (LAST_ROW)
-    sum_ptr,  # [R, Hq, NUM_CHUNKS] fp32 (LAST_ROW)
-    sum2_ptr,  # [R, Hq, NUM_CHUNKS] fp32 (LAST_ROW)
-    chunk_sum_ptr,  # [R, Hq, NUM_CHUNKS] fp32 (window)
-    vals_ptr,  # [R, Hq, N_SCRATCH] fp32: logits (LAST_ROW) or r (window)
+    max_ptr,  # row_max [R, NUM_CHUNKS, Hq] (LAST_ROW)
+    sum_ptr,  # row_sum [R, NUM_CHUNKS, Hq] (LAST_ROW)
+    sum2_ptr,  # row_sum2 [R, NUM_CHUNKS, Hq] (LAST_ROW)
+    chunk_sum_ptr,  # chunk_sum [R, NUM_CHUNKS, Hq] (window)
+    vals_ptr,  # vals [R, Hq, N_SCRATCH]: logits (LAST_ROW) or r (window)
     cut_ptr,  # [R] int32
     curve_ptr,  # [R, curve_stride] fp32 (WRITE_CURVE)
     num_sink_tokens,
@@ -555,7 +558,7 @@ def _cut_kernel(
             for c0 in range(0, nc, C_TILE):
                 cs = c0 + tl.arange(0, C_TILE)
                 mask = h_mask[:, None] & (cs < nc)[None, :]
-                off = (req * num_q_heads + heads)[:, None] * num_chunks + cs[None, :]
+                off = (req * num_chunks + cs[None, :]) * num_q_heads + heads[:, None]
                 m_c = tl.load(max_ptr + off, mask=mask, other=NEG_BIG)
                 l_c = tl.load(sum_ptr + off, mask=mask, other=0.0)
                 m_new = tl.maximum(m_run, tl.max(m_c, axis=1))
@@ -679,7 +682,8 @@ class LaunchPlan:
 
     @property
     def num_rows(self) -> int:
-        return self.num_q_heads * self.w_pad
+        """Query rows of the scratch's per-row sections (``Hq * W_MAX``)."""
+        return self.num_q_heads * self.w_max
 
     def chunk_blocks(self, block_size: int) -> int:
         """Block-table entries a chunk can span (power of two, for the kernels' id vector)."""
@@ -695,20 +699,10 @@ class LaunchPlan:
     def n_scratch(self) -> int:
         return self.num_chunks * self.chunk
 
-    def sections(self) -> dict[str, int]:
-        """Numels of the workspace sections, in workspace order."""
-        r, rows, nc = self.num_reqs, self.num_rows, self.num_chunks
-        sec = {
-            "vals": r * self.num_q_heads * self.n_scratch,
-            "max": r * rows * nc,
-            "sum": r * rows * nc,
-        }
-        if self.last_row:
-            sec["sum2"] = r * self.num_q_heads * nc
-        else:
-            sec["lse"] = r * rows
-            sec["chunk_sum"] = r * self.num_q_heads * nc
-        return sec
+    @property
+    def layout(self) -> WorkspaceLayout:
+        return workspace_layout(self.num_reqs, self.w_max, self.num_q_heads, self.n_scratch,
+                                self.chunk)
 
 
 def make_plan(
@@ -748,11 +742,6 @@ def make_plan(
     )
 
 
-def workspace_numel(plan: LaunchPlan) -> int:
-    """fp32 elements a launch with ``plan`` needs in ``workspace``."""
-    return sum(plan.sections().values())
-
-
 def triton_compute_cuts(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -790,8 +779,8 @@ def triton_compute_cuts(
         curve_out: optional ``[R, L]`` fp32, ``L >= max n - m``; row r gets ``ratio(j)`` for
             ``j < n_r - m``, other entries are left untouched.
         out: optional ``[R]`` int32 output.
-        workspace: optional flat fp32 CUDA tensor of at least :func:`workspace_numel` elements;
-            allocated per call when omitted.
+        workspace: optional flat fp32 CUDA tensor of at least ``plan.layout.total`` elements
+            (:mod:`refreekv_vllm.ops.workspace`); allocated per call when omitted.
         chunk_size: keys per program (power of two); default from :func:`make_plan`.
         window_lse: optional ``[R, W_MAX, num_q_heads]`` fp32 natural-log softmax normaliser
             of each query row over its causal keys (what FlashAttention returns as
@@ -829,19 +818,13 @@ def triton_compute_cuts(
         assert curve_out.dtype == torch.float32 and curve_out.stride(1) == 1
         assert curve_out.shape[1] >= max_prompt_len - num_sink_tokens
         assert curve_out.device == dev
-    need = workspace_numel(plan)
+    layout = plan.layout
     if workspace is None:
-        workspace = torch.empty(need, dtype=torch.float32, device=dev)
-    assert workspace.dtype == torch.float32 and workspace.is_contiguous()
-    assert workspace.numel() >= need, f"workspace too small: {workspace.numel()} < {need}"
+        workspace = torch.empty(layout.total, dtype=torch.float32, device=dev)
+    ws = layout.views(workspace)
     if r == 0:
         return out
-    ws: dict[str, torch.Tensor] = {}
-    offset = 0
-    for name, size in plan.sections().items():
-        ws[name] = workspace[offset : offset + size]
-        offset += size
-    dummy = ws["max"]
+    dummy = ws["row_max"]
 
     scale = d**-0.5 if scale is None else scale
     qk_scale = scale * LOG2E
@@ -897,17 +880,18 @@ def triton_compute_cuts(
     else:
         _stats_kernel[grid](
             query, key_cache, block_tables, prompt_lens, window_lens,
-            ws["max"], ws["sum"], ws.get("sum2", dummy), ws["vals"],
+            ws["row_max"], ws["row_sum"], ws.get("row_sum2", dummy), ws["vals"],
             num_rows=plan.num_rows, LAST_ROW=plan.last_row, **common, **stats_knobs,
         )  # fmt: skip
-        # Our LSE is [R, Hq, W_PAD], log2 domain.
+        # Ours: the layout's lse [R, Hq * W_MAX] by window row, log2 domain.
         lse, lse_scale = ws.get("lse", dummy), 1.0
-        lse_strides = (hq * plan.w_pad, 1, plan.w_pad)
+        lse_strides = (plan.num_rows, 1, w_max)
     if not plan.last_row:
         if not lse_given:
             block_r = min(128, triton.next_power_of_2(plan.num_rows))
             _combine_kernel[(r, triton.cdiv(plan.num_rows, block_r))](
-                prompt_lens, ws["max"], ws["sum"], ws["lse"], plan.num_rows, plan.num_chunks,
+                prompt_lens, ws["row_max"], ws["row_sum"], ws["lse"], plan.num_rows,
+                plan.num_chunks,
                 CHUNK=plan.chunk, BLOCK_R=block_r, C_TILE=32, num_warps=4,
             )  # fmt: skip
         _window_probs_kernel[grid](
@@ -920,7 +904,7 @@ def triton_compute_cuts(
     sub_n = config.cut_sub_n or max(16, min(plan.chunk, CUT_SEARCH.middle_elements // hq_pad))
     fine_n = min(sub_n, config.cut_fine_n or CUT_SEARCH.fine_n)
     _cut_kernel[(r,)](
-        prompt_lens, thresholds, ws["max"], ws["sum"], ws.get("sum2", dummy),
+        prompt_lens, thresholds, ws["row_max"], ws["row_sum"], ws.get("row_sum2", dummy),
         ws.get("chunk_sum", dummy), ws["vals"], out,
         curve_out if curve_out is not None else dummy,
         num_sink_tokens, hq, plan.num_chunks, plan.n_scratch,

@@ -4,6 +4,8 @@ Without a GPU the Triton kernels run under ``TRITON_INTERPRET=1`` with small sha
 the same cases run natively and the CUDA twin runs too.
 """
 
+import math
+
 import pytest
 import torch
 
@@ -21,6 +23,7 @@ from refreekv_vllm.ops import (
     key_view_from_flash_kv_cache,
     required_workspace_numel,
 )
+from refreekv_vllm.ops.workspace import WorkspaceLayout, workspace_layout
 from tests.markers import sweep
 
 HAS_TRITON = load_triton_kernels()
@@ -220,22 +223,23 @@ def test_given_window_lse_replaces_the_first_pass(config, tiles):
     chunk, block_n, sinks = tiles
     case = _case(config, seed=20 + CONFIGS.index(config), num_sink_tokens=sinks)
     r, w_max, hq, d = case.query.shape
-    plan = make_plan(r, w_max, hq, case.key_cache.shape[2], d, case.max_len, case.query.device,
-                     chunk_size=chunk)  # fmt: skip
-    sections = plan.sections()
-    workspace = torch.full((sum(sections.values()),), float("nan"), device=DEVICE)
+    layout = make_plan(r, w_max, hq, case.key_cache.shape[2], d, case.max_len,
+                       case.query.device, chunk_size=chunk).layout  # fmt: skip
+    workspace = torch.full((layout.total,), float("nan"), device=DEVICE)
     curve = torch.full((case.num_reqs, case.max_len), -7.0, device=DEVICE)
     cuts = triton_compute_cuts(
         **case.kwargs(), curve_out=curve, max_prompt_len=case.max_len, chunk_size=chunk,
         window_lse=case.window_lse(), config=PassConfig(block_n=block_n), workspace=workspace,
     )  # fmt: skip
     _check(case, cuts, curve)
-    # The first pass's statistics were never written: the keys were read once.
-    offset = 0
-    for name, size in sections.items():
-        if name in ("max", "sum", "lse"):
-            assert bool(workspace[offset : offset + size].isnan().all()), name
-        offset += size
+    _assert_first_pass_skipped(layout, workspace)
+
+
+def _assert_first_pass_skipped(layout: WorkspaceLayout, workspace: torch.Tensor) -> None:
+    """The first pass's statistics were never written: the keys were read once."""
+    views = layout.views(workspace)
+    for name in ("row_max", "row_sum"):
+        assert bool(views[name].isnan().all()), name
 
 
 @needs_cuda
@@ -243,22 +247,19 @@ def test_given_window_lse_replaces_the_first_pass(config, tiles):
 def test_cuda_given_window_lse_replaces_the_first_pass(config):
     """The CUDA kernel with the window rows' normalisers handed in: same cuts and curve as the
     reference, and its first pass's statistics (row max and sum) never written."""
-    from refreekv_vllm.ops._custom_ops import cuda_compute_cuts, cuda_workspace_numel
+    from refreekv_vllm.ops._custom_ops import cuda_compute_cuts
 
     case = _case(config, seed=40 + CONFIGS.index(config))
     r, w_max, hq, _ = case.query.shape
     chunk = 64
-    workspace = torch.full((cuda_workspace_numel(r, w_max, hq, case.max_len, chunk),),
-                           float("nan"), device=DEVICE)
+    layout = workspace_layout(r, w_max, hq, case.max_len, chunk)
+    workspace = torch.full((layout.total,), float("nan"), device=DEVICE)
     curve = torch.full((case.num_reqs, case.max_len), -7.0, device=DEVICE)
     cuts = cuda_compute_cuts(**case.kwargs(), curve_out=curve, max_prompt_len=case.max_len,
                              chunk_size=chunk, window_lse=case.window_lse(),
                              workspace=workspace)  # fmt: skip
     _check(case, cuts, curve)
-    # The layout's row_max and row_sum sections (after vals): [R, chunks, Hq * W_MAX] each.
-    chunks = -(-case.max_len // chunk)
-    first_pass = workspace[r * hq * chunks * chunk:][: 2 * r * chunks * hq * w_max]
-    assert bool(first_pass.isnan().all())
+    _assert_first_pass_skipped(layout, workspace)
 
 
 @needs_cuda
@@ -307,6 +308,61 @@ def test_workspace_out_and_default_sizes(backend):
     if backend == "triton":
         with pytest.raises(AssertionError, match="workspace too small"):
             compute_cuts(**case.kwargs(), backend=backend, workspace=workspace[:10])
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("w_max", [1, 8])
+def test_scratch_follows_the_shared_layout(backend, w_max):
+    """Both kernels leave their statistics where ``ops/workspace.py`` puts them: read through
+    the layout, every section agrees with the keys and with the sections it was built from."""
+    case = _case((2, 32, torch.float16, w_max, "mean", "NHD"), seed=23)
+    r, _, hq, d = case.query.shape
+    chunk = _chunk(backend)
+    layout = workspace_layout(r, w_max, hq, case.max_len, chunk)
+    workspace = torch.full((layout.total,), float("nan"), device=DEVICE)
+    _require_interpreter(backend)
+    compute_cuts(**case.kwargs(), backend=backend, workspace=workspace,
+                 max_prompt_len=case.max_len, chunk_size=chunk)  # fmt: skip
+    nc, m = layout.num_chunks, case.num_sink_tokens
+    views = {name: v.double().cpu() for name, v in layout.views(workspace).items()}
+    vals = views["vals"].view(r, hq, layout.n_scratch)
+    row_max = views["row_max"].view(r, nc, hq, w_max)
+    row_sum = views["row_sum"].view(r, nc, hq, w_max)
+    lse_ref = case.window_lse().double().cpu() / math.log(2)  # [R, W_MAX, Hq], log2 units
+    hkv = case.key_cache.shape[2]
+
+    def close(got, want):
+        torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+
+    for i, n in enumerate(case.prompt_lens.tolist()):
+        w_eff = max(1, min(int(case.window_lens[i]), w_max, n))
+        chunks = [(c, c * chunk, min((c + 1) * chunk, n)) for c in range(-(-n // chunk))]
+        # Per chunk and row, the running max and sum combine to the row's normaliser.
+        for j in range(w_eff):
+            per_chunk = torch.stack([row_max[i, c, :, j] + torch.log2(row_sum[i, c, :, j])
+                                     for c, _, _ in chunks])  # fmt: skip
+            close(_log2sumexp2(per_chunk), lse_ref[i, w_max - w_eff + j])
+        if w_max == 1:
+            keys = gather_request_keys(case.key_cache, case.block_tables[i], n).double().cpu()
+            keys = keys.repeat_interleave(hq // hkv, dim=0)
+            logits = torch.einsum("hd,hkd->hk", case.query[i, 0].double().cpu(), keys)
+            close(vals[i, :, :n], logits * d**-0.5 / math.log(2))
+            row_sum2 = views["row_sum2"].view(r, nc, hq)
+            for c, lo, hi in chunks:
+                e = torch.exp2(vals[i, :, lo:hi] - row_max[i, c, :, 0, None])
+                close(row_sum[i, c, :, 0], e.sum(-1))
+                close(row_sum2[i, c], (e[:, max(m - lo, 0):] ** 2).sum(-1))
+        else:
+            lse = views["lse"].view(r, hq, w_max)
+            chunk_sum = views["chunk_sum"].view(r, nc, hq)
+            close(lse[i, :, :w_eff], lse_ref[i, w_max - w_eff:].T)
+            for c, lo, hi in chunks:
+                close(chunk_sum[i, c], vals[i, :, lo:hi].sum(-1))
+
+
+def _log2sumexp2(x: torch.Tensor) -> torch.Tensor:
+    """log2 of the sum of exp2 over the first dimension."""
+    return torch.logsumexp(x * math.log(2), 0) / math.log(2)
 
 
 def test_torch_backend_matches_reference():
@@ -362,29 +418,18 @@ def test_dispatch_rejects_unknown_backend_and_agg():
 
 
 @needs_cuda
-@pytest.mark.parametrize("shape", [(1, 1, 8, 70, 64), (3, 32, 32, 5000, 1024), (2, 2, 1, 64, 64)])
-def test_cuda_workspace_size_follows_the_documented_layout(shape):
-    """The kernel's own size (csrc's workspace_layout) against the layout its comment states."""
-    from refreekv_vllm.ops._custom_ops import cuda_workspace_numel
-
-    r, w, hq, n, chunk = shape
-    chunks = -(-n // chunk)
-    rows = hq * w
-    tail = r * chunks * hq if w == 1 else r * rows + r * chunks * hq
-    assert cuda_workspace_numel(*shape) == r * hq * chunks * chunk + 2 * r * chunks * rows + tail
-
-
-@needs_cuda
 def test_cuda_op_passes_opcheck():
-    from refreekv_vllm.ops._custom_ops import cuda_workspace_numel, load_extension
+    from refreekv_vllm.ops._custom_ops import load_extension
 
     load_extension()
     case = _case((4, 64, torch.bfloat16, 8, "max", "NHD"), seed=2, lens=[70, 33])
     cuts = torch.empty(2, dtype=torch.int32, device=DEVICE)
-    ws = torch.empty(cuda_workspace_numel(2, 8, 8, 96, 64), device=DEVICE)
+    layout = workspace_layout(2, 8, 8, 96, 64)
+    ws = torch.empty(layout.total, device=DEVICE)
     curve = torch.zeros(2, 96, device=DEVICE)
     args = (case.query, case.key_cache, case.block_tables, case.prompt_lens, case.window_lens,
-            case.thresholds, cuts, ws, curve, None, 4, 0.125, True, 64, 96)  # fmt: skip
+            case.thresholds, cuts, ws, curve, None, 4, 0.125, True, 64, 96,
+            layout.offsets())  # fmt: skip
     torch.library.opcheck(
         torch.ops._refreekv_C.compute_cuts.default, args,
         test_utils=("test_schema", "test_faketensor"),
@@ -397,6 +442,20 @@ def test_cuda_op_refuses_bad_inputs():
     with pytest.raises(RuntimeError, match="block_tables must be"):
         compute_cuts(**{**case.kwargs(), "block_tables": case.block_tables.long()},
                      backend="cuda")  # fmt: skip
+    # A scratch layout that does not fit the shapes is refused before any launch.
+    r, w_max, hq, _ = case.query.shape
+    layout = workspace_layout(r, w_max, hq, case.max_len, 64)
+    cuts = torch.empty(r, dtype=torch.int32, device=DEVICE)
+    ws = torch.empty(layout.total, device=DEVICE)
+    short_vals = layout.offsets()
+    short_vals[1:-1] = [o - 1 for o in short_vals[1:-1]]
+    for offsets, message in ((short_vals, "do not fit"), (layout.offsets()[:-1], "must hold"),
+                             (layout.offsets()[:-1] + [layout.total + 1], "too small")):
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops._refreekv_C.compute_cuts(
+                case.query, case.key_cache, case.block_tables, case.prompt_lens,
+                case.window_lens, case.thresholds, cuts, ws, None, None, 4, 0.125, True, 64,
+                case.max_len, offsets)  # fmt: skip
 
 
 @needs_cuda
