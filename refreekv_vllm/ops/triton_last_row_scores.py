@@ -75,7 +75,8 @@ class CutSearchLaunch(NamedTuple):
 CUT_SEARCH = CutSearchLaunch(middle_elements=32768, fine_n=32, num_warps=8)
 # Integer arguments that change with the batch (window rows, prompt lengths): Triton would
 # compile a variant per value class (1, multiple of 16, other); serving must not stall on that.
-VARYING = ["w_max", "num_chunks", "n_scratch", "stride_qr"]
+# The query and normaliser strides (one tuple each) are read once per program: not specialised.
+VARYING = ["w_max", "num_chunks", "n_scratch", "q_strides"]
 # Finite stand-in for -inf in running maxima: exp2(NEG_BIG - NEG_BIG) = 1, never NaN.
 NEG_BIG = tl.constexpr(-1.0e30)
 
@@ -88,10 +89,7 @@ def _load_query_tile(
     m_tile,
     w_eff,
     w_max,
-    stride_qr,
-    stride_qw,
-    stride_qh,
-    stride_qd,
+    q_strides,  # (request, window row, head, dim)
     offs_d,
     d_mask,
     GROUP: tl.constexpr,
@@ -107,10 +105,10 @@ def _load_query_tile(
     q_row = w_max - w_eff + win  # rows are right-aligned in the query tensor
     ptrs = (
         query_ptr
-        + req * stride_qr
-        + q_row.to(tl.int64)[:, None] * stride_qw
-        + head.to(tl.int64)[:, None] * stride_qh
-        + offs_d[None, :] * stride_qd
+        + req * q_strides[0]
+        + q_row.to(tl.int64)[:, None] * q_strides[1]
+        + head.to(tl.int64)[:, None] * q_strides[2]
+        + offs_d[None, :] * q_strides[3]
     )
     q = tl.load(ptrs, mask=row_valid[:, None] & d_mask[None, :], other=0.0)
     return q, row_valid, head, win
@@ -133,8 +131,7 @@ def _chunk_block_ids(block_table_row_ptr, chunk_start, chunk_end, BLOCK_SIZE: tl
 @triton.jit
 def _gather_key_tile(
     key_cache_ptr, chunk_blocks, chunk_start, start, chunk_end, kv_head, offs_d, d_mask,
-    stride_kb, stride_ks, stride_kh, stride_kd,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS_ALIGNED: tl.constexpr,
+    k_strides, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS_ALIGNED: tl.constexpr,
     MASKED: tl.constexpr,
 ):  # fmt: skip
     """``[BLOCK_N, D_PAD]`` keys at positions ``start + [0, BLOCK_N)`` of the chunk
@@ -157,8 +154,9 @@ def _gather_key_tile(
     if MASKED:
         local = tl.where(pos_mask, local, 0)
     blk = tl.gather(chunk_blocks, local, 0)
-    off = blk.to(tl.int64) * stride_kb + (slot.to(tl.int64) * stride_ks + kv_head * stride_kh)
-    ptrs = key_cache_ptr + off[:, None] + offs_d[None, :] * stride_kd
+    off = blk.to(tl.int64) * k_strides[0] + (slot.to(tl.int64) * k_strides[1]
+                                             + kv_head * k_strides[2])
+    ptrs = key_cache_ptr + off[:, None] + offs_d[None, :] * k_strides[3]
     if MASKED:
         return tl.load(ptrs, mask=pos_mask[:, None] & d_mask[None, :], other=0.0)
     else:
@@ -191,14 +189,8 @@ def _stats_kernel(
     num_rows,
     num_chunks,
     n_scratch,
-    stride_qr,
-    stride_qw,
-    stride_qh,
-    stride_qd,
-    stride_kb,
-    stride_ks,
-    stride_kh,
-    stride_kd,
+    q_strides,  # query (request, window row, head, dim)
+    k_strides,  # key_cache (block, slot, head, dim): specialised, the keys' loads need it
     stride_bt,
     BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -229,8 +221,7 @@ def _stats_kernel(
                                         chunk_end, BLOCK_SIZE, CHUNK_BLOCKS)  # fmt: skip
         for m_tile in tl.static_range(NUM_M_TILES):
             q, row_valid, head, win = _load_query_tile(
-                query_ptr, req, kv_head, m_tile, w_eff, w_max,
-                stride_qr, stride_qw, stride_qh, stride_qd, offs_d, d_mask,
+                query_ptr, req, kv_head, m_tile, w_eff, w_max, q_strides, offs_d, d_mask,
                 GROUP, W_PAD, BLOCK_M,
             )  # fmt: skip
             last_pos = n - w_eff + win  # causal limit of each window row
@@ -242,8 +233,7 @@ def _stats_kernel(
                 pos_mask = pos < chunk_end
                 k = _gather_key_tile(
                     key_cache_ptr, chunk_blocks, chunk_start, start, chunk_end, kv_head, offs_d,
-                    d_mask, stride_kb, stride_ks, stride_kh, stride_kd,
-                    BLOCK_SIZE, BLOCK_N, BLOCKS_ALIGNED, True,
+                    d_mask, k_strides, BLOCK_SIZE, BLOCK_N, BLOCKS_ALIGNED, True,
                 )  # fmt: skip
                 s = _dot(q, k, DOT_FP32) * qk_scale  # log2 domain
                 valid = row_valid[:, None] & pos_mask[None, :] & (pos[None, :] <= last_pos[:, None])
@@ -302,8 +292,7 @@ def _combine_kernel(
 @triton.jit
 def _window_dots(
     q, start, chunk_start, chunk_end, key_cache_ptr, chunk_blocks, kv_head, offs_d, d_mask,
-    stride_kb, stride_ks, stride_kh, stride_kd,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS_ALIGNED: tl.constexpr,
+    k_strides, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS_ALIGNED: tl.constexpr,
     MASKED: tl.constexpr, DOT_FP32: tl.constexpr,
 ):  # fmt: skip
     """``[BLOCK_N, BLOCK_M]`` dot products of one key tile with the window rows.
@@ -312,7 +301,7 @@ def _window_dots(
     """
     k = _gather_key_tile(
         key_cache_ptr, chunk_blocks, chunk_start, start, chunk_end, kv_head, offs_d, d_mask,
-        stride_kb, stride_ks, stride_kh, stride_kd, BLOCK_SIZE, BLOCK_N, BLOCKS_ALIGNED, MASKED,
+        k_strides, BLOCK_SIZE, BLOCK_N, BLOCKS_ALIGNED, MASKED,
     )  # fmt: skip
     return _dot(k, q, DOT_FP32)
 
@@ -349,7 +338,7 @@ def _window_tile_r(
     return r
 
 
-@triton.jit(do_not_specialize=[*VARYING, "stride_lr", "stride_lw"])
+@triton.jit(do_not_specialize=[*VARYING, "lse_strides"])
 def _window_probs_kernel(
     query_ptr,  # [R, W_MAX, Hq, D]
     key_cache_ptr,  # [num_blocks, block_size, Hkv, D]
@@ -366,17 +355,9 @@ def _window_probs_kernel(
     num_q_heads,
     num_chunks,
     n_scratch,
-    stride_qr,
-    stride_qw,
-    stride_qh,
-    stride_qd,
-    stride_lr,
-    stride_lw,
-    stride_lh,
-    stride_kb,
-    stride_ks,
-    stride_kh,
-    stride_kd,
+    q_strides,  # query (request, window row, head, dim)
+    lse_strides,  # lse (request, window row, head)
+    k_strides,  # key_cache (block, slot, head, dim)
     stride_bt,
     BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -420,15 +401,15 @@ def _window_probs_kernel(
                                         chunk_end, BLOCK_SIZE, CHUNK_BLOCKS)  # fmt: skip
         for m_tile in tl.static_range(NUM_M_TILES):
             q, row_valid, head, win = _load_query_tile(
-                query_ptr, req, kv_head, m_tile, w_eff, w_max,
-                stride_qr, stride_qw, stride_qh, stride_qd, offs_d, d_mask,
+                query_ptr, req, kv_head, m_tile, w_eff, w_max, q_strides, offs_d, d_mask,
                 GROUP, W_PAD, BLOCK_M,
             )  # fmt: skip
             last_pos = n - w_eff + win
             # A given LSE is indexed like the query (right-aligned rows), ours by window row.
             lse_row = (w_max - w_eff + win) if LSE_GIVEN else win
             lse = lse_scale * tl.load(
-                lse_ptr + req * stride_lr + lse_row * stride_lw + head * stride_lh,
+                lse_ptr + req * lse_strides[0] + lse_row * lse_strides[1]
+                + head * lse_strides[2],
                 mask=row_valid, other=0.0)  # fmt: skip
             lse = tl.where(row_valid, lse, float("inf"))
             slot = m_tile * HEADS_PER_TILE + tl.arange(0, HEADS_PER_TILE)
@@ -436,7 +417,7 @@ def _window_probs_kernel(
             out_head = kv_head * GROUP + slot
             r_ptrs = r_ptr + (req * num_q_heads + out_head)[None, :] * n_scratch
             key_args = (chunk_start, chunk_end, key_cache_ptr, chunk_blocks, kv_head, offs_d,
-                        d_mask, stride_kb, stride_ks, stride_kh, stride_kd)
+                        d_mask, k_strides)
             r_args = (r_ptrs, slot_valid, inv_w, num_sink_tokens)
             # (Constexprs are passed one by one: packed into a tuple they stop being constexpr.)
             # Per-thread partial sums, reduced across the CTA once after the loops.
@@ -839,14 +820,8 @@ def triton_compute_cuts(
         w_max=w_max,
         num_chunks=plan.num_chunks,
         n_scratch=plan.n_scratch,
-        stride_qr=query.stride(0),
-        stride_qw=query.stride(1),
-        stride_qh=query.stride(2),
-        stride_qd=query.stride(3),
-        stride_kb=key_cache.stride(0),
-        stride_ks=key_cache.stride(1),
-        stride_kh=key_cache.stride(2),
-        stride_kd=key_cache.stride(3),
+        q_strides=query.stride(),
+        k_strides=key_cache.stride(),
         stride_bt=block_tables.stride(0),
         BLOCK_SIZE=bs,
         HEAD_DIM=d,
@@ -897,7 +872,7 @@ def triton_compute_cuts(
         _window_probs_kernel[grid](
             query, key_cache, block_tables, prompt_lens, window_lens,
             lse, ws["vals"], ws["chunk_sum"], lse_scale=lse_scale,
-            stride_lr=lse_strides[0], stride_lw=lse_strides[1], stride_lh=lse_strides[2],
+            lse_strides=lse_strides,
             num_q_heads=hq, AGG_MAX=agg == "max", LSE_GIVEN=lse_given, **common, **window_knobs,
         )  # fmt: skip
     hq_pad = triton.next_power_of_2(hq)
