@@ -70,13 +70,13 @@ FULL_SIZES = TaskSizes(
     passkey_lengths=(1024, 2048, 4096, 6144), passkey_depths=(0.15, 0.5, 0.85),
     multi_needle_lengths=(2048, 3072), multi_needle_per_length=4,
     gsm8k=16, humaneval=16, reading=12, gsm8k_max_tokens=128, humaneval_max_tokens=160)
-# Enough samples for intervals: 140 per task (HumanEval 40), so that each half of --split holds
-# 60 or more.
+# Enough samples for intervals: 140 per task, so that each half of --split holds 60 or more.
+# (HumanEval's 140 shortest problems: 66 dev, 74 test.)
 STATS_SIZES = TaskSizes(
     passkey_lengths=(1024, 2048, 4096, 6144),
     passkey_depths=tuple(round(0.05 + 0.9 * i / 34, 3) for i in range(35)),
     multi_needle_lengths=(2048, 3072), multi_needle_per_length=70,
-    gsm8k=140, humaneval=40, reading=140, gsm8k_max_tokens=128, humaneval_max_tokens=160,
+    gsm8k=140, humaneval=140, reading=140, gsm8k_max_tokens=128, humaneval_max_tokens=160,
     reading_min_chars=1500)  # 127 abstracts have 2,000 characters or more, 324 have 1,500
 # For models with a 32K context (Qwen2.5-Coder): retrieval prompts of 2K-24K tokens.
 STATS_LONG_SIZES = dataclasses.replace(
@@ -230,7 +230,9 @@ def gsm8k_task(builder: PromptBuilder, sizes: TaskSizes, num_shots: int = 8) -> 
                 notes=f"{num_shots}-shot (test ids {shots}); answer = last number")
 
 
-MAX_HUMANEVAL_SUBSET = 40
+# The few-shot examples come from outside this many shortest problems and are never asked, so
+# a size of up to this many shortest problems gives the same prompts as every smaller one.
+HUMANEVAL_SHOTS_AFTER = 40
 _CODE_BLOCK = re.compile(r"```(?:python|py)?\n(.*?)(?:```|$)", re.S)
 
 
@@ -271,16 +273,17 @@ def _humaneval_request(problem: dict[str, str]) -> str:
 def humaneval_task(builder: PromptBuilder, sizes: TaskSizes, num_shots: int = 3) -> Task:
     """The problems with the shortest canonical solutions (so a 135M model is not at 0%), asked
     in a chat after 3 solved problems (user: the stub; assistant: the canonical function)."""
-    if sizes.humaneval > MAX_HUMANEVAL_SUBSET:
-        raise ValueError(f"at most {MAX_HUMANEVAL_SUBSET} HumanEval problems")
     problems = data.humaneval_problems()
     by_length = sorted(range(len(problems)),
                        key=lambda i: (len(problems[i]["canonical_solution"]), i))
-    subset = by_length[:sizes.humaneval]
-    # Shots come from outside the 40 shortest, so every subset size gets the same prefix.
-    rest = [i for i in by_length[MAX_HUMANEVAL_SUBSET:]
+    # Shots come from outside the shortest problems, so every subset size gets the same prefix.
+    rest = [i for i in by_length[HUMANEVAL_SHOTS_AFTER:]
             if len(problems[i]["prompt"] + problems[i]["canonical_solution"]) < 1200]
     shots = random.Random(SEED + 3).sample(sorted(rest), num_shots)
+    askable = [i for i in by_length if i not in shots]
+    if sizes.humaneval > len(askable):
+        raise ValueError(f"at most {len(askable)} HumanEval problems ({num_shots} are shots)")
+    subset = askable[:sizes.humaneval]
     messages = []
     for i in shots:
         messages += [{"role": "user", "content": _humaneval_request(problems[i])},

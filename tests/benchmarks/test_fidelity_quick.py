@@ -135,6 +135,28 @@ def test_stats_size_gives_each_split_sixty_samples_per_task():
     tasks = build_tasks(AutoTokenizer.from_pretrained(prepare_smollm2()), STATS_SIZES)
     for split in ("dev", "test"):
         for task in keep_split(tasks, split):
-            # HumanEval's subset is its 40 shortest problems (shots come from the others).
-            wanted = 15 if task.name == "humaneval" else 60
-            assert len(task.samples) >= wanted, (task.name, split)
+            assert len(task.samples) >= 60, (task.name, split)
+
+
+def test_larger_humaneval_sizes_extend_the_smaller_ones():
+    """A larger HumanEval size asks the same prompts first (results of a smaller run stay
+    comparable) and never asks a problem that is one of its shots."""
+    import ast
+    import dataclasses
+
+    from transformers import AutoTokenizer
+
+    from benchmarks.fidelity.tasks import STATS_SIZES, PromptBuilder, humaneval_task
+    from refreekv_vllm.models import prepare_smollm2
+
+    builder = PromptBuilder(AutoTokenizer.from_pretrained(prepare_smollm2()))
+    small = humaneval_task(builder, dataclasses.replace(STATS_SIZES, humaneval=40))
+    large = humaneval_task(builder, STATS_SIZES)
+    assert [(s.id, s.prompt_ids) for s in large.samples[:40]] == [(s.id, s.prompt_ids)
+                                                                  for s in small.samples]
+    asked = {s.id for s in large.samples}
+    assert len(asked) == len(large.samples) == STATS_SIZES.humaneval
+    shots = ast.literal_eval(large.notes.split("(")[1].split(")")[0])
+    assert len(shots) == 3 and not asked & set(shots)
+    with pytest.raises(ValueError, match="at most 161 HumanEval problems"):
+        humaneval_task(builder, dataclasses.replace(STATS_SIZES, humaneval=162))
