@@ -19,8 +19,8 @@ from typing import Any
 
 from benchmarks.fidelity import policies as pol
 from benchmarks.fidelity.report import plot, write_markdown
-from benchmarks.fidelity.run_fidelity import result_header, summarise
-from benchmarks.fidelity.summary import task_metrics
+from benchmarks.fidelity.run_fidelity import iso_budget_entry, result_header, summarise
+from benchmarks.fidelity.summary import policy_summary, task_metrics
 
 
 def read_samples(path: Path) -> dict[str, dict[str, list[dict[str, Any]]]]:
@@ -72,16 +72,31 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--size", default="stats", help="the run's --size")
     parser.add_argument("--split", default="all", help="the run's --split")
+    parser.add_argument("--chosen", default=None, help="the run's --chosen")
+    parser.add_argument("--iso-budget-of", default="",
+                        help="the run's --iso-budget-of: each policy's fixed baseline is the "
+                             "complete fixed-budget run closest to its mean physical budget")
     args = parser.parse_args()
     tasks, names, left_out = rebuild(read_samples(args.samples))
     if not tasks:
         raise SystemExit(f"no complete task in {args.samples}")
+    if args.chosen is not None and args.chosen not in names:
+        raise SystemExit(f"--chosen {args.chosen} has no complete samples on every task")
     policies = pol.select(pol.full_grid(), names)
     stem = args.samples.name.removesuffix("_samples.jsonl")
     result = result_header(args.command, args.model, policies, {"dtype": args.dtype},
                            args.size, args.split)
     result.update(tasks=tasks, wall_s=None, stopped_early=True, left_out=left_out)
-    summarise(result, policies, None)
+    table = {t["name"]: t["policies"] for t in tasks}
+    fixed = {p.name: policy_summary(table, p.name)["mean_physical_budget"]
+             for p in policies if p.fixed}
+    iso_of = [name for name in args.iso_budget_of.split(",") if name in names]
+    if iso_of and fixed:
+        result["iso_budget"] = {
+            name: iso_budget_entry(round(policy_summary(table, name)["mean_physical_budget"], 3),
+                                   fixed)
+            for name in iso_of}
+    summarise(result, policies, args.chosen)
     out_dir = args.samples.parent
     (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     images = plot(result, out_dir, stem[len("fidelity"):])

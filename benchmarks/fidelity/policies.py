@@ -118,12 +118,29 @@ def quick_grid() -> list[Policy]:
 
 
 def select(policies: Sequence[Policy], names: Sequence[str] | None) -> list[Policy]:
-    """The named policies in the given order, after ``full`` (the reference, always run)."""
+    """The named policies in the given order, after ``full`` (the reference, always run).
+    ``fixed-{b}`` names any budget b in (0, 1] (the iso-budget baselines' are measured ones)."""
     if not names:
         return list(policies)
     by_name = {p.name: p for p in full_grid() + list(policies)}
+    for name in set(names) - set(by_name):
+        budget = _fixed_budget_of(name)
+        if budget is not None:
+            by_name[name] = fixed_budget(budget)
     unknown = sorted(set(names) - set(by_name))
     if unknown:
         raise ValueError(f"unknown policies {unknown}; known: {sorted(by_name)}")
     chosen = [FULL] + [by_name[n] for n in names if n != FULL.name]
     return list(dict.fromkeys(chosen))
+
+
+def _fixed_budget_of(name: str) -> float | None:
+    """b of a ``fixed-{b}`` name written by :attr:`Policy.name`, else None."""
+    prefix, _, value = name.partition("-")
+    try:
+        budget = float(value)
+    except ValueError:
+        return None
+    if prefix != "fixed" or not 0 < budget <= 1 or fixed_budget(budget).name != name:
+        return None
+    return budget

@@ -149,16 +149,22 @@ def run_iso_budget(llm: Any, tasks: list[Task], result: dict[str, Any], names: l
     result["iso_budget"] = {}
     for name, target in targets.items():
         first = run(target)
-        best = first
+        ran = [first]
         if abs(physical[first] - target) > ISO_TOLERANCE:
-            second = run(first.budget - (physical[first] - target))
-            best = min((first, second), key=lambda p: abs(physical[p] - target))
-        result["iso_budget"][name] = {"target_physical_budget": target, "fixed": best.name}
+            ran.append(run(first.budget - (physical[first] - target)))
+        result["iso_budget"][name] = iso_budget_entry(target, {p.name: physical[p] for p in ran})
     ran = list(physical)
     result["policies"] += [p.name for p in ran if p.name not in result["policies"]]
     result["policy_families"].update({p.name: p.family for p in ran})
     result["policy_xargs"].update({p.name: p.xargs() for p in ran})
     return ran
+
+
+def iso_budget_entry(target: float, fixed_budgets: dict[str, float]) -> dict[str, Any]:
+    """The fixed-budget baseline compared at ``target``: of the runs (name -> mean physical
+    budget), the one closest to it."""
+    closest = min(fixed_budgets, key=lambda name: abs(fixed_budgets[name] - target))
+    return {"target_physical_budget": target, "fixed": closest}
 
 
 def summarise(result: dict[str, Any], policies: list[pol.Policy], chosen_name: str | None

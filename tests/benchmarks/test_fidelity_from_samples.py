@@ -59,3 +59,45 @@ def test_a_policy_missing_from_a_task_is_left_out_everywhere(samples):
     assert RULE not in policies
     assert all(RULE not in t["policies"] for t in tasks)
     assert f"passkey/{RULE} (not run on every task)" in left_out
+
+
+def test_rebuild_of_a_test_split_run_with_its_iso_budget_baselines(samples, monkeypatch):
+    """A stopped `--split test --chosen R --iso-budget-of R` run: the chosen policy is reported,
+    and its baseline is the complete fixed-budget run closest to its mean physical budget."""
+    from benchmarks.fidelity import from_samples
+
+    rows = []
+    for task, n in (("passkey", 4), ("reading", 3)):
+        rows += [(task, "fixed-0.6", f"s{i}", 1.0, 0.64) for i in range(n)]
+        rows += [(task, "fixed-0.3", f"s{i}", 0.0, 0.33) for i in range(n)]
+    rows += [("passkey", "fixed-0.62", "s0", 1.0, 0.625)]  # stopped: not a candidate
+    with open(samples, "a", encoding="utf-8") as f:
+        for task, policy, sample, score, physical in rows:
+            f.write(json.dumps({"task": task, "policy": policy, "id": sample, "score": score,
+                                "agree": True, "ideal": physical, "physical": physical,
+                                "reported": True, "output": f"{score}"}) + "\n")
+    monkeypatch.setattr("sys.argv", [
+        "from_samples", str(samples), "--model", "m", "--command", "c", "--split", "test",
+        "--chosen", RULE, "--iso-budget-of", f"{RULE},refreekv-w1-T0.01"])
+    from_samples.main()
+    result = json.loads(samples.with_name("fidelity_stats_dev.json").read_text())
+    assert result["summary"]["policy"] == RULE
+    assert "chosen before this run" in result["summary"]["rule"]
+    # The rule's budget: passkey 0.65, reading 0.6 -> 0.625; fixed-0.6 ran at 0.64.
+    iso = result["iso_budget"]
+    assert list(iso) == [RULE]  # the paper's rule is incomplete: no comparison for it
+    assert iso[RULE]["target_physical_budget"] == 0.625 and iso[RULE]["fixed"] == "fixed-0.6"
+    assert iso[RULE]["fixed_summary"]["mean_physical_budget"] == pytest.approx(0.64)
+    assert "passkey/fixed-0.62 (1 of 4 samples)" in result["left_out"]
+    assert "fixed-0.6" in (samples.parent / "fidelity_stats_dev.md").read_text()
+
+
+def test_fixed_budget_names_select_any_measured_budget():
+    from benchmarks.fidelity import policies as pol
+
+    chosen = pol.select(pol.full_grid(), ["fixed-0.684", "fixed-0.5"])
+    assert [p.name for p in chosen] == ["full", "fixed-0.684", "fixed-0.5"]
+    assert chosen[1].budget == 0.684 and chosen[1].fixed
+    for bad in ("fixed-1.5", "fixed-0", "fixed-x", "fixed-0.50", "fixd-0.5"):
+        with pytest.raises(ValueError, match="unknown policies"):
+            pol.select(pol.full_grid(), [bad])
