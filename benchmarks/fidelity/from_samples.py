@@ -64,6 +64,30 @@ def rebuild(samples: dict[str, dict[str, list[dict[str, Any]]]]
     return tasks, everywhere, left_out
 
 
+# A rebuilt comparison at equal memory takes a fixed-budget run at most this far from the
+# policy's mean physical budget (a stopped run may hold only the baselines of other targets).
+MAX_ISO_MISS = 0.05
+
+
+def iso_budget_baselines(tasks: list[dict[str, Any]], policies: list[pol.Policy],
+                         iso_of: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """``result["iso_budget"]`` for the policies ``iso_of``, from the complete fixed-budget
+    runs, and the policies left without one."""
+    table = {t["name"]: t["policies"] for t in tasks}
+    fixed = {p.name: policy_summary(table, p.name)["mean_physical_budget"]
+             for p in policies if p.fixed}
+    entries, unmatched = {}, []
+    for name in iso_of:
+        target = round(policy_summary(table, name)["mean_physical_budget"], 3)
+        entry = iso_budget_entry(target, fixed) if fixed else None
+        if entry is None or abs(fixed[entry["fixed"]] - target) > MAX_ISO_MISS:
+            unmatched.append(f"iso-budget baseline of {name} (no complete fixed-budget run "
+                             f"within {MAX_ISO_MISS} of its budget {target})")
+        else:
+            entries[name] = entry
+    return entries, unmatched
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("samples", type=Path)
@@ -72,12 +96,22 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--size", default="stats", help="the run's --size")
     parser.add_argument("--split", default="all", help="the run's --split")
+    parser.add_argument("--tasks", default="",
+                        help="comma-separated tasks to summarise (default: every task in the "
+                             "file; the others are named as left out)")
     parser.add_argument("--chosen", default=None, help="the run's --chosen")
     parser.add_argument("--iso-budget-of", default="",
                         help="the run's --iso-budget-of: each policy's fixed baseline is the "
                              "complete fixed-budget run closest to its mean physical budget")
     args = parser.parse_args()
-    tasks, names, left_out = rebuild(read_samples(args.samples))
+    samples = read_samples(args.samples)
+    wanted = [name for name in args.tasks.split(",") if name] or list(samples)
+    if set(wanted) - set(samples):
+        raise SystemExit(f"no samples of {sorted(set(wanted) - set(samples))} in {args.samples}")
+    left_out = [f"{name} (not summarised: not in --tasks)" for name in samples
+                if name not in wanted]
+    tasks, names, incomplete = rebuild({name: samples[name] for name in wanted})
+    left_out += incomplete
     if not tasks:
         raise SystemExit(f"no complete task in {args.samples}")
     if args.chosen is not None and args.chosen not in names:
@@ -87,15 +121,9 @@ def main() -> None:
     result = result_header(args.command, args.model, policies, {"dtype": args.dtype},
                            args.size, args.split)
     result.update(tasks=tasks, wall_s=None, stopped_early=True, left_out=left_out)
-    table = {t["name"]: t["policies"] for t in tasks}
-    fixed = {p.name: policy_summary(table, p.name)["mean_physical_budget"]
-             for p in policies if p.fixed}
     iso_of = [name for name in args.iso_budget_of.split(",") if name in names]
-    if iso_of and fixed:
-        result["iso_budget"] = {
-            name: iso_budget_entry(round(policy_summary(table, name)["mean_physical_budget"], 3),
-                                   fixed)
-            for name in iso_of}
+    result["iso_budget"], unmatched = iso_budget_baselines(tasks, policies, iso_of)
+    left_out += unmatched
     summarise(result, policies, args.chosen)
     out_dir = args.samples.parent
     (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")

@@ -65,6 +65,7 @@ def test_rebuild_of_a_test_split_run_with_its_iso_budget_baselines(samples, monk
     """A stopped `--split test --chosen R --iso-budget-of R` run: the chosen policy is reported,
     and its baseline is the complete fixed-budget run closest to its mean physical budget."""
     from benchmarks.fidelity import from_samples
+    from benchmarks.fidelity import policies as pol
 
     rows = []
     for task, n in (("passkey", 4), ("reading", 3)):
@@ -89,6 +90,11 @@ def test_rebuild_of_a_test_split_run_with_its_iso_budget_baselines(samples, monk
     assert iso[RULE]["target_physical_budget"] == 0.625 and iso[RULE]["fixed"] == "fixed-0.6"
     assert iso[RULE]["fixed_summary"]["mean_physical_budget"] == pytest.approx(0.64)
     assert "passkey/fixed-0.62 (1 of 4 samples)" in result["left_out"]
+    # Without a baseline near its budget the rule gets no comparison (fixed-0.3 is 0.295 off).
+    tasks, names, _ = rebuild(read_samples(samples))
+    others = [p for p in pol.select(pol.full_grid(), names) if p.name != "fixed-0.6"]
+    entries, unmatched = from_samples.iso_budget_baselines(tasks, others, [RULE])
+    assert entries == {} and "iso-budget baseline of " + RULE in unmatched[0]
     assert "fixed-0.6" in (samples.parent / "fidelity_stats_dev.md").read_text()
 
 
@@ -101,3 +107,18 @@ def test_fixed_budget_names_select_any_measured_budget():
     for bad in ("fixed-1.5", "fixed-0", "fixed-x", "fixed-0.50", "fixd-0.5"):
         with pytest.raises(ValueError, match="unknown policies"):
             pol.select(pol.full_grid(), [bad])
+
+
+def test_only_the_named_tasks_are_summarised(samples, monkeypatch):
+    from benchmarks.fidelity import from_samples
+
+    monkeypatch.setattr("sys.argv", ["from_samples", str(samples), "--model", "m", "--command",
+                                     "c", "--tasks", "reading"])
+    from_samples.main()
+    result = json.loads(samples.with_name("fidelity_stats_dev.json").read_text())
+    assert [t["name"] for t in result["tasks"]] == ["reading"]
+    assert result["left_out"] == ["passkey (not summarised: not in --tasks)"]
+    monkeypatch.setattr("sys.argv", ["from_samples", str(samples), "--model", "m", "--command",
+                                     "c", "--tasks", "reading,gsm8k"])
+    with pytest.raises(SystemExit, match="no samples of \\['gsm8k'\\]"):
+        from_samples.main()
