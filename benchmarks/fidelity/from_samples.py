@@ -19,7 +19,12 @@ from typing import Any
 
 from benchmarks.fidelity import policies as pol
 from benchmarks.fidelity.report import plot, write_markdown
-from benchmarks.fidelity.run_fidelity import iso_budget_entry, result_header, summarise
+from benchmarks.fidelity.run_fidelity import (
+    iso_budget_entry,
+    iso_target,
+    result_header,
+    summarise,
+)
 from benchmarks.fidelity.summary import policy_summary, task_metrics
 
 
@@ -78,7 +83,7 @@ def iso_budget_baselines(tasks: list[dict[str, Any]], policies: list[pol.Policy]
              for p in policies if p.fixed}
     entries, unmatched = {}, []
     for name in iso_of:
-        target = round(policy_summary(table, name)["mean_physical_budget"], 3)
+        target = iso_target(table, name)
         entry = iso_budget_entry(target, fixed) if fixed else None
         if entry is None or abs(fixed[entry["fixed"]] - target) > MAX_ISO_MISS:
             unmatched.append(f"iso-budget baseline of {name} (no complete fixed-budget run "
@@ -118,18 +123,19 @@ def main() -> None:
         raise SystemExit(f"--chosen {args.chosen} has no complete samples on every task")
     policies = pol.select(pol.full_grid(), names)
     stem = args.samples.name.removesuffix("_samples.jsonl")
+    iso_of = [name for name in args.iso_budget_of.split(",") if name in names]
+    iso_budget, unmatched = iso_budget_baselines(tasks, policies, iso_of)
     result = result_header(args.command, args.model, policies, {"dtype": args.dtype},
                            args.size, args.split)
-    result.update(tasks=tasks, wall_s=None, stopped_early=True, left_out=left_out)
-    iso_of = [name for name in args.iso_budget_of.split(",") if name in names]
-    result["iso_budget"], unmatched = iso_budget_baselines(tasks, policies, iso_of)
-    left_out += unmatched
+    result.update(tasks=tasks, wall_s=None, stopped_early=True, left_out=left_out + unmatched,
+                  iso_budget=iso_budget)
     summarise(result, policies, args.chosen)
     out_dir = args.samples.parent
     (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     images = plot(result, out_dir, stem[len("fidelity"):])
     write_markdown(result, out_dir / f"{stem}.md", images)
-    print(f"wrote {out_dir / stem}.json/.md from {len(tasks)} task(s); left out: {left_out}")
+    print(f"wrote {out_dir / stem}.json/.md from {len(tasks)} task(s); "
+          f"left out: {result['left_out']}")
 
 
 if __name__ == "__main__":

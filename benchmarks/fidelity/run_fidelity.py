@@ -132,8 +132,7 @@ def run_iso_budget(llm: Any, tasks: list[Task], result: dict[str, Any], names: l
     above b: a baseline that misses its target by more than ``ISO_TOLERANCE`` is run once more
     with b moved by the miss, and the closer of the two is the comparison."""
     table = {t["name"]: t["policies"] for t in result["tasks"]}
-    targets = {name: round(policy_summary(table, name)["mean_physical_budget"], 3)
-               for name in names}
+    targets = {name: iso_target(table, name) for name in names}
     physical: dict[pol.Policy, float] = {}  # each baseline run: its mean physical budget
 
     def run(budget: float) -> pol.Policy:
@@ -158,6 +157,12 @@ def run_iso_budget(llm: Any, tasks: list[Task], result: dict[str, Any], names: l
     result["policy_families"].update({p.name: p.family for p in ran})
     result["policy_xargs"].update({p.name: p.xargs() for p in ran})
     return ran
+
+
+def iso_target(table: dict[str, Any], name: str) -> float:
+    """The physical budget a fixed baseline must match: the policy's mean over the tasks of
+    ``table`` (task -> policy -> metrics)."""
+    return round(policy_summary(table, name)["mean_physical_budget"], 3)
 
 
 def iso_budget_entry(target: float, fixed_budgets: dict[str, float]) -> dict[str, Any]:

@@ -652,7 +652,7 @@ class LaunchPlan:
     w_max: int
     w_pad: int
     chunk: int
-    num_chunks: int
+    layout: WorkspaceLayout
     block_n: int
     block_m: int
     num_m_tiles: int
@@ -677,13 +677,12 @@ class LaunchPlan:
         return block_size & (block_size - 1) == 0 and self.chunk % block_size == 0
 
     @property
-    def n_scratch(self) -> int:
-        return self.num_chunks * self.chunk
+    def num_chunks(self) -> int:
+        return self.layout.num_chunks
 
     @property
-    def layout(self) -> WorkspaceLayout:
-        return workspace_layout(self.num_reqs, self.w_max, self.num_q_heads, self.n_scratch,
-                                self.chunk)
+    def n_scratch(self) -> int:
+        return self.layout.n_scratch
 
 
 def make_plan(
@@ -716,7 +715,7 @@ def make_plan(
         w_max=w_max,
         w_pad=w_pad,
         chunk=chunk,
-        num_chunks=max(1, triton.cdiv(max_prompt_len, chunk)),
+        layout=workspace_layout(num_reqs, w_max, num_q_heads, max_prompt_len, chunk),
         block_n=block_n,
         block_m=block_m,
         num_m_tiles=triton.cdiv(rows, block_m),
