@@ -182,19 +182,23 @@ def _pair_inputs(rows: list[ScoringRow], thresholds: list[float], layers: list[i
                  device: torch.device) -> _PairInputs:
     """All five vectors packed in one int32 array (thresholds as their fp32 bits), so that a
     step pays one pinned buffer and one non-blocking copy (a blocking host-to-device copy
-    would wait for the step's forward)."""
+    would wait for the step's forward). Each vector starts on 16 bytes: Triton compiles a
+    kernel once per alignment of its pointers, and an odd pair count would otherwise move
+    them."""
     per_row = len(layers)
-    packed = np.empty((5, len(rows) * per_row), dtype=np.int32)
-    packed[0] = np.tile(np.asarray(layers, dtype=np.int32), len(rows))
+    num_pairs = len(rows) * per_row
+    packed = np.zeros((5, -(-num_pairs // 4) * 4), dtype=np.int32)
+    packed[0, :num_pairs] = np.tile(np.asarray(layers, dtype=np.int32), len(rows))
     for index, values in enumerate(
             ([row.batch_row for row in rows], [row.num_prompt_tokens for row in rows],
              [row.window for row in rows]), start=1):
-        packed[index] = np.repeat(np.asarray(values, dtype=np.int32), per_row)
-    packed[4] = np.repeat(np.asarray(thresholds, dtype=np.float32),
-                          per_row).view(np.int32)
+        packed[index, :num_pairs] = np.repeat(np.asarray(values, dtype=np.int32), per_row)
+    packed[4, :num_pairs] = np.repeat(np.asarray(thresholds, dtype=np.float32),
+                                      per_row).view(np.int32)
     tensor = torch.from_numpy(packed)
     if device.type != "cpu":
         tensor = tensor.pin_memory().to(device, non_blocking=True)
+    tensor = tensor[:, :num_pairs]
     return _PairInputs(layers=tensor[0], batch_rows=tensor[1], prompt_lens=tensor[2],
                        window_lens=tensor[3], thresholds=tensor[4].view(torch.float32))
 

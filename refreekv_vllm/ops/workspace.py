@@ -19,8 +19,11 @@ section               shape                           holds
 ====================  ==============================  ==========================================
 
 Query row ``(head, i)`` (window row ``i`` of ``head``) is column ``head * W_MAX + i``. Sections
-a launch does not use have no size. The CUDA op receives :meth:`WorkspaceLayout.offsets`; the
-Triton launcher slices the same sections, so neither kernel computes its own layout.
+a launch does not use have no size. Every section starts on a 16-byte boundary: Triton compiles
+one variant of a kernel per alignment of its pointers, so sections whose starts moved with the
+batch size would compile new variants while serving. The CUDA op receives
+:meth:`WorkspaceLayout.offsets`; the Triton launcher slices the same sections, so neither kernel
+computes its own layout.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import torch
 from refreekv_vllm.ops.launch_utils import cdiv
 
 SECTIONS = ("vals", "row_max", "row_sum", "row_sum2", "lse", "chunk_sum")
+SECTION_ALIGN = 4  # fp32 elements: 16 bytes
 
 
 @dataclass(frozen=True)
@@ -50,13 +54,13 @@ class WorkspaceLayout:
 
     @property
     def total(self) -> int:
-        return sum(self.sizes)
+        return self.offsets()[-1]
 
     def offsets(self) -> list[int]:
         """Start of each section of :data:`SECTIONS`, then the total: what the CUDA op takes."""
         starts = [0]
         for size in self.sizes:
-            starts.append(starts[-1] + size)
+            starts.append(cdiv(starts[-1] + size, SECTION_ALIGN) * SECTION_ALIGN)
         return starts
 
     def views(self, workspace: torch.Tensor) -> dict[str, torch.Tensor]:

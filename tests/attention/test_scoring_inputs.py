@@ -165,3 +165,23 @@ def test_requests_whose_every_head_keeps_its_norm_are_scored_by_the_torch_backen
     assert [c["thresholds"] for c in calls] == [[pytest.approx(0.02)], [pytest.approx(0.01)]]
     assert [req_ids for _, req_ids, _ in step.cuts] in (
         [["a"], ["b"]], [["b"], ["a"]])
+
+
+@pytest.mark.parametrize("num_requests", [1, 2, 3, 5])
+def test_pair_inputs_are_request_major_and_each_vector_starts_on_16_bytes(num_requests):
+    """Triton compiles a kernel once per alignment of its pointers: a vector that starts 4
+    bytes into a 16-byte word (an odd pair count) would compile new variants while serving."""
+    rows = [ScoringRow(f"r{i}", batch_row=7 - i, num_prompt_tokens=100 + i, window=32,
+                       policy=RULE) for i in range(num_requests)]
+    layers = [2, 3, 5]
+    inputs = scoring._pair_inputs(rows, [0.01 * (i + 1) for i in range(num_requests)], layers,
+                                  torch.device("cpu"))
+    assert inputs.layers.tolist() == layers * num_requests
+    assert inputs.batch_rows.tolist() == [7 - i for i in range(num_requests) for _ in layers]
+    assert inputs.prompt_lens.tolist() == [100 + i for i in range(num_requests) for _ in layers]
+    assert inputs.window_lens.tolist() == [32] * (3 * num_requests)
+    assert inputs.thresholds.tolist() == pytest.approx(
+        [0.01 * (i + 1) for i in range(num_requests) for _ in layers])
+    base = inputs.layers.data_ptr()
+    for vector in (inputs.batch_rows, inputs.prompt_lens, inputs.window_lens, inputs.thresholds):
+        assert (vector.data_ptr() - base) % 16 == 0

@@ -365,6 +365,20 @@ def _log2sumexp2(x: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(x * math.log(2), 0) / math.log(2)
 
 
+@pytest.mark.parametrize("w_max", [1, 8])
+def test_scratch_sections_start_on_16_bytes(w_max):
+    """Odd request, head and chunk counts: every section of the scratch still starts on a
+    16-byte boundary (Triton compiles one kernel variant per pointer alignment) and holds its
+    whole size before the next one starts."""
+    for r, hq, max_len in ((1, 9, 1000), (3, 9, 3000), (5, 15, 5000)):
+        layout = workspace_layout(r, w_max, hq, max_len, 1024)
+        starts = layout.offsets()
+        assert all(start % 4 == 0 for start in starts)
+        assert all(b - a >= size for a, b, size in zip(starts, starts[1:], layout.sizes,
+                                                                strict=False))
+        assert layout.total == starts[-1] < sum(layout.sizes) + 4 * len(layout.sizes)
+
+
 def test_torch_backend_matches_reference():
     case = _case((4, 64, torch.bfloat16, 8, "mean", "NHD"), seed=5)
     case.query, case.key_cache = case.query.cpu(), case.key_cache.cpu()
