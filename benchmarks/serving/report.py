@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,52 @@ def decode_step_lines(model: dict[str, Any]) -> list[str]:
             "order:", "", "| workload | server | runs |", "|---|---|---|", *rows]
 
 
+MIXED_PHASE_FLOOR_MS = 0.05  # phases below this in every server are left out of the table
+
+
+def _mixed_phase_means(run: dict[str, Any]) -> tuple[int, dict[str, float]] | None:
+    """Steps that ran prompt tokens, over every single run: their count and each phase's mean
+    milliseconds per step."""
+    steps, totals = 0, collections.Counter()
+    for leaf in measured_runs(run):
+        mixed = (leaf.get("step_phases") or {}).get("mixed")
+        if mixed:
+            steps += mixed["steps"]
+            totals.update({name: ms * mixed["steps"]
+                           for name, ms in {**mixed["phase_mean_ms"],
+                                            "time between steps": mixed["interval_mean_ms"]
+                                            }.items()})
+    return (steps, {name: total / steps for name, total in totals.items()}) if steps else None
+
+
+def mixed_step_lines(model: dict[str, Any]) -> list[str]:
+    """Per workload, the host time of each timed call in steps that run prompt tokens, server
+    by server: where a step that admits prompts spends its time (``STEP_TIMER_EXTRA`` adds the
+    plugin's and FlashAttention's calls)."""
+    by_workload: dict[str, dict[str, tuple[int, dict[str, float]]]] = {}
+    for key, run in model["runs"].items():
+        if key.startswith("health/"):
+            continue
+        workload, variant = key.split("/")
+        means = _mixed_phase_means(run)
+        if means is not None:
+            by_workload.setdefault(workload, {})[variant] = means
+    lines: list[str] = []
+    for workload, variants in by_workload.items():
+        names = sorted({name for _, means in variants.values() for name, ms in means.items()
+                        if ms >= MIXED_PHASE_FLOOR_MS},
+                       key=lambda name: -max(m.get(name, 0.0) for _, m in variants.values()))
+        labels = [VARIANT_LABELS[variant] for variant in variants]
+        lines += ["", f"Steps that run prompt tokens, {workload}: mean ms per step of each timed "
+                  "call (calls nest: a runner call is part of `execute_model`)", "",
+                  "| call | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels),
+                  "| steps | " + " | ".join(str(steps) for steps, _ in variants.values()) + " |"]
+        lines += [f"| `{name}` | " + " | ".join(_cell(means.get(name), "{:.2f}")
+                                                for _, means in variants.values()) + " |"
+                  for name in names]
+    return lines
+
+
 def write_markdown(result: dict[str, Any], path: Path) -> None:
     v1 = "summary_plain_v1" in result
     # A run split over invocations (--reuse) records each command.
@@ -86,6 +133,7 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
             lines.append(f"| {workload} | {VARIANT_LABELS[variant]} | " + " | ".join(cells)
                          + " |")
         lines += decode_step_lines(model)
+        lines += mixed_step_lines(model)
         lines += ["", "Workloads: " + "; ".join(
             f"{name}: {w['num_prompts']} {w['kind']} prompts"
             + (f" of {w['min_tokens']}-{w['max_tokens']} tokens" if w["kind"] == "long" else "")

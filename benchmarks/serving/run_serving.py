@@ -269,7 +269,10 @@ def round_order(variants: list[Any], round_index: int, palindrome: bool) -> list
 def merge_runs(runs: list[dict[str, Any]], label: str) -> dict[str, Any]:
     """Runs of one (workload, variant) as one: each number the median over them (the mean of
     two), peaks the largest, counts summed; the runs themselves kept under ``label`` (the
-    passes of a round, or the rounds)."""
+    passes of a round, or the rounds). One run is its own merge, parts included (a single
+    round keeps its passes)."""
+    if len(runs) == 1:
+        return dict(runs[0])
     merged: dict[str, Any] = {}
     for name, value in runs[0].items():
         if name in ("rounds", "passes"):
@@ -285,8 +288,7 @@ def merge_runs(runs: list[dict[str, Any]], label: str) -> dict[str, Any]:
             merged[name] = statistics.median(values)
         else:
             merged[name] = value
-    if len(runs) > 1:
-        merged[label] = runs
+    merged[label] = runs
     return merged
 
 

@@ -65,6 +65,28 @@ def test_the_report_lists_every_runs_decode_steps():
     assert decode_step_lines({"runs": {"long_c8/t0": {"output_tok_s": 1.0}}}) == []
 
 
+def test_the_report_weighs_each_runs_mixed_steps_by_their_count():
+    """Steps that run prompt tokens: each call's mean per step over every single run (a run of
+    3 steps at 10 ms and one of 1 step at 2 ms average 8 ms); calls under the floor in every
+    server are left out."""
+    from benchmarks.serving.report import mixed_step_lines
+
+    def leaf(steps: int, forward_ms: float, tiny_ms: float = 0.01) -> dict:
+        return {"output_tok_s": 1.0, "step_phases": {"mixed": {
+            "steps": steps, "interval_mean_ms": forward_ms + 1.0,
+            "phase_mean_ms": {"_model_forward": forward_ms, "tiny": tiny_ms}}}}
+
+    default = merge_runs([merge_runs([leaf(3, 10.0), leaf(1, 2.0)], "passes")], "rounds")
+    plain = merge_runs([merge_runs([leaf(2, 4.0)], "passes")], "rounds")
+    lines = mixed_step_lines({"runs": {"chat/plain": plain, "chat/default": default,
+                                       "health/refreekv": {}}})
+    assert lines[3] == "| call | plain vLLM | ReFreeKV default |"
+    assert lines[5] == "| steps | 2 | 4 |"
+    assert lines[6:] == ["| `time between steps` | 5.00 | 9.00 |",
+                         "| `_model_forward` | 4.00 | 8.00 |"]
+    assert mixed_step_lines({"runs": {"chat/t0": {"output_tok_s": 1.0}}}) == []
+
+
 def test_source_digest_names_the_code_that_ran(tmp_path):
     package = Path(refreekv_vllm.__file__).parent
     copy = tmp_path / "refreekv_vllm"
