@@ -13,6 +13,7 @@ import torch
 from refreekv_vllm.config import RefreeKVConfig
 from refreekv_vllm.forward.step_context import ScoringRow, StepContext, window_store
 from refreekv_vllm.ops import compute_cuts
+from refreekv_vllm.ops.launch_utils import align_16_bytes
 from refreekv_vllm.policy.policies import ThresholdPolicy
 from refreekv_vllm.policy.reference import AGGREGATIONS
 
@@ -182,12 +183,11 @@ def _pair_inputs(rows: list[ScoringRow], thresholds: list[float], layers: list[i
                  device: torch.device) -> _PairInputs:
     """All five vectors packed in one int32 array (thresholds as their fp32 bits), so that a
     step pays one pinned buffer and one non-blocking copy (a blocking host-to-device copy
-    would wait for the step's forward). Each vector starts on 16 bytes: Triton compiles a
-    kernel once per alignment of its pointers, and an odd pair count would otherwise move
-    them."""
+    would wait for the step's forward). Each vector starts on 16 bytes, whatever the pair
+    count (``align_16_bytes``)."""
     per_row = len(layers)
     num_pairs = len(rows) * per_row
-    packed = np.zeros((5, -(-num_pairs // 4) * 4), dtype=np.int32)
+    packed = np.zeros((5, align_16_bytes(num_pairs)), dtype=np.int32)
     packed[0, :num_pairs] = np.tile(np.asarray(layers, dtype=np.int32), len(rows))
     for index, values in enumerate(
             ([row.batch_row for row in rows], [row.num_prompt_tokens for row in rows],

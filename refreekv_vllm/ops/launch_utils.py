@@ -11,6 +11,14 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def align_16_bytes(numel: int) -> int:
+    """``numel`` 4-byte elements rounded up to whole 16 bytes. Triton compiles one variant of a
+    kernel per alignment of its pointer arguments, so buffers cut from one allocation start on
+    such boundaries (else a start that moves with the batch compiles new variants while
+    serving)."""
+    return cdiv(numel, 4) * 4
+
+
 def next_power_of_2(x: int) -> int:
     return 1 if x <= 1 else 1 << (x - 1).bit_length()
 

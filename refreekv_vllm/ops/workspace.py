@@ -32,10 +32,9 @@ from dataclasses import dataclass
 
 import torch
 
-from refreekv_vllm.ops.launch_utils import cdiv
+from refreekv_vllm.ops.launch_utils import align_16_bytes, cdiv
 
 SECTIONS = ("vals", "row_max", "row_sum", "row_sum2", "lse", "chunk_sum")
-SECTION_ALIGN = 4  # fp32 elements: 16 bytes
 
 
 @dataclass(frozen=True)
@@ -60,7 +59,7 @@ class WorkspaceLayout:
         """Start of each section of :data:`SECTIONS`, then the total: what the CUDA op takes."""
         starts = [0]
         for size in self.sizes:
-            starts.append(cdiv(starts[-1] + size, SECTION_ALIGN) * SECTION_ALIGN)
+            starts.append(align_16_bytes(starts[-1] + size))
         return starts
 
     def views(self, workspace: torch.Tensor) -> dict[str, torch.Tensor]:
