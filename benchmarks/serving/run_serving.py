@@ -42,7 +42,7 @@ from benchmarks.serving.server import (
     process_cpu_seconds,
     wait_healthy,
 )
-from benchmarks.serving.step_phases import read_records, summarise_steps
+from benchmarks.serving.step_phases import read_records, summarise_steps, wait_for_records
 from benchmarks.serving.workloads import Workload, write_workload
 
 REPO = Path(__file__).resolve().parents[2]
@@ -144,7 +144,7 @@ def run_workload(server: RunningServer, setup: ModelSetup, run: Run, dataset: Pa
     cpu_after = process_cpu_seconds(server.process.pid)
     steps = None
     if server.step_dir is not None:
-        time.sleep(1.5)  # the step timer writes its records twice a second
+        wait_for_records(server.step_dir)
         steps = summarise_steps(read_records(server.step_dir, started, ended))
     budget_count = sampler.delta("refreekv:request_block_budget_count")
     return {

@@ -14,6 +14,7 @@ import bisect
 import collections
 import json
 import statistics
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,23 @@ def running_bucket(running: int) -> str:
             return f"{low:03d}-{high:03d}"
         low = high + 1
     return f"{low:03d}+"
+
+
+def wait_for_records(step_dir: Path, quiet_s: float = 2.0, timeout_s: float = 30.0) -> None:
+    """Wait until the step timer has written what a finished run recorded: it writes once its
+    process has been idle for a moment, so the files stop growing for ``quiet_s``."""
+    def size() -> int:
+        return sum(path.stat().st_size for path in step_dir.glob("steps-*.jsonl"))
+
+    deadline = time.monotonic() + timeout_s
+    last, quiet_since = size(), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        now = size()
+        if now != last:
+            last, quiet_since = now, time.monotonic()
+        elif time.monotonic() - quiet_since >= quiet_s:
+            return
 
 
 def read_records(step_dir: Path, start: float, end: float) -> list[list[Any]]:

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from benchmarks.serving.server import STEP_TIMER_SITE, process_cpu_seconds
-from benchmarks.serving.step_phases import read_records, summarise_steps
+from benchmarks.serving.step_phases import read_records, summarise_steps, wait_for_records
 from tests.markers import slow
 
 
@@ -81,6 +81,24 @@ def test_extra_functions_and_methods_are_timed(tmp_path):
     records = read_records(tmp_path, 0.0, float("inf"))
     assert sorted(r[0] for r in records) == ["Calendar.getfirstweekday", "rgb_to_hsv"]
     assert all(r[2] >= 0 for r in records)
+
+
+@slow
+def test_records_are_written_only_once_the_process_is_idle(tmp_path):
+    # Writing while the server works would take the GIL from the phases being measured.
+    code = ("import colorsys, glob, os, time\n"
+            "end = time.monotonic() + 1.0\n"
+            "while time.monotonic() < end:\n"
+            "    colorsys.rgb_to_hsv(1.0, 0.0, 0.0); time.sleep(0.001)\n"
+            "print(len(glob.glob(os.path.join(os.environ['STEP_TIMER_DIR'], '*'))))\n")
+    env = {**os.environ, "PYTHONPATH": str(STEP_TIMER_SITE), "STEP_TIMER_DIR": str(tmp_path),
+           "STEP_TIMER_EXTRA": "colorsys:rgb_to_hsv"}
+    busy = subprocess.run([sys.executable, "-c", code + "time.sleep(1.0)\n"], env=env,
+                          capture_output=True, text=True, check=True)
+    assert busy.stdout.split() == ["0"]  # a second of calls, nothing written meanwhile
+    wait_for_records(tmp_path)
+    records = read_records(tmp_path, 0.0, float("inf"))
+    assert len(records) > 100 and {r[0] for r in records} == {"rgb_to_hsv"}
 
 
 @slow
