@@ -11,7 +11,8 @@ COLUMNS = [("output_tok_s", "out tok/s", "{:.1f}"), ("request_s", "req/s", "{:.2
            ("tpot_p50_ms", "TPOT p50 ms", "{:.2f}"), ("tpot_p99_ms", "TPOT p99 ms", "{:.2f}"),
            ("peak_running", "peak running", "{:.0f}"), ("mean_running", "mean running", "{:.1f}"),
            ("preemptions", "preempt.", "{:.0f}"), ("peak_kv_usage", "peak KV", "{:.2f}"),
-           ("physical_budget", "budget b", "{:.3f}")]
+           ("physical_budget", "budget b", "{:.3f}"),
+           ("engine_cpu_ms_per_token", "engine CPU ms/token", "{:.3f}")]
 VARIANT_LABELS = {"plain": "plain vLLM", "default": "ReFreeKV default", "t0": "ReFreeKV T = 0",
                   "plain_v1": "plain vLLM, V1 runner"}
 
@@ -92,6 +93,23 @@ def mixed_step_lines(model: dict[str, Any]) -> list[str]:
     return lines
 
 
+def repeat_lines(result: dict[str, Any]) -> list[str]:
+    """Each variant's second pass over its first within a round (``repeat_ratios``): the
+    noise floor of the run, for reading the ratios above."""
+    repeats = result.get("repeat_ratios") or {}
+    rows = [f"| {workload} | {VARIANT_LABELS[variant]} | "
+            + ", ".join(f"{r:.3f}" for r in ratios) + " |"
+            for workloads in repeats.values() for workload, variants in workloads.items()
+            for variant, ratios in variants.items()]
+    if not rows:
+        return []
+    spread = result.get("repeat_spread")
+    return ["", "Noise floor: the same server on the same workload twice in a round (`A B C C B "
+            "A`), output tok/s of the second pass over the first, per round"
+            + (f"; median distance from 1: {spread:.3f}" if spread is not None else "") + ".",
+            "", "| workload | server | rounds |", "|---|---|---|", *rows]
+
+
 def write_markdown(result: dict[str, Any], path: Path) -> None:
     v1 = "summary_plain_v1" in result
     # A run split over invocations (--reuse) records each command.
@@ -120,6 +138,7 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
             cells = [", ".join(f"{v:.3f}" for v in paired.get(rule, {}).get(key, [])) or "–"
                      for rule in ("default", "t0")]
             lines.append(f"| `{key}` | " + " | ".join(cells) + " |")
+    lines += repeat_lines(result)
     for model in result["models"].values():
         lines += ["", f"## {model['model']}", "",
                   f"Server flags (both servers): `{' '.join(model['server_flags'])}`", "",

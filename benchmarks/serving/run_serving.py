@@ -32,7 +32,14 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.integration.engine_run import LLAMA3_8B_CONFIG
-from benchmarks.serving.cpu_pinning import CpuPlan, physical_cores, pin_self, pin_server, plan_cpus
+from benchmarks.serving.cpu_pinning import (
+    ENGINE_CORE_NAME,
+    CpuPlan,
+    physical_cores,
+    pin_self,
+    pin_server,
+    plan_cpus,
+)
 from benchmarks.serving.server import (
     PLAIN_SERVER,
     REFREEKV_SERVER,
@@ -168,8 +175,22 @@ def run_workload(server: RunningServer, setup: ModelSetup, run: Run, dataset: Pa
         # Busy share of each server process over the run (1.0: one core all the time).
         "cpu_busy_share": {name: round((cpu_after[name] - cpu_before.get(name, 0.0))
                                        / (ended - started), 3) for name in sorted(cpu_after)},
+        # Host time the engine core spent per output token: unlike throughput, it does not
+        # move with how long the process waited for its turn on the machine.
+        "engine_cpu_ms_per_token": engine_cpu_ms_per_token(cpu_before, cpu_after,
+                                                           result.get("total_output_tokens")),
         **({"step_phases": steps} if steps is not None else {}),
     }
+
+
+def engine_cpu_ms_per_token(cpu_before: dict[str, float], cpu_after: dict[str, float],
+                            output_tokens: int | None) -> float | None:
+    """Milliseconds of engine-core CPU time per output token between two readings of
+    ``process_cpu_seconds`` (None without output or without an engine-core process)."""
+    if not output_tokens or ENGINE_CORE_NAME not in cpu_after:
+        return None
+    seconds = cpu_after[ENGINE_CORE_NAME] - cpu_before.get(ENGINE_CORE_NAME, 0.0)
+    return 1e3 * seconds / output_tokens
 
 
 ENGINES = {
@@ -344,6 +365,32 @@ def round_ratios(models: dict[str, dict[str, Any]], variant: str) -> dict[str, l
     return paired
 
 
+def repeat_ratios(models: dict[str, dict[str, Any]], metric: str = "output_tok_s"
+                  ) -> dict[str, dict[str, dict[str, list[float]]]]:
+    """model -> workload -> variant -> per round, the metric of the variant's second pass over
+    its first (palindromic rounds run every variant twice): how far a number moves when
+    nothing changes but the moment, the noise floor against which a ratio is read."""
+    found: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for model_key, model in models.items():
+        for key, run in model.get("runs", {}).items():
+            if key.startswith("health/"):
+                continue
+            workload, variant = key.split("/")
+            ratios = [passes[1][metric] / passes[0][metric]
+                      for passes in (part.get("passes", []) for part in run.get("rounds", [run]))
+                      if len(passes) == 2 and passes[0][metric]]
+            if ratios:
+                found.setdefault(model_key, {}).setdefault(workload, {})[variant] = ratios
+    return found
+
+
+def repeat_spread(repeats: dict[str, dict[str, dict[str, list[float]]]]) -> float | None:
+    """The median distance from 1 of every repeat ratio of a run."""
+    distances = [abs(r - 1.0) for workloads in repeats.values() for variants in workloads.values()
+                 for ratios in variants.values() for r in ratios]
+    return statistics.median(distances) if distances else None
+
+
 def device_name(device: str) -> str:
     if device == "cuda":
         import torch
@@ -498,6 +545,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "round_ratios": {variant: round_ratios(models, variant) for variant in ("default", "t0")},
         "ratio_of_medians": {variant: ratio_of_medians(models, variant)
                              for variant in ("default", "t0")},
+        "repeat_ratios": repeat_ratios(models),
+        "repeat_spread": repeat_spread(repeat_ratios(models)),
         **({"summary_plain_v1": summarise(models, "plain_v1")}
            if any(key.endswith("/plain_v1") for model in models.values()
                   for key in model["runs"]) else {}),

@@ -23,6 +23,7 @@ def test_quick_serving_benchmark(tmp_path):
         assert (run["completed"], run["failed"], run["errors"]) == (
             workload["num_prompts"], 0, []), key
         assert run["kv_usage_after"] == 0.0, key  # pool idle again
+        assert run["engine_cpu_ms_per_token"] > 0, key
     assert all(model["runs"][f"health/{engine}"]["healthy"] for engine in ("plain", "refreekv"))
     burst = {variant: runs[f"long_burst/{variant}"] for variant in ("plain", "default", "t0")}
     assert burst["default"]["requests_pruned"] > 0 and burst["t0"]["requests_pruned"] == 0

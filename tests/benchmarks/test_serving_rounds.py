@@ -3,8 +3,18 @@
 import shutil
 from pathlib import Path
 
+import pytest
+
 import refreekv_vllm
-from benchmarks.serving.run_serving import merge_runs, round_order, round_ratios, source_digest
+from benchmarks.serving.run_serving import (
+    engine_cpu_ms_per_token,
+    merge_runs,
+    repeat_ratios,
+    repeat_spread,
+    round_order,
+    round_ratios,
+    source_digest,
+)
 
 
 def test_rounds_rotate_and_palindromes_run_every_variant_forth_and_back():
@@ -85,6 +95,37 @@ def test_the_report_weighs_each_runs_mixed_steps_by_their_count():
     assert lines[6:] == ["| `time between steps` | 5.00 | 9.00 |",
                          "| `_model_forward` | 4.00 | 8.00 |"]
     assert mixed_step_lines({"runs": {"chat/t0": {"output_tok_s": 1.0}}}) == []
+
+
+def test_repeat_ratios_give_each_servers_second_pass_over_its_first():
+    """The run's noise floor: per round, the same server's two passes of a palindrome; a
+    single pass (no palindrome) gives none, and one round is read from the run itself."""
+    from benchmarks.serving.report import repeat_lines
+
+    def passes(*values: float) -> dict:
+        return merge_runs([{"output_tok_s": v} for v in values], "passes")
+
+    two_rounds = merge_runs([passes(100.0, 90.0), passes(80.0, 88.0)], "rounds")
+    models = {"smollm2": {"runs": {"chat/plain": two_rounds, "chat/t0": passes(50.0, 55.0),
+                                   "long_c1/plain": passes(10.0), "health/plain": {}}}}
+    repeats = repeat_ratios(models)
+    assert repeats == {"smollm2": {"chat": {"plain": [0.9, 1.1], "t0": [1.1]}}}
+    assert repeat_spread(repeats) == pytest.approx(0.1)
+    assert repeat_spread({}) is None
+    lines = repeat_lines({"repeat_ratios": repeats, "repeat_spread": 0.1})
+    assert "median distance from 1: 0.100" in lines[1]
+    assert lines[-2:] == ["| chat | plain vLLM | 0.900, 1.100 |",
+                          "| chat | ReFreeKV T = 0 | 1.100 |"]
+    assert repeat_lines({"repeat_ratios": {}}) == []
+
+
+def test_engine_cpu_per_token_counts_the_engine_core_only():
+    before = {"VLLM::EngineCor": 10.0, "python3": 1.0}
+    after = {"VLLM::EngineCor": 12.5, "python3": 9.0}
+    assert engine_cpu_ms_per_token(before, after, 1000) == pytest.approx(2.5)
+    assert engine_cpu_ms_per_token({}, after, 500) == pytest.approx(25.0)
+    assert engine_cpu_ms_per_token(before, after, 0) is None
+    assert engine_cpu_ms_per_token(before, {"python3": 9.0}, 1000) is None
 
 
 def test_source_digest_names_the_code_that_ran(tmp_path):
