@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,15 @@ def _cell(value: Any, fmt: str) -> str:
     return "–" if value is None else fmt.format(value)
 
 
+def workload_runs(runs: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """``(workload, variant, run)`` of a model's ``runs`` (the servers' health entries left
+    out)."""
+    for key, run in runs.items():
+        if not key.startswith("health/"):
+            workload, variant = key.split("/")
+            yield workload, variant, run
+
+
 def measured_runs(run: dict[str, Any]) -> list[dict[str, Any]]:
     """The single runs behind a reported one, in run order (rounds, then passes)."""
     parts = run.get("rounds") or run.get("passes")
@@ -31,13 +41,10 @@ def decode_step_lines(model: dict[str, Any]) -> list[str]:
     """Mean time between decode-only steps of every single run (step timer): with runs of a
     few seconds, whether a gap repeats in every run tells an effect from the machine's noise."""
     rows = []
-    for key, run in model["runs"].items():
-        if key.startswith("health/"):
-            continue
+    for workload, variant, run in workload_runs(model["runs"]):
         decode = [(leaf.get("step_phases") or {}).get("decode") for leaf in measured_runs(run)]
         if not any(decode):
             continue
-        workload, variant = key.split("/")
         cells = ", ".join("–" if d is None else f"{d['interval_mean_ms']:.2f} "
                           f"({d['mean_reqs']:.0f})" for d in decode)
         rows.append(f"| {workload} | {VARIANT_LABELS[variant]} | {cells} |")
@@ -70,10 +77,7 @@ def mixed_step_lines(model: dict[str, Any]) -> list[str]:
     by server: where a step that admits prompts spends its time (``STEP_TIMER_EXTRA`` adds the
     plugin's and FlashAttention's calls)."""
     by_workload: dict[str, dict[str, tuple[int, dict[str, float]]]] = {}
-    for key, run in model["runs"].items():
-        if key.startswith("health/"):
-            continue
-        workload, variant = key.split("/")
+    for workload, variant, run in workload_runs(model["runs"]):
         means = _mixed_phase_means(run)
         if means is not None:
             by_workload.setdefault(workload, {})[variant] = means
@@ -144,10 +148,7 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
                   f"Server flags (both servers): `{' '.join(model['server_flags'])}`", "",
                   "| workload | server | " + " | ".join(label for _, label, _ in COLUMNS)
                   + " |", "|---|---|" + "---|" * len(COLUMNS)]
-        for key, run in model["runs"].items():
-            if key.startswith("health/"):
-                continue
-            workload, variant = key.split("/")
+        for workload, variant, run in workload_runs(model["runs"]):
             cells = [_cell(run.get(name), fmt) for name, _, fmt in COLUMNS]
             lines.append(f"| {workload} | {VARIANT_LABELS[variant]} | " + " | ".join(cells)
                          + " |")

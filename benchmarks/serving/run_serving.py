@@ -40,6 +40,7 @@ from benchmarks.serving.cpu_pinning import (
     pin_server,
     plan_cpus,
 )
+from benchmarks.serving.report import workload_runs
 from benchmarks.serving.server import (
     PLAIN_SERVER,
     REFREEKV_SERVER,
@@ -372,10 +373,7 @@ def repeat_ratios(models: dict[str, dict[str, Any]], metric: str = "output_tok_s
     nothing changes but the moment, the noise floor against which a ratio is read."""
     found: dict[str, dict[str, dict[str, list[float]]]] = {}
     for model_key, model in models.items():
-        for key, run in model.get("runs", {}).items():
-            if key.startswith("health/"):
-                continue
-            workload, variant = key.split("/")
+        for workload, variant, run in workload_runs(model.get("runs", {})):
             ratios = [passes[1][metric] / passes[0][metric]
                       for passes in (part.get("passes", []) for part in run.get("rounds", [run]))
                       if len(passes) == 2 and passes[0][metric]]
@@ -529,6 +527,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import refreekv_vllm
 
+    repeats = repeat_ratios(models)
     result = {
         "command": "python -m benchmarks.serving.run_serving " + " ".join(
             sys.argv[1:] if argv is None else argv),
@@ -545,8 +544,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "round_ratios": {variant: round_ratios(models, variant) for variant in ("default", "t0")},
         "ratio_of_medians": {variant: ratio_of_medians(models, variant)
                              for variant in ("default", "t0")},
-        "repeat_ratios": repeat_ratios(models),
-        "repeat_spread": repeat_spread(repeat_ratios(models)),
+        "repeat_ratios": repeats,
+        "repeat_spread": repeat_spread(repeats),
         **({"summary_plain_v1": summarise(models, "plain_v1")}
            if any(key.endswith("/plain_v1") for model in models.values()
                   for key in model["runs"]) else {}),
