@@ -22,7 +22,7 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
-from benchmarks.fidelity.summary import GOAL, GOAL_TEXT, quality_shortfall
+from benchmarks.fidelity.summary import GOAL, GOAL_TEXT, NEAR_ZERO_TEXT, quality_shortfall
 
 PAPER_RULE = "refreekv-w1-T0.01"
 
@@ -139,7 +139,7 @@ def write_report(result: Mapping[str, Any], path: Path) -> None:
                   f"- Noise floor (full cache run again): {_pct(s['noise_floor_rel_change'])}.",
                   ""]
         if s["excluded_tasks"]:
-            lines += [f"Left out of the changes (full-cache score 0): "
+            lines += [f"Left out of the changes ({NEAR_ZERO_TEXT}): "
                       f"{', '.join(s['excluded_tasks'])}.", ""]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 

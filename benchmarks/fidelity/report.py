@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from benchmarks.fidelity.summary import GOAL_TEXT, rel_change
+from benchmarks.fidelity.summary import GOAL_TEXT, NEAR_ZERO_TEXT, rel_change
 
 
 def _pct(x: float | None, signed: bool = False) -> str:
@@ -27,8 +27,8 @@ def _verdict(summary: Mapping[str, Any] | None) -> str:
         return "not run (left out by --policies)."
     ok = "meets" if summary["meets_goal"] else "does not meet"
     worst = (f"worst {_pct(summary['worst_rel_change'], True)} on {summary['worst_task']}"
-             if summary["worst_task"] else "no task with a non-zero full-cache score")
-    excluded = (f"; left out (full-cache score 0): {', '.join(summary['excluded_tasks'])}"
+             if summary["worst_task"] else "no task left to judge")
+    excluded = (f"; left out ({NEAR_ZERO_TEXT}): {', '.join(summary['excluded_tasks'])}"
                 if summary["excluded_tasks"] else "")
     by_interval = (f" (quality goal by the 95% intervals: {summary['quality_goal_by_interval']})"
                    if "quality_goal_by_interval" in summary else "")

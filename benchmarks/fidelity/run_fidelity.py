@@ -172,6 +172,9 @@ def iso_budget_entry(target: float, fixed_budgets: dict[str, float]) -> dict[str
     return {"target_physical_budget": target, "fixed": closest}
 
 
+CHOSEN_RULE = "chosen before this run (--chosen), reported as measured"
+
+
 def summarise(result: dict[str, Any], policies: list[pol.Policy], chosen_name: str | None
               ) -> None:
     table = {t["name"]: t["policies"] for t in result["tasks"]}
@@ -180,7 +183,7 @@ def summarise(result: dict[str, Any], policies: list[pol.Policy], chosen_name: s
     if chosen_name is not None:
         chosen = summaries[chosen_name]
         result["summary"] = {**chosen, "met": chosen["meets_goal"],
-                             "rule": "chosen before this run (--chosen), reported as measured"}
+                             "rule": CHOSEN_RULE}
     else:
         refreekv = [summaries[p.name] for p in policies if p.adaptive]
         chosen, met = choose_default(refreekv)

@@ -238,3 +238,21 @@ def test_dev_and_test_splits_are_fixed_halves():
         keep_split([Task("t", "m", dev.samples, max_tokens=4, score=task.score)], "test")
     with pytest.raises(ValueError, match="unknown split"):
         keep_split([task], "train")
+
+
+def test_tasks_the_full_cache_nearly_fails_are_left_out_of_the_summary():
+    # SmolLM2 on HumanEval: the full cache solves 2 of 74, so one sample is a 50% change.
+    full = [1.0] * 30 + [0.0] * 30
+    nearly_failed = [1.0] * 2 + [0.0] * 72
+    results = {"a": {"p": _sampled("a", full, full)},
+               "code": {"p": _sampled("code", [1.0] + [0.0] * 73, nearly_failed)}}
+    assert rel_change(results["code"]["p"]) == pytest.approx(-0.5)  # still in its own row
+    summary = policy_summary(results, "p")
+    assert summary["excluded_tasks"] == ["code"]
+    assert summary["mean_rel_change"] == 0.0 and summary["worst_task"] == "a"
+    assert summary["mean_rel_change_ci"] == [0.0, 0.0]
+    assert summary["quality_goal_by_interval"] == "met"
+    # Its budget still counts: it is memory the policy used.
+    assert summary["mean_physical_budget"] == pytest.approx(0.5)
+    results["code"]["p"] = _sampled("code", [1.0] * 3 + [0.0] * 71, [1.0] * 4 + [0.0] * 70)
+    assert policy_summary(results, "p")["excluded_tasks"] == []  # 4 of 74 = 5.4% counts
