@@ -72,7 +72,10 @@ def model_summary(test: Mapping[str, Any], policy: str) -> dict[str, Any]:
         "worst_rel_change": s["worst_rel_change"], "worst_task": s["worst_task"],
         "worst_rel_change_ci": s.get("worst_rel_change_ci"),
         "mean_physical_budget": s["mean_physical_budget"],
-        "n_samples": sum(t["policies"][policy]["n_samples"] for t in test["tasks"]),
+        # Samples of the tasks the quality is judged on (a task left out still ran).
+        "n_samples": sum(t["policies"][policy]["n_samples"] for t in test["tasks"]
+                         if t["name"] not in s["excluded_tasks"]),
+        "n_samples_run": sum(t["policies"][policy]["n_samples"] for t in test["tasks"]),
         "meets_goal": s["meets_goal"],
         "quality_goal_by_interval": s.get("quality_goal_by_interval"),
         "excluded_tasks": s["excluded_tasks"],
@@ -102,6 +105,21 @@ def beats_fixed(summary: Mapping[str, Any]) -> str:
     return "not distinguishable (intervals overlap)"
 
 
+def goal_verdict(summary: Mapping[str, Any]) -> str:
+    """The goal judged as the acceptance asks: quality by the 95% intervals, and the budget."""
+    quality = summary.get("quality_goal_by_interval")
+    budget = summary.get("mean_physical_budget")
+    if quality is None or budget is None:
+        return "not measured"
+    fits = budget <= GOAL["mean_physical_budget"]
+    if quality == "met" and fits:
+        return "yes"
+    reasons = [] if quality == "met" else [f"quality {quality} by the intervals"]
+    if not fits:
+        reasons.append(f"budget {budget:.3f} above {GOAL['mean_physical_budget']}")
+    return "no (" + "; ".join(reasons) + ")"
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:+.1f}%"
 
@@ -120,17 +138,15 @@ def write_report(result: Mapping[str, Any], path: Path) -> None:
              f"mean physical budget {summary['mean_physical_budget_dev']:.3f}).", ""]
     for model, s in summary["by_model"].items():
         paper = s["paper_rule"] or {}
-        lines += [f"## {model} (test split, {s['n_samples']} samples)", "",
+        lines += [f"## {model} (test split, {s['n_samples']} samples judged)", "",
+                  f"**Default meets the goal: {goal_verdict(s)}.**", "",
                   f"- Default: mean change {_pct(s['mean_rel_change'])}"
                   f"{_ci(s['mean_rel_change_ci'])}, worst {_pct(s['worst_rel_change'])} "
                   f"({s['worst_task']}){_ci(s['worst_rel_change_ci'])}, physical budget "
-                  f"{s['mean_physical_budget']:.3f}: goal "
-                  f"{'met' if s['meets_goal'] else 'not met'} by the point estimates, quality "
-                  f"{s['quality_goal_by_interval']} by the intervals.",
-                  f"- Paper's rule: mean change {_pct(paper.get('mean_rel_change'))}"
-                  f"{_ci(paper.get('mean_rel_change_ci'))}, physical budget "
-                  f"{paper.get('mean_physical_budget') or float('nan'):.3f}, quality "
-                  f"{paper.get('quality_goal_by_interval')} by the intervals.",
+                  f"{s['mean_physical_budget']:.3f}.",
+                  f"- Paper's rule (meets the goal: {goal_verdict(paper)}): mean change "
+                  f"{_pct(paper.get('mean_rel_change'))}{_ci(paper.get('mean_rel_change_ci'))}"
+                  f", physical budget {paper.get('mean_physical_budget') or float('nan'):.3f}.",
                   f"- Fixed budget at the default's memory "
                   f"({s['iso_budget_fixed_physical_budget'] or float('nan'):.3f}): mean change "
                   f"{_pct(s['iso_budget_fixed_rel_change'])}"
@@ -141,7 +157,27 @@ def write_report(result: Mapping[str, Any], path: Path) -> None:
         if s["excluded_tasks"]:
             lines += [f"Left out of the changes ({NEAR_ZERO_TEXT}): "
                       f"{', '.join(s['excluded_tasks'])}.", ""]
+        sources = result.get("sources", {}).get(model, {})
+        if sources:
+            lines += ["Per task, every policy and the plots: "
+                      + ", ".join(f"[{split}]({name}.md)" for split, name in sources.items())
+                      + ".", ""]
+            lines += [f"![{name}]({name}_score_vs_budget.png)" for name in sources.values()
+                      if (path.parent / f"{name}_score_vs_budget.png").exists()]
+            lines.append("")
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+PER_SAMPLE_KEYS = ("scores", "full_scores")
+
+
+def _condensed(result: Mapping[str, Any]) -> dict[str, Any]:
+    """A run's result without its per-sample score lists (its own file keeps them)."""
+    tasks = [{**task, "policies": {name: {k: v for k, v in metrics.items()
+                                          if k not in PER_SAMPLE_KEYS}
+                                   for name, metrics in task["policies"].items()}}
+             for task in result.get("tasks", [])]
+    return {**result, "tasks": tasks}
 
 
 def report(models: Mapping[str, tuple[Path, Path]], out_dir: Path) -> dict[str, Any]:
@@ -160,8 +196,15 @@ def report(models: Mapping[str, tuple[Path, Path]], out_dir: Path) -> dict[str, 
                              f"splits choose {choice['policy']}: rerun the test split with "
                              f"--chosen {choice['policy']}")
     choice["by_model"] = {name: model_summary(test[name], choice["policy"]) for name in models}
-    result = {"goal": {**GOAL, "text": GOAL_TEXT}, "summary": choice,
-              "models": {name: {"dev": dev[name], "test": test[name]} for name in models}}
+    for name in models:
+        choice["by_model"][name]["meets_goal_by_interval"] = goal_verdict(
+            choice["by_model"][name]) == "yes"
+    sources = {name: {"dev": paths[0].stem, "test": paths[1].stem}
+               for name, paths in models.items()
+               if all(p.parent.resolve() == out_dir.resolve() for p in paths)}
+    result = {"goal": {**GOAL, "text": GOAL_TEXT}, "summary": choice, "sources": sources,
+              "models": {name: {"dev": _condensed(dev[name]), "test": _condensed(test[name])}
+                         for name in models}}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "fidelity.json").write_text(json.dumps(result, indent=1) + "\n")
     write_report(result, out_dir / "fidelity.md")

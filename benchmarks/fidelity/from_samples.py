@@ -6,12 +6,13 @@ are left out and named).
         --model SmolLM2-135M-Instruct --command "python -m benchmarks.fidelity.run_fidelity ..."
 
 Writes ``<stem>.json`` and ``.md`` (and plots) next to the samples file, ``<stem>`` being the
-samples file's name without ``_samples.jsonl``.
+samples file's name without ``_samples.jsonl`` (a gzipped ``.jsonl.gz`` is read as well).
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -31,7 +32,8 @@ from benchmarks.fidelity.summary import policy_summary, task_metrics
 def read_samples(path: Path) -> dict[str, dict[str, list[dict[str, Any]]]]:
     """task -> policy -> sample records, in file order."""
     by_task: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(dict)
-    with open(path, encoding="utf-8") as f:
+    with (gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz"
+          else open(path, encoding="utf-8")) as f:
         for line in f:
             record = json.loads(line)
             by_task[record["task"]].setdefault(record["policy"], []).append(record)
@@ -122,7 +124,7 @@ def main() -> None:
     if args.chosen is not None and args.chosen not in names:
         raise SystemExit(f"--chosen {args.chosen} has no complete samples on every task")
     policies = pol.select(pol.full_grid(), names)
-    stem = args.samples.name.removesuffix("_samples.jsonl")
+    stem = args.samples.name.removesuffix(".gz").removesuffix("_samples.jsonl")
     iso_of = [name for name in args.iso_budget_of.split(",") if name in names]
     iso_budget, unmatched = iso_budget_baselines(tasks, policies, iso_of)
     result = result_header(args.command, args.model, policies, {"dtype": args.dtype},

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from benchmarks.fidelity.combine import beats_fixed, choose_universal, report
+from benchmarks.fidelity.combine import beats_fixed, choose_universal, goal_verdict, report
 from benchmarks.fidelity.summary import policy_summary, task_metrics
 
 FULL = [1.0] * 20 + [0.0] * 20
@@ -71,8 +71,11 @@ def test_report_on_the_test_splits(tmp_path):
         assert s["iso_budget_fixed_rel_change"] == pytest.approx(-0.5)
         assert beats_fixed(s) == "yes"
         assert s["paper_rule"]["quality_goal_by_interval"] == "missed"
+        assert s["meets_goal_by_interval"]
     markdown = (tmp_path / "out" / "fidelity.md").read_text()
     assert "ReFreeKV better at equal memory: yes" in markdown
+    assert "**Default meets the goal: yes.**" in markdown
+    assert "Paper's rule (meets the goal: no (quality missed by the intervals))" in markdown
     test["small"]["summary"] = {"policy": "refreekv-w1-T0.01", "rule": "chosen before this run"}
     (tmp_path / "small_test.json").write_text(json.dumps(test["small"]))
     with pytest.raises(ValueError, match="rerun the test split with --chosen refreekv-a"):
@@ -89,3 +92,12 @@ def test_equal_memory_verdict_is_judged_by_the_intervals():
     assert verdict([-0.3, -0.1], [-0.01, 0.0]).startswith("no")
     assert verdict([-0.1, 0.0], [-0.05, 0.01]).startswith("not distinguishable")
     assert verdict(None, [-0.05, 0.01]) == "not measured"
+
+
+def test_goal_verdict_needs_the_interval_and_the_budget():
+    met = {"quality_goal_by_interval": "met", "mean_physical_budget": 0.7}
+    assert goal_verdict(met) == "yes"
+    assert goal_verdict({**met, "mean_physical_budget": 0.96}) == "no (budget 0.960 above 0.8)"
+    assert goal_verdict({**met, "quality_goal_by_interval": "undecided"}) == (
+        "no (quality undecided by the intervals)")
+    assert goal_verdict({}) == "not measured"

@@ -122,3 +122,33 @@ def test_only_the_named_tasks_are_summarised(samples, monkeypatch):
                                      "c", "--tasks", "reading,gsm8k"])
     with pytest.raises(SystemExit, match="no samples of \\['gsm8k'\\]"):
         from_samples.main()
+
+
+def test_gzipped_samples_read_the_same(samples):
+    import gzip
+
+    packed = samples.with_name(samples.name + ".gz")
+    packed.write_bytes(gzip.compress(samples.read_bytes()))
+    assert read_samples(packed) == read_samples(samples)
+
+
+def test_resummarise_applies_the_current_rules_and_keeps_the_chosen_policy(samples, monkeypatch):
+    """A finished run's summaries, computed again from its own per-sample scores: a policy
+    reported as chosen stays the reported one, and the summary follows today's rules."""
+    from benchmarks.fidelity import from_samples
+    from benchmarks.fidelity.resummarise import resummarise
+
+    monkeypatch.setattr("sys.argv", ["from_samples", str(samples), "--model", "m", "--command",
+                                     "c", "--split", "test", "--chosen", RULE])
+    from_samples.main()
+    path = samples.with_name("fidelity_stats_dev.json")
+    result = json.loads(path.read_text())
+    before = result["summary"]
+    # As an older run would have written it: a stale summary and goal text.
+    result["summary"] = {**before, "mean_rel_change": 123.0}
+    result["goal"]["text"] = "old"
+    path.write_text(json.dumps(result))
+    after = resummarise(path)["summary"]
+    assert after == before
+    assert json.loads(path.read_text())["goal"]["text"] != "old"
+    assert (samples.parent / "fidelity_stats_dev.md").exists()
