@@ -107,9 +107,9 @@ class RefreeKVConfig(BaseModel):
     """Prune after prefill. When False the engine behaves exactly as plain vLLM."""
     threshold: Threshold = 0.005
     """T: largest allowed relative drop of the head-averaged attention norm (0 prunes nothing).
-    The paper uses 0.01; 0.005 with a 32-row window and mean aggregation is the one setting that
-    kept quality on every task of benchmarks/results/fidelity.md."""
-    window: Window = 32
+    The paper uses 0.01. 0.005 with a 64-row window and mean aggregation is the setting chosen
+    on the development splits of two models (benchmarks/results/fidelity.md, docs/design.md §7)."""
+    window: Window = 64
     """Observation window w: score rows of the last w prompt tokens (1 = the paper's rule)."""
     window_agg: Aggregation = "mean"
     """How the window's rows are combined per head before the norm test: max or mean."""

@@ -10,7 +10,7 @@ from refreekv_vllm.policy.policies import FixedBudgetPolicy, ThresholdPolicy
 
 def test_defaults_are_the_documented_ones():
     config = RefreeKVConfig.from_additional_config(None)
-    assert (config.threshold, config.window, config.window_agg) == (0.005, 32, "mean")
+    assert (config.threshold, config.window, config.window_agg) == (0.005, 64, "mean")
     assert (config.num_sink_tokens, config.frozen_layers, config.policy) == (4, (0, 1),
                                                                               "threshold")
     assert not config.reuse_attention_lse
@@ -48,7 +48,7 @@ def test_request_overrides_apply_on_top_of_the_server_config():
 def test_a_request_may_ask_every_head_to_keep_its_norm():
     config = RefreeKVConfig()
     settings = request_settings(config, {"refreekv_head_agg": "max"})
-    assert settings.policy == ThresholdPolicy(threshold=0.005, window=32, window_agg="mean",
+    assert settings.policy == ThresholdPolicy(threshold=0.005, window=64, window_agg="mean",
                                               head_agg="max")
     assert settings.policy.describe()["head_agg"] == "max"
     assert request_settings(config, None).policy.head_agg == "mean"  # the paper's mean
@@ -134,4 +134,4 @@ def test_requests_without_overrides_share_the_server_settings():
     assert request_settings(config, None).policy == FixedBudgetPolicy(budget=0.25)
     # a request may switch to ReFreeKV's rule, which reads the server's threshold and window
     assert request_settings(config, {"refreekv_policy": "threshold"}).policy == ThresholdPolicy(
-        threshold=0.005, window=32, window_agg="mean")
+        threshold=0.005, window=64, window_agg="mean")

@@ -48,7 +48,7 @@ def test_schema_and_summaries(quick_run):
         result["paper_rule_summary"]["mean_physical_budget"], abs=1e-3)
     fixed = {p for p in result["policies"] if p.startswith("fixed-")}
     assert set(result["policies"]) - fixed == {"full", "refreekv-w1-T0.01",
-                                               "refreekv-w32-mean-T0.005"}
+                                               "refreekv-w64-mean-T0.005"}
     # fixed-0.5 of the grid, the baseline at equal memory and at most one corrected rerun of it.
     assert "fixed-0.5" in fixed and iso["fixed"] in fixed and len(fixed) <= 3
     assert {t["name"] for t in result["tasks"]} == {
@@ -62,8 +62,8 @@ def test_schema_and_summaries(quick_run):
     for key in ("summary", "paper_rule_summary", "configured_default_summary"):
         assert set(result[key]) >= SUMMARY_KEYS, key
     assert result["paper_rule_summary"]["policy"] == "refreekv-w1-T0.01"
-    assert result["configured_default_summary"]["policy"] == "refreekv-w32-mean-T0.005"
-    assert result["summary"]["policy"] in ("refreekv-w1-T0.01", "refreekv-w32-mean-T0.005")
+    assert result["configured_default_summary"]["policy"] == "refreekv-w64-mean-T0.005"
+    assert result["summary"]["policy"] in ("refreekv-w1-T0.01", "refreekv-w64-mean-T0.005")
     assert isinstance(result["summary"]["met"], bool)
 
 

@@ -123,7 +123,12 @@ def test_policy_names_and_xargs():
     assert PAPER_RULE.name == "refreekv-w1-T0.01"
     assert PAPER_RULE.xargs()["refreekv_threshold"] == 0.01
     assert PAPER_RULE.xargs()["refreekv_window"] == 1
-    assert CONFIGURED_DEFAULT.name == "refreekv-w32-mean-T0.005"
+    assert CONFIGURED_DEFAULT.name == "refreekv-w64-mean-T0.005"
+    # The benchmark's engine pins the plugin's own defaults.
+    from benchmarks.fidelity.policies import ENGINE_CONFIG
+
+    plugin = RefreeKVConfig()
+    assert {key: getattr(plugin, key) for key in ENGINE_CONFIG} == ENGINE_CONFIG
     assert CONFIGURED_DEFAULT.xargs()["refreekv_window_agg"] == "mean"
     fixed = fixed_budget(0.5)
     assert fixed.name == "fixed-0.5"

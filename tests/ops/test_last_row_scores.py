@@ -52,6 +52,9 @@ CONFIGS = [
     (2, 128, torch.bfloat16, 32, "mean", "NHD"),
     (4, 32, torch.bfloat16, 1, "max", "NHD"),
     (2, 16, torch.float16, 8, "max", "HND"),
+    # The default window (64 rows, the most the kernels take), at SmolLM2's and Qwen's GQA.
+    (3, 64, torch.bfloat16, 64, "mean", "NHD"),
+    (7, 64, torch.float16, 64, "mean", "HND"),
 ]
 # Non-multiples of the block size, n <= m + 1, n = 1, and lengths spanning several chunks.
 LENS = [77, 5, 1, 150, 33, 4, 61, 129]

@@ -40,14 +40,15 @@ def runner(requests: list[tuple[str, int, int]], xargs: dict[str, dict[str, Any]
 
 def test_a_window_split_over_two_chunks_is_captured_in_both_and_scored_in_the_last():
     # "a": 100-token prompt, window 32 (rows 68-99), chunks of 80 then 20 tokens; "b" decodes
-    first = runner([("b", 50, 10), ("a", 0, 100)], {})
+    config = RefreeKVConfig(window=32)
+    first = runner([("b", 50, 10), ("a", 0, 100)], {}, config)
     step = first._plan_step(np.asarray([1, 80]))
     (capture,) = step.captures
     assert (capture.req_id, capture.window) == ("a", 32)
     assert capture.token_indices == range(1 + 68, 1 + 80)  # after b's one token
     assert capture.window_slots == range(0, 12)
     assert not step.scoring
-    second = runner([("a", 80, 100)], {})._plan_step(np.asarray([20]))
+    second = runner([("a", 80, 100)], {}, config)._plan_step(np.asarray([20]))
     (capture,) = second.captures
     assert capture.token_indices == range(0, 20) and capture.window_slots == range(12, 32)
     (row,) = second.scoring
