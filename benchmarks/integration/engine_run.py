@@ -133,11 +133,12 @@ def run_capacity(args) -> dict:
     probe = build_llm(args, args.model, max_model_len=4096, enforce_eager=True,
                       kv_cache_memory_bytes=1 << 29, enable_prefix_caching=False)
     num_prompt_tokens = len(probe.get_tokenizer()(prompts[0])["input_ids"])
-    num_layers = probe.llm_engine.model_config.get_num_layers(
-        probe.llm_engine.vllm_config.parallel_config)
     budget = None
     if args.engine == "refreekv":
-        probe.generate(prompts[:1], SamplingParams(max_tokens=1), use_tqdm=False)
+        # The cut report rides on the first decode step after the prompt's: a request that
+        # stops at its first token has left before it (its blocks are simply freed).
+        probe.generate(prompts[:1], SamplingParams(max_tokens=4, ignore_eos=True),
+                       use_tqdm=False)
         budget = scheduler_of(probe).refreekv_stats().recent_block_budgets[-1]
     probe.llm_engine.engine_core.shutdown()
     del probe
@@ -145,9 +146,9 @@ def run_capacity(args) -> dict:
 
     gc.collect()
     blocks_per_request = -(-(num_prompt_tokens + decode_tokens) // args.block_size)
-    # One KV cache group per layer with ReFreeKV: a block holds one layer's tokens there.
-    groups = num_layers if args.engine == "refreekv" else 1
-    num_blocks = pool_requests * blocks_per_request * groups + 1
+    # Both engines' blocks hold every layer's tokens (ReFreeKV's as one page per layer), so
+    # the same block count is the same memory.
+    num_blocks = pool_requests * blocks_per_request + 1
     target = args.submit or (int(0.9 * pool_requests / budget) if budget else pool_requests)
     llm = build_llm(args, args.model, max_model_len=4096, enforce_eager=True,
                     num_gpu_blocks_override=num_blocks, enable_prefix_caching=False,
