@@ -66,7 +66,7 @@ def model_summary(test: Mapping[str, Any], policy: str) -> dict[str, Any]:
     fixed = iso["fixed_summary"] if iso else None
     paper = summaries.get(PAPER_RULE)
     paper_iso = test.get("iso_budget", {}).get(PAPER_RULE)
-    return {
+    summary = {
         "mean_rel_change": s["mean_rel_change"],
         "mean_rel_change_ci": s.get("mean_rel_change_ci"),
         "worst_rel_change": s["worst_rel_change"], "worst_task": s["worst_task"],
@@ -91,6 +91,8 @@ def model_summary(test: Mapping[str, Any], policy: str) -> dict[str, Any]:
         "noise_floor_rel_change": (test.get("noise_floor_summary") or {}).get(
             "mean_rel_change"),
     }
+    summary["meets_goal_by_interval"] = goal_verdict(summary) == "yes"
+    return summary
 
 
 def beats_fixed(summary: Mapping[str, Any]) -> str:
@@ -196,9 +198,6 @@ def report(models: Mapping[str, tuple[Path, Path]], out_dir: Path) -> dict[str, 
                              f"splits choose {choice['policy']}: rerun the test split with "
                              f"--chosen {choice['policy']}")
     choice["by_model"] = {name: model_summary(test[name], choice["policy"]) for name in models}
-    for name in models:
-        choice["by_model"][name]["meets_goal_by_interval"] = goal_verdict(
-            choice["by_model"][name]) == "yes"
     sources = {name: {"dev": paths[0].stem, "test": paths[1].stem}
                for name, paths in models.items()
                if all(p.parent.resolve() == out_dir.resolve() for p in paths)}

@@ -11,16 +11,6 @@ import numpy as np
 
 RESAMPLES = 2000
 LEVEL = 0.95
-# A task whose full cache scores below this has (almost) nothing to preserve: there, one
-# sample moves the relative change by tens of percent (SmolLM2 solves 2 of 74 HumanEval
-# problems), so the task is left out of the relative-change summaries.
-NEAR_ZERO_FULL_SCORE = 0.05
-
-
-def judged(full_scores: Sequence[float]) -> bool:
-    """Whether a task's relative changes count in a summary (its full cache scores clearly
-    above zero)."""
-    return len(full_scores) > 0 and float(np.mean(full_scores)) >= NEAR_ZERO_FULL_SCORE
 
 
 def draws(task: str, num_samples: int, resamples: int = RESAMPLES) -> np.ndarray:
@@ -63,11 +53,9 @@ def task_intervals(task: str, scores: Sequence[float], full_scores: Sequence[flo
 def summary_intervals(per_task: Mapping[str, Mapping[str, Sequence[float]]]
                       ) -> dict[str, list[float] | None]:
     """Intervals of the mean and of the worst per-task change over ``per_task`` (task →
-    ``{"scores", "full_scores"}``); tasks whose full cache scores near zero are left out."""
+    ``{"scores", "full_scores"}``); tasks whose full cache scores 0 are left out."""
     changes = []
     for task, samples in per_task.items():
-        if not judged(samples["full_scores"]):
-            continue
         index = draws(task, len(samples["scores"]))
         task_changes = rel_change_draws(samples["scores"], samples["full_scores"], index)
         if task_changes is not None:

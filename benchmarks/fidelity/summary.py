@@ -13,12 +13,12 @@ from collections.abc import Mapping, Sequence
 from statistics import mean
 from typing import Any
 
-from benchmarks.fidelity.intervals import (
-    NEAR_ZERO_FULL_SCORE,
-    summary_intervals,
-    task_intervals,
-)
+from benchmarks.fidelity.intervals import summary_intervals, task_intervals
 
+# A task whose full cache scores below this has (almost) nothing to preserve: there, one
+# sample moves the relative change by tens of percent (SmolLM2 solves 2 of 74 HumanEval
+# problems), so the task is left out of the relative-change summaries.
+NEAR_ZERO_FULL_SCORE = 0.05
 NEAR_ZERO_TEXT = f"full-cache score below {NEAR_ZERO_FULL_SCORE:.0%}"
 GOAL = {"mean_rel_change": -0.01, "worst_rel_change": -0.03, "mean_physical_budget": 0.8}
 GOAL_TEXT = ("mean relative change ≥ −1%, no task below −3%, mean physical budget ≤ 0.8 "
@@ -77,9 +77,7 @@ def policy_summary(results: Mapping[str, Mapping[str, Mapping[str, Any]]], polic
     }
     if all("scores" in by_policy[policy] for by_policy in results.values()
            if policy in by_policy):
-        summary.update(summary_intervals({task: by_policy[policy]
-                                          for task, by_policy in results.items()
-                                          if policy in by_policy}))
+        summary.update(summary_intervals({task: results[task][policy] for task in changes}))
         summary["quality_goal_by_interval"] = quality_by_interval(summary)
     summary["meets_quality_goal"] = meets_quality(summary)
     summary["meets_goal"] = summary["meets_quality_goal"] and (
