@@ -101,8 +101,16 @@ def fixed_budget(budget: float) -> Policy:
 FULL = Policy()
 FULL_RERUN = Policy(rerun=True)
 PAPER_RULE = threshold_rule(0.01)
-CONFIGURED_DEFAULT = threshold_rule(ENGINE_CONFIG["threshold"], ENGINE_CONFIG["window"],
-                                    ENGINE_CONFIG["window_agg"])
+
+
+def configured_default(engine_config: dict[str, Any]) -> Policy:
+    """The rule an engine with ``engine_config`` (the keys of ``ENGINE_CONFIG``) applies to a
+    request that names none."""
+    return threshold_rule(engine_config["threshold"], engine_config["window"],
+                          engine_config["window_agg"])
+
+
+CONFIGURED_DEFAULT = configured_default(ENGINE_CONFIG)
 
 
 def full_grid() -> list[Policy]:

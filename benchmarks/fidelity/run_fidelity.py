@@ -192,8 +192,11 @@ def summarise(result: dict[str, Any], policies: list[pol.Policy], chosen_name: s
             "none meets it, the one closest to the quality goal (smallest shortfall, then lowest "
             "budget)")}
     result["summary"]["policies_compared"] = sum(p.adaptive for p in policies)
+    # The default of the engine that ran (recorded in the result), not of today's code.
+    configured = pol.configured_default(result.get("engine", {}).get("refreekv",
+                                                                     pol.ENGINE_CONFIG))
     for key, policy in (("paper_rule_summary", pol.PAPER_RULE),
-                        ("configured_default_summary", pol.CONFIGURED_DEFAULT)):
+                        ("configured_default_summary", configured)):
         result[key] = summaries.get(policy.name)
     result["fixed_summaries"] = [summaries[p.name] for p in policies if p.fixed]
     result["noise_floor_summary"] = summaries.get(pol.FULL_RERUN.name)

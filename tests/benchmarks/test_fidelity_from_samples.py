@@ -144,11 +144,15 @@ def test_resummarise_applies_the_current_rules_and_keeps_the_chosen_policy(sampl
     path = samples.with_name("fidelity_stats_dev.json")
     result = json.loads(path.read_text())
     before = result["summary"]
-    # As an older run would have written it: a stale summary and goal text.
+    # As an older run would have written it: a stale summary and goal text, and an engine
+    # whose default was the w = 32 rule this run has samples of.
     result["summary"] = {**before, "mean_rel_change": 123.0}
     result["goal"]["text"] = "old"
+    result["engine"]["refreekv"] = {"threshold": 0.005, "window": 32, "window_agg": "mean"}
     path.write_text(json.dumps(result))
-    after = resummarise(path)["summary"]
-    assert after == before
+    redone = resummarise(path)
+    assert redone["summary"] == before
     assert json.loads(path.read_text())["goal"]["text"] != "old"
+    # The run's own default, not today's, is reported as the engine's configured default.
+    assert redone["configured_default_summary"]["policy"] == RULE
     assert (samples.parent / "fidelity_stats_dev.md").exists()
