@@ -29,6 +29,7 @@ MAX_WINDOW = 64
 MAX_THRESHOLD = 0.5
 MAX_SINK_TOKENS = 1024
 MAX_LAYER_INDEX = 100_000
+MAX_PROMPT_TOKENS = 2**31 - 1
 
 
 class ConfigError(ValueError):
@@ -120,6 +121,11 @@ class RefreeKVConfig(BaseModel):
     """m: first prompt tokens that are always kept and excluded from the norm."""
     frozen_layers: Annotated[tuple[int, ...], BeforeValidator(_layers)] = (0, 1)
     """Layers that are never pruned."""
+    min_prompt_tokens: Annotated[int, BeforeValidator(_integer(0, MAX_PROMPT_TOKENS))] = 256
+    """Prompts shorter than this are not scored (kept whole, counted as skipped
+    ``short_prompt``): what such a prompt could free is small beside what its request holds
+    over its life, while a step that scores pays window capture in every layer and the
+    scoring launches (docs/design.md §6b, chat). 0 scores every prompt."""
     kernel: Annotated[str, BeforeValidator(_choice(KERNELS))] = "auto"
     """Scoring backend: auto (the faster GPU kernel on GPUs, torch on CPU), triton, cuda or
     torch."""

@@ -28,6 +28,7 @@ class SkipReason(str, Enum):
     NOT_RUNNING = "not_running"  # finished, aborted or preempted before its report arrived
     PREEMPTED = "preempted"  # preempted earlier; resumed with fully recomputed KV
     OPTED_OUT = "opted_out"
+    SHORT_PROMPT = "short_prompt"  # shorter than min_prompt_tokens: never scored
     ALREADY_REPORTED = "already_reported"  # one report per request life
     NO_GAP = "no_gap"  # no layer's gap holds a whole block
 

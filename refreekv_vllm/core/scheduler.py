@@ -113,10 +113,17 @@ class RefreeKVSchedulerMixin(_SchedulerBase):
     def add_request(self, request: Request) -> None:
         is_new = request.request_id not in self.requests  # else a streaming-input update
         super().add_request(request)
-        if is_new and self._refreekv_opts_out(request):
+        if not is_new:
+            return
+        if self._refreekv_opts_out(request):
             self._refreekv_state.mark_no_prune(request.request_id, SkipReason.OPTED_OUT)
             self._refreekv_state.record_skip(SkipReason.OPTED_OUT)
             self._refreekv_metrics.skipped(SkipReason.OPTED_OUT.value)
+        elif request.num_prompt_tokens < self._refreekv_config.min_prompt_tokens:
+            # Counted only: the worker decides on the prompt it prefills, which a streaming-
+            # input update may still lengthen.
+            self._refreekv_state.record_skip(SkipReason.SHORT_PROMPT)
+            self._refreekv_metrics.skipped(SkipReason.SHORT_PROMPT.value)
 
     def _preempt_request(self, request: Request, timestamp: float) -> None:
         super()._preempt_request(request, timestamp)
@@ -257,8 +264,9 @@ class RefreeKVSchedulerMixin(_SchedulerBase):
         manager.free = unpruned_free
 
     def _cap_prefix_hits(self) -> None:
-        """Shorten prefix-cache hits of requests that will be pruned so that their observation
-        window is computed (``core/prefix_hits.py``); other requests keep vLLM's hits."""
+        """Shorten prefix-cache hits of requests that will be scored so that their observation
+        window is computed (``core/prefix_hits.py``); other requests (short prompts included)
+        keep vLLM's hits."""
         manager = self.kv_cache_manager
         get_computed_blocks = manager.get_computed_blocks
         block_size = self._refreekv_block_size
@@ -266,8 +274,10 @@ class RefreeKVSchedulerMixin(_SchedulerBase):
         def capped_get_computed_blocks(request: Request) -> Any:
             blocks, num_tokens, boundary = get_computed_blocks(request)
             settings = self._refreekv_settings(request)
-            window = 0 if settings is None or num_tokens == 0 \
-                else settings.policy.window_rows(request.num_prompt_tokens)
+            window = 0
+            if (settings is not None and num_tokens > 0
+                    and request.num_prompt_tokens >= self._refreekv_config.min_prompt_tokens):
+                window = settings.policy.window_rows(request.num_prompt_tokens)
             if not window or self._refreekv_state.no_prune_reason(request.request_id) is not None:
                 return blocks, num_tokens, boundary
             capped = capped_hit_tokens(num_tokens, request.num_prompt_tokens, window, block_size)

@@ -207,7 +207,8 @@ def _collectors() -> dict:
             model, registry=registry),
         "requests_skipped": Counter(
             PREFIX + "requests_skipped",
-            "Requests left unpruned after scoring or by their settings, by reason.",
+            "Requests left unpruned after scoring, by their settings or their prompt's length, "
+            "by reason.",
             [*model, "reason"], registry=registry),
         "blocks_released": Counter(
             PREFIX + "kv_blocks_released",

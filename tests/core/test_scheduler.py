@@ -62,9 +62,12 @@ def engine_core_kwargs(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) 
 @pytest.fixture
 def new_scheduler(model_config_dir) -> Callable[..., RefreeKVScheduler]:
     def new(*, async_scheduling: bool = False, enable_prefix_caching: bool = True,
-            num_blocks: int = NUM_BLOCKS) -> RefreeKVScheduler:
+            num_blocks: int = NUM_BLOCKS, min_prompt_tokens: int = 0) -> RefreeKVScheduler:
+        """``min_prompt_tokens`` 0: these prompts (at most MAX_MODEL_LEN tokens) all count as
+        scored; the default's gate has its own test."""
         vllm_config = make_vllm_config(model_config_dir,
                                        enable_prefix_caching=enable_prefix_caching)
+        vllm_config.additional_config = {"refreekv": {"min_prompt_tokens": min_prompt_tokens}}
         vllm_config.scheduler_config.async_scheduling = async_scheduling
         kv_cache_config = paged_config(vllm_config, num_blocks)
         return make_scheduler(**engine_core_kwargs(vllm_config, kv_cache_config))
@@ -356,6 +359,21 @@ def test_prefix_hits_stop_before_the_observation_window(new_scheduler):
     assert scheduler_output.num_scheduled_tokens[second.request_id] == 40 - 28
 
 
+def test_short_prompts_keep_their_whole_prefix_hit(new_scheduler):
+    """A prompt under min_prompt_tokens is never scored: no window to recompute."""
+    scheduler = new_scheduler(min_prompt_tokens=len(PROMPT) + 1)
+    first = make_request(PROMPT, extra_args={"refreekv_enabled": False})
+    second = make_request(PROMPT, extra_args={"refreekv_window": 10})
+    scheduler.add_request(first)
+    run_step(scheduler)
+
+    scheduler.add_request(second)
+    scheduler_output, _ = schedule(scheduler)
+
+    # vLLM's own hit: every full block but the last token's (40 tokens, blocks of 4).
+    assert scheduler_output.num_scheduled_tokens[second.request_id] == 4
+
+
 def test_reports_for_gone_or_reported_requests_are_skipped(new_scheduler):
     scheduler = new_scheduler()
     aborted, pruned = make_request(PROMPT), make_request(PROMPT[::-1])
@@ -414,6 +432,19 @@ def test_opted_out_requests_are_not_pruned(new_scheduler, extra_args):
     assert free_pages(scheduler) == free_before
     assert scheduler.refreekv_stats().requests_skipped == {"opted_out": 1}
     run_until_done(scheduler)
+    assert_pool_idle(scheduler)
+
+
+def test_prompts_under_the_minimum_are_counted_as_short(new_scheduler):
+    """A prompt shorter than min_prompt_tokens is counted once as skipped ``short_prompt``
+    when it arrives (the worker never scores it); one at the minimum is not."""
+    scheduler = new_scheduler(min_prompt_tokens=len(PROMPT) + 1)
+    scheduler.add_request(make_request(PROMPT))
+    scheduler.add_request(make_request(PROMPT + [7]))
+    assert scheduler.refreekv_stats().requests_skipped == {"short_prompt": 1}
+    run_until_done(scheduler)
+    assert scheduler.refreekv_stats().requests_skipped == {"short_prompt": 1}
+    assert scheduler.refreekv_stats().requests_pruned == 0
     assert_pool_idle(scheduler)
 
 

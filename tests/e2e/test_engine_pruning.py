@@ -92,6 +92,29 @@ def test_pruning_releases_blocks_and_pool_balances(refreekv_llm):
     assert free_blocks(refreekv_llm) == start
 
 
+def test_prompts_under_the_minimum_are_not_scored(refreekv_llm):
+    """At the default min_prompt_tokens a short prompt is counted as skipped and never scored,
+    beside a long one that is pruned in the same batch."""
+    from refreekv_vllm.config import RefreeKVConfig
+
+    scheduler = scheduler_of(refreekv_llm)
+    start = free_blocks(refreekv_llm)
+    short = "Name three colours of the rainbow and say which one comes first. " * 6
+    long = passkey_prompt(40, 0.5, 40404)
+    tokenizer = refreekv_llm.get_tokenizer()
+    shortest = RefreeKVConfig().min_prompt_tokens
+    assert len(tokenizer.encode(short)) < shortest <= len(tokenizer.encode(long))
+    before = scheduler.refreekv_stats()
+    refreekv_llm.generate([short, long], greedy(max_tokens=4))
+    after = scheduler.refreekv_stats()
+    assert after.requests_pruned == before.requests_pruned + 1
+    assert (after.requests_skipped.get("short_prompt", 0)
+            == before.requests_skipped.get("short_prompt", 0) + 1)
+    assert scheduler.refreekv_recent_reports()[-1].num_prompt_tokens == len(
+        tokenizer.encode(long))
+    assert free_blocks(refreekv_llm) == start
+
+
 def test_aborting_pruned_requests_mid_decode_balances_the_pool(refreekv_llm):
     start = free_blocks(refreekv_llm)
     abort_once_pruned(refreekv_llm, [passkey_prompt(40 + 10 * i, 0.5, 61000 + i)

@@ -40,7 +40,7 @@ def runner(requests: list[tuple[str, int, int]], xargs: dict[str, dict[str, Any]
 
 def test_a_window_split_over_two_chunks_is_captured_in_both_and_scored_in_the_last():
     # "a": 100-token prompt, window 32 (rows 68-99), chunks of 80 then 20 tokens; "b" decodes
-    config = RefreeKVConfig(window=32)
+    config = RefreeKVConfig(window=32, min_prompt_tokens=0)
     first = runner([("b", 50, 10), ("a", 0, 100)], {}, config)
     step = first._plan_step(np.asarray([1, 80]))
     (capture,) = step.captures
@@ -62,7 +62,7 @@ def test_overrides_fixed_budgets_and_opt_outs():
              "out": {"refreekv_enabled": False}, "t0": {"refreekv_threshold": 0},
              "bad": {"refreekv_window": 0}}
     names = list(xargs) + ["preempted"]
-    plan = runner([(name, 0, 40) for name in names], xargs)
+    plan = runner([(name, 0, 40) for name in names], xargs, RefreeKVConfig(min_prompt_tokens=0))
     plan._refreekv_no_prune.add("preempted")
     step = plan._plan_step(np.full(len(names), 40))
     assert [c.req_id for c in step.captures] == ["w1"]
@@ -80,6 +80,19 @@ def test_overrides_fixed_budgets_and_opt_outs():
 ])
 def test_steps_without_pruning_work_have_no_plan(requests):
     assert runner(requests, {})._plan_step(np.asarray([1] * len(requests))) is None
+
+
+def test_prompts_under_the_minimum_are_neither_captured_nor_scored():
+    """The default min_prompt_tokens: a shorter prompt's window is not captured and it is
+    not scored, so a step of short prompts only costs what a T = 0 step costs."""
+    shortest = RefreeKVConfig().min_prompt_tokens
+    assert shortest == 256
+    plan = runner([("short", 0, shortest - 1), ("long", 0, shortest)], {})
+    step = plan._plan_step(np.asarray([shortest - 1, shortest]))
+    assert [c.req_id for c in step.captures] == ["long"]
+    assert [row.req_id for row in step.scoring] == ["long"]
+    assert runner([("short", 0, shortest - 1)], {})._plan_step(
+        np.asarray([shortest - 1])) is None
 
 
 def test_a_disabled_server_plans_nothing():
