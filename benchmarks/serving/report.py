@@ -145,7 +145,10 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
     lines += repeat_lines(result)
     for model in result["models"].values():
         lines += ["", f"## {model['model']}", "",
-                  f"Server flags (both servers): `{' '.join(model['server_flags'])}`", "",
+                  f"Server flags (both servers): `{' '.join(model['server_flags'])}`"
+                  + (". The servers ran one at a time (they do not fit the GPU together): each "
+                     "ran all its rounds before the next started, so its ratios pair passes "
+                     "minutes apart" if model.get("servers") == "one at a time" else ""), "",
                   "| workload | server | " + " | ".join(label for _, label, _ in COLUMNS)
                   + " |", "|---|---|" + "---|" * len(COLUMNS)]
         for workload, variant, run in workload_runs(model["runs"]):

@@ -69,6 +69,9 @@ class ModelSetup:
     runs: list[Run]
     dummy_weights: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    # What one server holds on its GPU (weights, KV pool, activations and CUDA graphs), where
+    # two servers may not fit one GPU together; None: small enough for any.
+    gpu_bytes_per_server: int | None = None
 
 
 def smollm2_setup(device: str, quick: bool) -> ModelSetup:
@@ -116,8 +119,12 @@ def llama8b_setup(work_dir: Path) -> ModelSetup:
              "--gpu-memory-utilization", "0.45"]
     runs = [Run(Workload("8b_c8", "long", 32, 1000, 6000, (256, 256), seed=5), 8),
             Run(Workload("8b_c64", "long", 96, 1000, 6000, (256, 256), seed=6), 64)]
+    # 8.0e9 bf16 weights, the KV pool, and ~4 GB of activations and CUDA graphs: ~59 GB, so
+    # two servers need an H200 (141 GB); on an 80 GB H100 they run one at a time.
+    gpu_bytes = 16_100_000_000 + pool_tokens * 131072 + 4_000_000_000
     return ModelSetup("Llama-3-8B shape (dummy weights)", model_dir, flags, runs,
-                      dummy_weights=True, extra={"kv_pool_tokens": pool_tokens})
+                      dummy_weights=True, extra={"kv_pool_tokens": pool_tokens},
+                      gpu_bytes_per_server=gpu_bytes)
 
 
 def bench_args(server: RunningServer, setup: ModelSetup, run: Run, dataset: Path,
@@ -212,63 +219,124 @@ def bench_model(setup: ModelSetup, work_dir: Path, datasets: dict[str, Path], *,
                 sequential_start: bool, plain_v1: bool = False,
                 only_engines: list[str] | None = None, rounds: int = 1,
                 warm_up: bool = True, step_timer: bool = False,
-                pin_plan: CpuPlan | None = None, palindrome: bool = False) -> dict[str, Any]:
+                pin_plan: CpuPlan | None = None, palindrome: bool = False,
+                one_at_a_time: bool = False) -> dict[str, Any]:
     """Every workload against every engine variant, ``rounds`` times; each round starts with
     another variant so that no engine always runs first (or last) on a machine whose speed
     drifts, and with ``palindrome`` runs the variants once more in reverse order (a drift
     that is linear over the round then weighs on every variant alike). Reported per
-    (workload, variant): the median of each number over the rounds."""
+    (workload, variant): the median of each number over the rounds. ``one_at_a_time``: one
+    server up at a time (a model whose servers do not fit the GPU together); each runs all its
+    rounds before the next starts (``server_sessions``)."""
     engines = {**ENGINES, **({"plain_v1": PLAIN_V1} if plain_v1 else {})}
     if only_engines:
         engines = {name: engines[name] for name in only_engines}
     variants = [(engine, variant, xargs) for engine, (_, _, per_engine) in engines.items()
                 for variant, xargs in per_engine]
-    servers: dict[str, RunningServer] = {}
+    passes: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    health: dict[str, dict[str, bool]] = {}
+    pinning = None
+    for session in server_sessions(variants, len(setup.runs), rounds, palindrome,
+                                   one_at_a_time):
+        servers: dict[str, RunningServer] = {}
+        try:
+            for engine in session.engines:
+                command, env, _ = engines[engine]
+                log = work_dir / f"{setup.model_dir.name}-{engine}.log"
+                flags = [*setup.server_flags, "--served-model-name", setup.name]
+                step_dir = (work_dir / f"steps-{setup.model_dir.name}-{engine}" if step_timer
+                            else None)
+                servers[engine] = launch([*command, "--model", str(setup.model_dir), *flags],
+                                         log, env, step_dir)
+                if sequential_start:
+                    wait_healthy(servers[engine])
+            for server in servers.values():
+                wait_healthy(server)
+            if pin_plan is not None:
+                pinning = pin_servers(servers, pin_plan)
+            for engine, server in servers.items() if warm_up else ():
+                # First requests pay one-off costs (lazy kernel builds, allocator growth).
+                print(f"[serving] {setup.name}: warm-up of {engine}", flush=True)
+                first = setup.runs[0]
+                run_workload(server, setup, first, datasets[first.workload.name], None)
+            for round_index, run_index, (engine, variant, xargs) in session.passes:
+                run = setup.runs[run_index]
+                key = f"{run.workload.name}/{variant}"
+                print(f"[serving] {setup.name}: {key} (round {round_index + 1})", flush=True)
+                result = run_workload(servers[engine], setup, run, datasets[run.workload.name],
+                                      xargs)
+                passes.setdefault((round_index, key), []).append(result)
+                print(f"[serving]   {json.dumps(result)}", flush=True)
+            for engine, server in servers.items():
+                health[f"health/{engine}"] = {"healthy": server.get("/health") is not None}
+        finally:
+            for server in servers.values():
+                server.stop()
     measured: dict[str, list[dict[str, Any]]] = {}
-    try:
-        for engine, (command, env, _) in engines.items():
-            log = work_dir / f"{setup.model_dir.name}-{engine}.log"
-            flags = [*setup.server_flags, "--served-model-name", setup.name]
-            step_dir = work_dir / f"steps-{setup.model_dir.name}-{engine}" if step_timer else None
-            servers[engine] = launch([*command, "--model", str(setup.model_dir), *flags], log, env,
-                                     step_dir)
-            if sequential_start:
-                wait_healthy(servers[engine])
-        for server in servers.values():
-            wait_healthy(server)
-        pinning = pin_servers(servers, pin_plan) if pin_plan is not None else None
-        for engine, server in servers.items() if warm_up else ():
-            # First requests pay one-off costs (lazy kernel builds, allocator growth).
-            print(f"[serving] {setup.name}: warm-up of {engine}", flush=True)
-            first = setup.runs[0]
-            run_workload(server, setup, first, datasets[first.workload.name], None)
-        for round_index in range(rounds):
-            for run in setup.runs:
-                passes: dict[str, list[dict[str, Any]]] = {}
-                for engine, variant, xargs in round_order(variants, round_index, palindrome):
-                    key = f"{run.workload.name}/{variant}"
-                    print(f"[serving] {setup.name}: {key} (round {round_index + 1})", flush=True)
-                    result = run_workload(servers[engine], setup, run,
-                                          datasets[run.workload.name], xargs)
-                    passes.setdefault(key, []).append(result)
-                    print(f"[serving]   {json.dumps(result)}", flush=True)
-                for key, results in passes.items():
-                    measured.setdefault(key, []).append(merge_runs(results, "passes"))
-        results: dict[str, dict[str, Any]] = {key: merge_runs(runs, "rounds")
-                                              for key, runs in measured.items()}
-        for engine, server in servers.items():
-            results[f"health/{engine}"] = {"healthy": server.get("/health") is not None}
-    finally:
-        for server in servers.values():
-            server.stop()
+    for (_, key), results in sorted(passes.items(), key=lambda item: item[0][0]):
+        measured.setdefault(key, []).append(merge_runs(results, "passes"))
+    results: dict[str, dict[str, Any]] = {key: merge_runs(runs, "rounds")
+                                          for key, runs in measured.items()}
+    results.update(health)
     return {"model": setup.name, "dummy_weights": setup.dummy_weights,
             "server_flags": setup.server_flags, **setup.extra, "rounds": rounds,
             "palindrome": palindrome,
+            "servers": "one at a time" if one_at_a_time else "together",
             **({"cpu_pinning": pinning} if pinning is not None else {}),
             "workloads": {run.workload.name: {**asdict(run.workload),
                                               "max_concurrency": run.max_concurrency}
                           for run in setup.runs},
             "runs": results}
+
+
+@dataclass(frozen=True)
+class ServerSession:
+    """Servers up together, and the passes they run: (round, index of the workload's run,
+    (engine, variant, xargs)), in order."""
+    engines: list[str]
+    passes: list[tuple[int, int, Any]]
+
+
+def server_sessions(variants: list[Any], num_runs: int, rounds: int, palindrome: bool,
+                    one_at_a_time: bool) -> list[ServerSession]:
+    """Together: one session, every round running each workload on every variant in the
+    round's order (``round_order``). One at a time: a session per engine, in the variants'
+    order, each running every round of every workload on its own variants (rotated and
+    mirrored the same way); its ratios then pair passes minutes apart instead of
+    interleaved ones, so the machine's drift weighs more on them."""
+    def passes(group: list[Any]) -> list[tuple[int, int, Any]]:
+        return [(round_index, run_index, entry) for round_index in range(rounds)
+                for run_index in range(num_runs)
+                for entry in round_order(group, round_index, palindrome)]
+
+    if not one_at_a_time:
+        return [ServerSession(list(dict.fromkeys(v[0] for v in variants)), passes(variants))]
+    engines = list(dict.fromkeys(v[0] for v in variants))
+    return [ServerSession([engine], passes([v for v in variants if v[0] == engine]))
+            for engine in engines]
+
+
+def servers_one_at_a_time(choice: str, setup: ModelSetup, num_engines: int,
+                          gpu_bytes: int | None) -> bool:
+    """``--servers``: ``together``, ``one-at-a-time``, or ``auto``: one at a time when the
+    model's servers would not fit the GPU (``gpu_bytes``, None off GPUs) together."""
+    if choice != "auto":
+        return choice == "one-at-a-time"
+    if gpu_bytes is None or setup.gpu_bytes_per_server is None:
+        return False
+    return num_engines * setup.gpu_bytes_per_server > gpu_bytes
+
+
+def gpu_memory_bytes() -> int | None:
+    """The first GPU's memory, asked of nvidia-smi: this process stays off the GPU (a CUDA
+    context here would take memory from the servers)."""
+    try:
+        found = subprocess.run(["nvidia-smi", "--query-gpu=memory.total",
+                                "--format=csv,noheader,nounits"], check=True,
+                               capture_output=True, text=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return int(found[0]) * 2**20 if found else None
 
 
 def pin_servers(servers: dict[str, RunningServer], plan: CpuPlan) -> dict[str, Any]:
@@ -439,6 +507,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--work-dir", type=Path, default=None)
     parser.add_argument("--sequential-start", action="store_true",
                         help="start the second server only once the first is healthy")
+    parser.add_argument("--servers", choices=("auto", "together", "one-at-a-time"),
+                        default="auto",
+                        help="keep a model's servers up together (rounds interleave them) or "
+                             "start them one at a time; auto: one at a time where they would "
+                             "not fit the GPU together (the Llama-3-8B shape on 80 GB)")
     parser.add_argument("--plain-v1", action="store_true",
                         help="also run plain vLLM on the V1 model runner (summary_plain_v1)")
     parser.add_argument("--workloads", default=None,
@@ -482,6 +555,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     models: dict[str, dict[str, Any]] = {}
+    gpu_bytes = gpu_memory_bytes() if args.device == "cuda" else None
     for key in wanted:
         setup = smollm2_setup(args.device, args.quick) if key == "smollm2" \
             else llama8b_setup(work_dir)
@@ -509,13 +583,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if not setup.runs:
                 models[key] = earlier
                 continue
+        only_engines = args.engines.split(",") if args.engines else None
+        plain_v1 = args.plain_v1 or "plain_v1" in (args.engines or "")
+        num_engines = len(only_engines) if only_engines else 2 + plain_v1
+        one_at_a_time = servers_one_at_a_time(args.servers, setup, num_engines, gpu_bytes)
         measured = bench_model(setup, work_dir, datasets,
                                sequential_start=args.sequential_start or cpu,
-                               plain_v1=args.plain_v1 or "plain_v1" in (args.engines or ""),
-                               only_engines=args.engines.split(",") if args.engines else None,
+                               plain_v1=plain_v1, only_engines=only_engines,
                                rounds=args.rounds or (1 if cpu else 3), warm_up=not cpu,
                                step_timer=args.step_timer, pin_plan=pin_plan,
-                               palindrome=not cpu if args.palindrome is None else args.palindrome)
+                               palindrome=not cpu if args.palindrome is None else args.palindrome,
+                               one_at_a_time=one_at_a_time)
         if earlier is not None:
             earlier["workloads"].update(measured["workloads"])
             earlier["runs"].update(measured["runs"])

@@ -13,6 +13,8 @@ from benchmarks.serving.run_serving import (
     repeat_spread,
     round_order,
     round_ratios,
+    server_sessions,
+    servers_one_at_a_time,
     source_digest,
 )
 
@@ -136,3 +138,49 @@ def test_source_digest_names_the_code_that_ran(tmp_path):
     config = copy / "config.py"
     config.write_bytes(config.read_bytes() + b"\n")
     assert source_digest(copy) != source_digest(package)
+
+
+def test_servers_one_at_a_time_run_every_pass_of_their_own_variants():
+    """Together: one session interleaving every variant in each round; one at a time: a
+    session per engine with the same passes, so both plans run every (round, workload,
+    variant) pass the same number of times."""
+    variants = [("plain", "plain", None), ("refreekv", "default", None),
+                ("refreekv", "t0", {"refreekv_threshold": 0.0})]
+    together = server_sessions(variants, num_runs=2, rounds=2, palindrome=True,
+                               one_at_a_time=False)
+    apart = server_sessions(variants, num_runs=2, rounds=2, palindrome=True,
+                            one_at_a_time=True)
+    assert [s.engines for s in together] == [["plain", "refreekv"]]
+    assert [s.engines for s in apart] == [["plain"], ["refreekv"]]
+    assert [p[2][1] for p in together[0].passes[:6]] == [
+        "plain", "default", "t0", "t0", "default", "plain"]
+    assert [p[2][1] for p in apart[1].passes[:4]] == ["default", "t0", "t0", "default"]
+    # Round 2 starts with the other variant of the engine.
+    assert [p[2][1] for p in apart[1].passes[8:12]] == ["t0", "default", "default", "t0"]
+
+    def counted(sessions):
+        found: dict = {}
+        for session in sessions:
+            for round_index, run_index, (engine, variant, _) in session.passes:
+                assert engine in session.engines
+                key = (round_index, run_index, variant)
+                found[key] = found.get(key, 0) + 1
+        return found
+
+    assert counted(together) == counted(apart)
+    assert set(counted(apart).values()) == {2}  # palindrome: two passes each
+
+
+def test_servers_run_one_at_a_time_only_where_they_do_not_fit_together():
+    from benchmarks.serving.run_serving import ModelSetup
+
+    big = ModelSetup("8b", Path("m"), [], [], gpu_bytes_per_server=59 * 10**9)
+    small = ModelSetup("small", Path("m"), [], [])
+    h100, h200 = 81_559 * 2**20, 143_771 * 2**20
+    assert servers_one_at_a_time("auto", big, 2, h100)
+    assert not servers_one_at_a_time("auto", big, 2, h200)
+    assert servers_one_at_a_time("auto", big, 3, h200)  # with plain vLLM on V1 as well
+    assert not servers_one_at_a_time("auto", small, 3, h100)
+    assert not servers_one_at_a_time("auto", big, 2, None)  # no GPU to ask
+    assert servers_one_at_a_time("one-at-a-time", small, 2, None)
+    assert not servers_one_at_a_time("together", big, 2, h100)
