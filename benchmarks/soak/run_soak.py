@@ -51,6 +51,11 @@ SMOLLM2_FP32_TOKEN_BYTES = 30 * 2 * 3 * 64 * 4
 BLOCK_SIZE = 32  # ReFreeKV's default on CPUs
 
 
+# Filler lines of the shortest passkey prompt: 273 SmolLM2 tokens, above the default
+# min_prompt_tokens (256), so that every prompt is scored under the default rule.
+SHORTEST_FILLER = 9
+
+
 def plan(num_requests: int, seed: int, pressure_requests: int = 0, pressure_tokens: int = 0
          ) -> list[dict[str, Any]]:
     """The requests, in order: kind, prompt, output length, and what the server must answer.
@@ -63,7 +68,8 @@ def plan(num_requests: int, seed: int, pressure_requests: int = 0, pressure_toke
     sent: list[str] = []
     requests = []
     for _ in range(min(pressure_requests, num_requests)):
-        body = {"prompt": passkey_prompt(8, rng.random(), rng.randrange(10**4, 10**5)),
+        body = {"prompt": passkey_prompt(SHORTEST_FILLER, rng.random(),
+                                         rng.randrange(10**4, 10**5)),
                 "max_tokens": pressure_tokens, "ignore_eos": True, "temperature": 0.0}
         requests.append({"kind": "pressure", "body": body, "expect": 200})
     for i in range(num_requests - len(requests)):
@@ -71,7 +77,8 @@ def plan(num_requests: int, seed: int, pressure_requests: int = 0, pressure_toke
         if kind == "repeat" and sent:
             prompt = rng.choice(sent)
         else:
-            prompt = passkey_prompt(rng.randint(8, 40), rng.random(), rng.randrange(10**4, 10**5))
+            prompt = passkey_prompt(rng.randint(SHORTEST_FILLER, 40), rng.random(),
+                                    rng.randrange(10**4, 10**5))
             sent.append(prompt)
         body: dict[str, Any] = {"prompt": prompt, "max_tokens": rng.randint(24, 96),
                                 "ignore_eos": True, "temperature": 0.0}

@@ -345,8 +345,13 @@ def test_shared_blocks_keep_their_pages_until_every_holder_pruned(new_scheduler)
     assert_pool_idle(scheduler)
 
 
-def test_prefix_hits_stop_before_the_observation_window(new_scheduler):
-    scheduler = new_scheduler()
+@pytest.mark.parametrize("min_prompt_tokens, scheduled", [
+    (0, 40 - 28),  # the window is prompt positions [30, 40): the hit ends at block boundary 28
+    (len(PROMPT) + 1, 4),  # never scored: vLLM's hit, every full block but the last token's
+], ids=["scored", "short-prompt"])
+def test_prefix_hits_stop_before_the_observation_window(new_scheduler, min_prompt_tokens,
+                                                        scheduled):
+    scheduler = new_scheduler(min_prompt_tokens=min_prompt_tokens)
     first = make_request(PROMPT, extra_args={"refreekv_enabled": False})
     second = make_request(PROMPT, extra_args={"refreekv_window": 10})
     scheduler.add_request(first)
@@ -355,23 +360,7 @@ def test_prefix_hits_stop_before_the_observation_window(new_scheduler):
     scheduler.add_request(second)
     scheduler_output, _ = schedule(scheduler)
 
-    # The window is prompt positions [30, 40): the hit ends at the block boundary 28.
-    assert scheduler_output.num_scheduled_tokens[second.request_id] == 40 - 28
-
-
-def test_short_prompts_keep_their_whole_prefix_hit(new_scheduler):
-    """A prompt under min_prompt_tokens is never scored: no window to recompute."""
-    scheduler = new_scheduler(min_prompt_tokens=len(PROMPT) + 1)
-    first = make_request(PROMPT, extra_args={"refreekv_enabled": False})
-    second = make_request(PROMPT, extra_args={"refreekv_window": 10})
-    scheduler.add_request(first)
-    run_step(scheduler)
-
-    scheduler.add_request(second)
-    scheduler_output, _ = schedule(scheduler)
-
-    # vLLM's own hit: every full block but the last token's (40 tokens, blocks of 4).
-    assert scheduler_output.num_scheduled_tokens[second.request_id] == 4
+    assert scheduler_output.num_scheduled_tokens[second.request_id] == scheduled
 
 
 def test_reports_for_gone_or_reported_requests_are_skipped(new_scheduler):

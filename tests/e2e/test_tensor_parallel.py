@@ -23,6 +23,8 @@ from tests.e2e.test_engine_pruning import greedy
 pytestmark = pytest.mark.e2e
 
 PROMPTS = mixed_prompts(6, seed=5)
+# Every prompt scored, the short ones too, so that each one's cuts are compared.
+REFREEKV = {"min_prompt_tokens": 0}
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +35,14 @@ def plain_tp2(tiny_llama_dir):
 @pytest.fixture(scope="module")
 def tp1_cuts(tiny_llama_dir, plain_tp2):
     # One in-process engine at a time: plain TP = 2 is gone, the TP = 2 plugin comes after.
-    with in_process_engine(tiny_llama_dir, refreekv={}) as llm:
+    with in_process_engine(tiny_llama_dir, refreekv=REFREEKV) as llm:
         (cuts,) = cuts_per_rank(llm, llm.generate(PROMPTS, greedy(max_tokens=2)))
         return cuts
 
 
 @pytest.fixture(scope="module")
 def refreekv_tp2(tiny_llama_dir, tp1_cuts):
-    with parallel_engine(tiny_llama_dir, refreekv={}, debug_accounting=True,
+    with parallel_engine(tiny_llama_dir, refreekv=REFREEKV, debug_accounting=True,
                          tensor_parallel_size=2) as llm:
         yield llm
 
