@@ -139,6 +139,8 @@ def time_churn_steps(scheduler, rule: str, steps: int, concurrency: int = 32,
         add_request(scheduler, f"r{next(counter)}", prompt_len, output_len, rng, extra_args)
 
     reports_due: dict[str, CutReport] = {}
+    config = getattr(scheduler, "_refreekv_config", None)
+    shortest = config.min_prompt_tokens if config is not None else 0
 
     def step() -> tuple[float, float, bool]:
         start = time.perf_counter()
@@ -151,7 +153,8 @@ def time_churn_steps(scheduler, rule: str, steps: int, concurrency: int = 32,
             attach_cut_reports(model_output, due)
         for req_id, p in zip(req_ids, prefilling, strict=True):
             request = scheduler.requests[req_id]
-            if rule == "default" and not p and request.num_output_tokens == 0:
+            if (rule == "default" and not p and request.num_output_tokens == 0
+                    and request.num_prompt_tokens >= shortest):  # the worker's prompt gate
                 n, m = request.num_prompt_tokens, 4
                 cuts = (m, m, *(m + int(n * rng.uniform(0.3, 0.7)) for _ in range(NUM_LAYERS - 2)))
                 reports_due[req_id] = CutReport(req_id=req_id, num_prompt_tokens=n,

@@ -12,7 +12,7 @@ COLUMNS = [("output_tok_s", "out tok/s", "{:.1f}"), ("request_s", "req/s", "{:.2
            ("tpot_p50_ms", "TPOT p50 ms", "{:.2f}"), ("tpot_p99_ms", "TPOT p99 ms", "{:.2f}"),
            ("peak_running", "peak running", "{:.0f}"), ("mean_running", "mean running", "{:.1f}"),
            ("preemptions", "preempt.", "{:.0f}"), ("peak_kv_usage", "peak KV", "{:.2f}"),
-           ("physical_budget", "budget b", "{:.3f}"),
+           ("requests_pruned", "pruned", "{:.0f}"), ("physical_budget", "budget b", "{:.3f}"),
            ("engine_cpu_ms_per_token", "engine CPU ms/token", "{:.3f}")]
 VARIANT_LABELS = {"plain": "plain vLLM", "default": "ReFreeKV default", "t0": "ReFreeKV T = 0",
                   "plain_v1": "plain vLLM, V1 runner"}
