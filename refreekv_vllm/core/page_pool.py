@@ -187,27 +187,6 @@ class PagePool:
         self._updated[block_id] = None
         return True
 
-    def move(self, from_ids: list[int], to_ids: list[int]) -> None:
-        """Hand every page of each ``from_ids`` block (which must hold all of its pages) to the
-        block at the same position of ``to_ids`` (which must hold none): a block evicted from
-        the prefix cache makes room for a new one without its pages going through the free
-        lists."""
-        src: int | np.ndarray
-        dst: int | np.ndarray
-        if len(from_ids) == 1:  # the common case: one new block per request and step
-            src, dst = from_ids[0], to_ids[0]
-            # Scalar checks (check_accounting verifies whole rows).
-            assert self.pages[src, 0] != NO_PAGE and self.pages[dst, 0] == NO_PAGE, (
-                f"cannot move the pages of block {src} to block {dst}")
-        else:
-            src = np.asarray(from_ids, dtype=np.int64)
-            dst = np.asarray(to_ids, dtype=np.int64)
-            assert (self.pages[src] != NO_PAGE).all() and (self.pages[dst] == NO_PAGE).all(), (
-                f"cannot move the pages of blocks {from_ids} to blocks {to_ids}")
-        self.pages[dst] = self.pages[src]
-        self.pages[src] = NO_PAGE
-        self._updated.update(dict.fromkeys(to_ids))
-
     def _take(self, home: int, n: int) -> np.ndarray:
         """``n`` free pages for layer ``home``: what is left in its own region, then from the
         fullest region of its stage."""

@@ -85,25 +85,37 @@ class PagedBlockPool(BlockPool):
     # vLLM's block life cycle.
 
     def get_new_blocks(self, num_blocks: int) -> list[KVCacheBlock]:
-        blocks = super().get_new_blocks(num_blocks)
+        if num_blocks > self.get_num_free_blocks():
+            raise ValueError(f"Cannot get {num_blocks} free blocks from the pool")
+        # get_num_free_blocks counted the cached free blocks' pages as free. When the free
+        # pages cannot cover every new block, the oldest cached free blocks (the ones vLLM's
+        # LRU queue would evict first) are handed out themselves, pages and all: no page
+        # changes hands, so the workers' page maps need no row for them.
+        shortfall = num_blocks - self.page_pool.num_free_whole_blocks
+        cached = self._take_cached(shortfall) if shortfall > 0 else []
+        if len(cached) == num_blocks:
+            return cached
+        blocks = super().get_new_blocks(num_blocks - len(cached))
         holding = self._holding
         # A cached free block that vLLM hands out again reuses the pages it holds.
         need = [block.block_id for block in blocks
                 if holding.pop(block.block_id, _ABSENT) is _ABSENT]
-        if not need:
-            return blocks
-        shortfall = len(need) - self.page_pool.num_free_whole_blocks
-        if shortfall > 0:
-            # get_num_free_blocks counted the cached free blocks' pages as free: the oldest of
-            # them (each holding a page in every layer) hand theirs straight to new blocks.
-            victims = list(itertools.islice(self._holding, shortfall))
-            for block_id in victims:
-                del self._holding[block_id]
-                self._maybe_evict_cached_block(self.blocks[block_id])
-            self.page_pool.move(victims, need[:len(victims)])
-            need = need[len(victims):]
         self.page_pool.assign(need)
-        return blocks
+        return cached + blocks if cached else blocks
+
+    def _take_cached(self, count: int) -> list[KVCacheBlock]:
+        """The ``count`` oldest cached free blocks, out of the free queue and the prefix cache,
+        allocated as vLLM's ``get_new_blocks`` allocates (the caller checked the count)."""
+        taken = [self.blocks[block_id] for block_id in itertools.islice(self._holding, count)]
+        for block in taken:
+            del self._holding[block.block_id]
+            self.free_block_queue.remove(block)
+            self._maybe_evict_cached_block(block)
+            assert block.ref_cnt == 0
+            block.ref_cnt += 1
+            if self.metrics_collector:
+                self.metrics_collector.on_block_allocated(block)
+        return taken
 
     def touch(self, blocks: Sequence[KVCacheBlock]) -> None:
         for block in blocks:
