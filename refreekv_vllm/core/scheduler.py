@@ -11,6 +11,7 @@ the way vLLM's ``SchedulerConfig.get_scheduler_cls`` would.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,8 @@ from refreekv_vllm.core.support import check_supported
 from refreekv_vllm.metrics.prometheus import SchedulerMetrics, engine_index
 from refreekv_vllm.outputs import PAGE_ROWS_ATTR, CutReport, get_cut_reports
 from refreekv_vllm.policy.budget import freeable_block_range, paper_budget
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # the mixin's methods run on vLLM's scheduler: type them as such
     from vllm.v1.core.sched.scheduler import Scheduler as _SchedulerBase
@@ -72,6 +75,11 @@ class RefreeKVSchedulerMixin(_SchedulerBase):
             self._cap_prefix_hits()
             self._unprune_before_free()
         model_config = vllm_config.model_config
+        shortest = self._refreekv_config.min_prompt_tokens
+        if enabled and model_config is not None and shortest >= model_config.max_model_len:
+            logger.warning("refreekv: min_prompt_tokens %d is not below the model length %d: "
+                           "no prompt will be scored or pruned", shortest,
+                           model_config.max_model_len)
         self._refreekv_metrics = SchedulerMetrics(
             model_config.served_model_name if model_config is not None else "",
             engine_index(vllm_config), self._refreekv_config.threshold,

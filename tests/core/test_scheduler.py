@@ -29,6 +29,7 @@ from refreekv_vllm.core.scheduler import (
 from refreekv_vllm.outputs import PAGE_ROWS_ATTR, CutReport, attach_cut_reports, get_cut_reports
 from tests.core.utils import (
     BLOCK_SIZE,
+    MAX_MODEL_LEN,
     NUM_LAYERS,
     NUM_SINK_TOKENS,
     layer_name,
@@ -435,6 +436,18 @@ def test_prompts_under_the_minimum_are_counted_as_short(new_scheduler):
     assert scheduler.refreekv_stats().requests_skipped == {"short_prompt": 1}
     assert scheduler.refreekv_stats().requests_pruned == 0
     assert_pool_idle(scheduler)
+
+
+def test_a_minimum_no_prompt_can_reach_is_warned_about(new_scheduler, caplog):
+    def ours() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "refreekv_vllm.core.scheduler"]
+
+    with caplog.at_level("WARNING", logger="refreekv_vllm.core.scheduler"):
+        new_scheduler(min_prompt_tokens=MAX_MODEL_LEN - 1)
+        assert not ours()
+        new_scheduler(min_prompt_tokens=MAX_MODEL_LEN)
+    (message,) = ours()
+    assert "no prompt will be scored or pruned" in message
 
 
 def test_server_wide_disable_is_plain_vllm(model_config_dir):
