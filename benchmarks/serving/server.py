@@ -39,14 +39,26 @@ class RunningServer:
         with urllib.request.urlopen(self.base_url + path, timeout=timeout) as response:
             return response.read().decode()
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 60) -> None:
+        """Stop the server and every process it started (the engine core holds the GPU memory
+        that a server started next needs), waiting until they are all gone."""
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
             try:
-                self.process.wait(timeout=60)
+                self.process.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+        # The group's other processes (the engine core) may still be exiting.
+        deadline, killed = time.monotonic() + timeout_s, False
+        while group_processes(self.process.pid):
+            if time.monotonic() > deadline:
+                if killed:
+                    raise RuntimeError(f"processes of server {self.base_url} did not exit: "
+                                       f"{group_processes(self.process.pid)}")
+                os.killpg(self.process.pid, signal.SIGKILL)
+                deadline, killed = time.monotonic() + timeout_s, True
+            time.sleep(0.1)
 
 
 STEP_TIMER_SITE = Path(__file__).resolve().parent / "step_timer"
@@ -153,18 +165,8 @@ def process_tree(root_pid: int, proc: Path = Path("/proc")) -> dict[int, tuple[s
     """A process and its descendants: pid -> (name, the ``stat`` fields after the name). vLLM
     names its processes (e.g. ``VLLM::EngineCore``, cut to 15 characters). Linux only; empty
     elsewhere."""
-    parents: dict[int, int] = {}
-    stats: dict[int, tuple[str, list[str]]] = {}
-    for entry in proc.glob("[0-9]*"):
-        try:
-            raw = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # The name is in parentheses and may hold spaces; fields follow the last ")".
-        fields = raw[raw.rindex(")") + 2:].split()
-        pid = int(entry.name)
-        parents[pid] = int(fields[1])
-        stats[pid] = (raw[raw.index("(") + 1:raw.rindex(")")], fields)
+    stats = _proc_stats(proc)
+    parents = {pid: int(fields[1]) for pid, (_, fields) in stats.items()}
     tree, frontier = {root_pid}, [root_pid]
     while frontier:
         parent = frontier.pop()
@@ -172,6 +174,26 @@ def process_tree(root_pid: int, proc: Path = Path("/proc")) -> dict[int, tuple[s
         tree.update(children)
         frontier.extend(children)
     return {pid: stats[pid] for pid in tree if pid in stats}
+
+
+def group_processes(group: int, proc: Path = Path("/proc")) -> list[int]:
+    """Live (not zombie) processes of a process group. Linux only; empty elsewhere."""
+    return sorted(pid for pid, (_, fields) in _proc_stats(proc).items()
+                  if int(fields[2]) == group and fields[0] != "Z")
+
+
+def _proc_stats(proc: Path) -> dict[int, tuple[str, list[str]]]:
+    """pid -> (name, the fields of /proc/<pid>/stat after the name: state, ppid, pgrp, ...)."""
+    stats: dict[int, tuple[str, list[str]]] = {}
+    for entry in proc.glob("[0-9]*"):
+        try:
+            raw = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # The name is in parentheses and may hold spaces; fields follow the last ")".
+        stats[int(entry.name)] = (raw[raw.index("(") + 1:raw.rindex(")")],
+                                  raw[raw.rindex(")") + 2:].split())
+    return stats
 
 
 def process_cpu_seconds(root_pid: int) -> dict[str, float]:

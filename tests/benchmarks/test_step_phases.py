@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -130,3 +131,20 @@ def test_process_cpu_seconds_counts_descendants():
         assert seconds.get("sh", 0.0) < 0.1  # the spinning is the child's, not the shell's
     finally:
         shell.communicate(b"\n")
+
+
+def test_stopping_a_server_waits_for_every_process_it_started():
+    """The server's child (an engine core holding GPU memory) outlives the server by a second
+    after SIGTERM: stop() returns only once it is gone, so that a server started next finds
+    the memory free."""
+    from benchmarks.serving.server import RunningServer, group_processes
+
+    child = ("import signal, time\n"
+             "signal.signal(signal.SIGTERM, lambda *_: (time.sleep(1), exit(0)))\n"
+             "print('ready', flush=True)\ntime.sleep(60)")
+    leader = subprocess.Popen(["sh", "-c", f"{sys.executable} -c \"{child}\" & wait"],
+                              stdout=subprocess.PIPE, start_new_session=True)
+    assert leader.stdout is not None and leader.stdout.readline() == b"ready\n"
+    assert len(group_processes(leader.pid)) == 2
+    RunningServer(leader, "http://127.0.0.1:0", Path("unused.log")).stop()
+    assert leader.poll() is not None and group_processes(leader.pid) == []
