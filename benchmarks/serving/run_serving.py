@@ -328,15 +328,19 @@ def servers_one_at_a_time(choice: str, setup: ModelSetup, num_engines: int,
 
 
 def gpu_memory_bytes() -> int | None:
-    """The first GPU's memory, asked of nvidia-smi: this process stays off the GPU (a CUDA
-    context here would take memory from the servers)."""
-    try:
-        found = subprocess.run(["nvidia-smi", "--query-gpu=memory.total",
-                                "--format=csv,noheader,nounits"], check=True,
-                               capture_output=True, text=True).stdout.split()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return int(found[0]) * 2**20 if found else None
+    """The first GPU's memory, asked of nvidia-smi, else of torch in a child process: this
+    process stays off the GPU (a CUDA context here would take memory from the servers)."""
+    queries = (["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+               [sys.executable, "-c", "import torch; print(torch.cuda.get_device_properties(0)"
+                                      ".total_memory // 2**20)"])
+    for query in queries:
+        try:
+            found = subprocess.run(query, check=True, capture_output=True, text=True,
+                                   timeout=120).stdout.split()
+            return int(found[0]) * 2**20
+        except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+            continue
+    return None
 
 
 def pin_servers(servers: dict[str, RunningServer], plan: CpuPlan) -> dict[str, Any]:
