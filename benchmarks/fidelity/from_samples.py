@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.fidelity import policies as pol
-from benchmarks.fidelity.report import plot, write_markdown
+from benchmarks.fidelity.report import write_result
 from benchmarks.fidelity.run_fidelity import (
     iso_budget_entry,
     iso_target,
@@ -133,9 +133,7 @@ def main() -> None:
                   iso_budget=iso_budget)
     summarise(result, policies, args.chosen)
     out_dir = args.samples.parent
-    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    images = plot(result, out_dir, stem[len("fidelity"):])
-    write_markdown(result, out_dir / f"{stem}.md", images)
+    write_result(result, out_dir, stem)
     print(f"wrote {out_dir / stem}.json/.md from {len(tasks)} task(s); "
           f"left out: {result['left_out']}")
 

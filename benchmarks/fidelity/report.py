@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -142,6 +143,13 @@ def _wall_time(result: Mapping[str, Any]) -> str:
     return ("not recorded: the run was stopped and its summaries rebuilt from its samples "
             "(`benchmarks.fidelity.from_samples`)"
             + (f"; left out: {', '.join(left_out)}." if left_out else "."))
+
+
+def write_result(result: Mapping[str, Any], out_dir: Path, stem: str) -> None:
+    """A run's ``<stem>.json``, its plots and ``<stem>.md`` (stems start with ``fidelity``)."""
+    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    images = plot(result, out_dir, stem[len("fidelity"):])
+    write_markdown(result, out_dir / f"{stem}.md", images)
 
 
 def write_markdown(result: Mapping[str, Any], path: Path, images: list[str]) -> None:

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from benchmarks.fidelity import policies as pol
-from benchmarks.fidelity.report import plot, write_markdown
+from benchmarks.fidelity.report import write_result
 from benchmarks.fidelity.run_fidelity import CHOSEN_RULE, summarise
 from benchmarks.fidelity.summary import GOAL, GOAL_TEXT
 
@@ -28,10 +28,7 @@ def resummarise(path: Path) -> dict:
     chosen = previous["policy"] if previous.get("rule") == CHOSEN_RULE else None
     result["goal"] = {**GOAL, "text": GOAL_TEXT}
     summarise(result, policies, chosen)
-    path.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    stem = path.name.removesuffix(".json")
-    images = plot(result, path.parent, stem[len("fidelity"):])
-    write_markdown(result, path.with_suffix(".md"), images)
+    write_result(result, path.parent, path.name.removesuffix(".json"))
     return result
 
 

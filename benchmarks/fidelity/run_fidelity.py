@@ -25,7 +25,7 @@ from typing import Any
 
 from benchmarks.fidelity import engine as eng
 from benchmarks.fidelity import policies as pol
-from benchmarks.fidelity.report import plot, write_markdown
+from benchmarks.fidelity.report import write_result
 from benchmarks.fidelity.summary import (
     GOAL,
     GOAL_TEXT,
@@ -278,9 +278,7 @@ def main() -> None:
                                                  samples_file, start)
     result["wall_s"] = round(time.perf_counter() - start, 1)
     summarise(result, policies, args.chosen or None)
-    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    images = plot(result, out_dir, stem[len("fidelity"):])
-    write_markdown(result, out_dir / f"{stem}.md", images)
+    write_result(result, out_dir, stem)
     summary = result["summary"]
     log(f"default policy {summary['policy']} (meets goal: {summary['met']}); wrote "
         f"{out_dir / stem}.json/.md in {result['wall_s']:.0f} s", start)
