@@ -228,9 +228,7 @@ def bench_model(setup: ModelSetup, work_dir: Path, datasets: dict[str, Path], *,
     (workload, variant): the median of each number over the rounds. ``one_at_a_time``: one
     server up at a time (a model whose servers do not fit the GPU together); each runs all its
     rounds before the next starts (``server_sessions``)."""
-    engines = {**ENGINES, **({"plain_v1": PLAIN_V1} if plain_v1 else {})}
-    if only_engines:
-        engines = {name: engines[name] for name in only_engines}
+    engines = selected_engines(plain_v1, only_engines)
     variants = [(engine, variant, xargs) for engine, (_, _, per_engine) in engines.items()
                 for variant, xargs in per_engine]
     passes: dict[tuple[int, str], list[dict[str, Any]]] = {}
@@ -289,6 +287,13 @@ def bench_model(setup: ModelSetup, work_dir: Path, datasets: dict[str, Path], *,
             "runs": results}
 
 
+def selected_engines(plain_v1: bool, only_engines: list[str] | None
+                     ) -> dict[str, tuple[list[str], dict[str, str], list[Any]]]:
+    """The servers a run starts: name -> (command, environment, its variants)."""
+    engines = {**ENGINES, **({"plain_v1": PLAIN_V1} if plain_v1 else {})}
+    return {name: engines[name] for name in only_engines} if only_engines else engines
+
+
 @dataclass(frozen=True)
 class ServerSession:
     """Servers up together, and the passes they run: (round, index of the workload's run,
@@ -309,9 +314,9 @@ def server_sessions(variants: list[Any], num_runs: int, rounds: int, palindrome:
                 for run_index in range(num_runs)
                 for entry in round_order(group, round_index, palindrome)]
 
-    if not one_at_a_time:
-        return [ServerSession(list(dict.fromkeys(v[0] for v in variants)), passes(variants))]
     engines = list(dict.fromkeys(v[0] for v in variants))
+    if not one_at_a_time:
+        return [ServerSession(engines, passes(variants))]
     return [ServerSession([engine], passes([v for v in variants if v[0] == engine]))
             for engine in engines]
 
@@ -589,8 +594,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 continue
         only_engines = args.engines.split(",") if args.engines else None
         plain_v1 = args.plain_v1 or "plain_v1" in (args.engines or "")
-        num_engines = len(only_engines) if only_engines else 2 + plain_v1
-        one_at_a_time = servers_one_at_a_time(args.servers, setup, num_engines, gpu_bytes)
+        one_at_a_time = servers_one_at_a_time(
+            args.servers, setup, len(selected_engines(plain_v1, only_engines)), gpu_bytes)
         measured = bench_model(setup, work_dir, datasets,
                                sequential_start=args.sequential_start or cpu,
                                plain_v1=plain_v1, only_engines=only_engines,

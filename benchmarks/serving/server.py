@@ -3,6 +3,7 @@ until it is healthy, sample its ``/metrics`` while a workload runs, stop it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -41,22 +42,18 @@ class RunningServer:
 
     def stop(self, timeout_s: float = 60) -> None:
         """Stop the server and every process it started (the engine core holds the GPU memory
-        that a server started next needs), waiting until they are all gone."""
+        that a server started next needs), waiting until they are all gone: SIGTERM, then
+        SIGKILL after ``timeout_s``."""
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        # The group's other processes (the engine core) may still be exiting.
         deadline, killed = time.monotonic() + timeout_s, False
-        while group_processes(self.process.pid):
+        while self.process.poll() is None or group_processes(self.process.pid):
             if time.monotonic() > deadline:
                 if killed:
                     raise RuntimeError(f"processes of server {self.base_url} did not exit: "
                                        f"{group_processes(self.process.pid)}")
-                os.killpg(self.process.pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):  # it may have just gone
+                    os.killpg(self.process.pid, signal.SIGKILL)
                 deadline, killed = time.monotonic() + timeout_s, True
             time.sleep(0.1)
 
