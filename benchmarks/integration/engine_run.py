@@ -11,6 +11,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 LLAMA3_8B_CONFIG = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
@@ -75,7 +76,7 @@ def run_exactness(args) -> dict:
     greedy = dict(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     xargs = {"refreekv_threshold": 0.0} if args.engine == "refreekv" else None
     outputs = llm.generate(prompts, SamplingParams(**greedy, extra_args=xargs))
-    result = {"t0_token_ids": [list(o.outputs[0].token_ids) for o in outputs]}
+    result: dict[str, Any] = {"t0_token_ids": [list(o.outputs[0].token_ids) for o in outputs]}
     if args.engine == "refreekv":
         from refreekv_vllm.workloads import passkey_prompt
 
@@ -188,7 +189,8 @@ def timed_batch(llm, prompts: list, params) -> dict:
         engine.add_request(f"timed-{start}-{i}", prompt, params)
     first: dict[str, float] = {}
     tokens: dict[str, list[int]] = {}
-    decode_started, decode_tokens, now = None, 0, start
+    decode_started: float | None = None
+    decode_tokens, now = 0, start
     while engine.has_unfinished_requests():
         outputs = engine.step()
         now = time.perf_counter()
@@ -203,6 +205,8 @@ def timed_batch(llm, prompts: list, params) -> dict:
         if decode_started is None and len(first) == len(prompts):
             decode_started = now
     ttfts = [t - start for t in first.values()]
+    if decode_started is None:
+        raise RuntimeError("no request produced a first token")
     return {"mean_ttft_s": sum(ttfts) / len(ttfts), "max_ttft_s": max(ttfts),
             "decode_s": now - decode_started, "decode_tokens": decode_tokens,
             "decode_tok_per_s": decode_tokens / (now - decode_started), "total_s": now - start,

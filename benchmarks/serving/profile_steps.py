@@ -79,7 +79,10 @@ def summarise_trace(path: Path, top: int = 25) -> dict[str, Any]:
     by_running: dict[str, list[float]] = collections.defaultdict(list)
     decode_running: list[int] = []
     for step, following in zip(steps, steps[1:], strict=False):
-        ctx_reqs, _, gen_reqs, _ = (int(x) for x in STEP.fullmatch(step["name"]).groups())
+        match = STEP.fullmatch(step["name"])
+        if match is None:
+            raise ValueError(f"not a step annotation: {step['name']!r}")
+        ctx_reqs, _, gen_reqs, _ = (int(x) for x in match.groups())
         kind = "decode" if ctx_reqs == 0 else "mixed"
         interval_ms = (following["ts"] - step["ts"]) / 1e3
         cadence[kind].append(interval_ms)

@@ -60,7 +60,7 @@ MIXED_PHASE_FLOOR_MS = 0.05  # phases below this in every server are left out of
 def _mixed_phase_means(run: dict[str, Any]) -> tuple[int, dict[str, float]] | None:
     """Steps that ran prompt tokens, over every single run: their count and each phase's mean
     milliseconds per step."""
-    steps, totals = 0, collections.Counter()
+    steps, totals = 0, collections.Counter[str]()
     for leaf in measured_runs(run):
         mixed = (leaf.get("step_phases") or {}).get("mixed")
         if mixed:

@@ -202,14 +202,16 @@ def engine_cpu_ms_per_token(cpu_before: dict[str, float], cpu_after: dict[str, f
     return 1e3 * seconds / output_tokens
 
 
-ENGINES = {
+# A server to start: its command, its environment, and its variants (name, extra_args or None).
+Engine = tuple[list[str], dict[str, str], list[tuple[str, dict[str, Any] | None]]]
+ENGINES: dict[str, Engine] = {
     # Plain vLLM: the plugin is not even loaded (VLLM_PLUGINS names no installed plugin).
     "plain": (PLAIN_SERVER, {"VLLM_PLUGINS": "none"}, [("plain", None)]),
     "refreekv": (REFREEKV_SERVER, {}, [("default", None), ("t0", {"refreekv_threshold": 0.0})]),
 }
 # With --plain-v1: plain vLLM on the V1 model runner ReFreeKV uses, to tell the runner's share
 # of a gap from the plugin's.
-PLAIN_V1 = (PLAIN_SERVER, {"VLLM_PLUGINS": "none", "VLLM_USE_V2_MODEL_RUNNER": "0"},
+PLAIN_V1: Engine = (PLAIN_SERVER, {"VLLM_PLUGINS": "none", "VLLM_USE_V2_MODEL_RUNNER": "0"},
             [("plain_v1", None)])
 PLAIN_RUNNER_NOTE = ("plain vLLM runs with its defaults (on GPUs the V2 model runner for dense "
                      "models); ReFreeKV runs vLLM's V1 model runner")
@@ -273,9 +275,9 @@ def bench_model(setup: ModelSetup, work_dir: Path, datasets: dict[str, Path], *,
     measured: dict[str, list[dict[str, Any]]] = {}
     for (_, key), results in sorted(passes.items(), key=lambda item: item[0][0]):
         measured.setdefault(key, []).append(merge_runs(results, "passes"))
-    results: dict[str, dict[str, Any]] = {key: merge_runs(runs, "rounds")
-                                          for key, runs in measured.items()}
-    results.update(health)
+    merged: dict[str, dict[str, Any]] = {key: merge_runs(runs, "rounds")
+                                         for key, runs in measured.items()}
+    merged.update(health)
     return {"model": setup.name, "dummy_weights": setup.dummy_weights,
             "server_flags": setup.server_flags, **setup.extra, "rounds": rounds,
             "palindrome": palindrome,
@@ -284,11 +286,11 @@ def bench_model(setup: ModelSetup, work_dir: Path, datasets: dict[str, Path], *,
             "workloads": {run.workload.name: {**asdict(run.workload),
                                               "max_concurrency": run.max_concurrency}
                           for run in setup.runs},
-            "runs": results}
+            "runs": merged}
 
 
 def selected_engines(plain_v1: bool, only_engines: list[str] | None
-                     ) -> dict[str, tuple[list[str], dict[str, str], list[Any]]]:
+                     ) -> dict[str, Engine]:
     """The servers a run starts: name -> (command, environment, its variants)."""
     engines = {**ENGINES, **({"plain_v1": PLAIN_V1} if plain_v1 else {})}
     return {name: engines[name] for name in only_engines} if only_engines else engines
