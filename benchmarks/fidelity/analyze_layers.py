@@ -23,7 +23,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -58,8 +58,15 @@ class Probe:
 PROBE = Probe()
 
 
+class AttentionModule(Protocol):
+    """What the probe reads of transformers' attention module (e.g. LlamaAttention)."""
+
+    layer_idx: int
+    num_key_value_groups: int
+
+
 def probe_attention(
-    module: torch.nn.Module,
+    module: AttentionModule,
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,

@@ -44,7 +44,8 @@ def rebuild(samples: dict[str, dict[str, list[dict[str, Any]]]]
             ) -> tuple[list[dict[str, Any]], list[str], list[str]]:
     """``result["tasks"]`` entries of the complete (task, policy) pairs, the policies run on
     every kept task, and what was left out."""
-    tasks, left_out = [], []
+    tasks: list[dict[str, Any]] = []
+    left_out: list[str] = []
     for name, by_policy in samples.items():
         full = by_policy.get(pol.FULL.name)
         if full is None:

@@ -112,9 +112,10 @@ def plot(result: Mapping[str, Any], out_dir: Path, suffix: str) -> list[str]:
                 points = sorted(series.get(family, []))
                 if not points:
                     continue
-                style = {"full cache": dict(marker="*", markersize=13, linestyle="none"),
-                         "fixed budget": dict(marker="s", linestyle="--")}.get(
-                             family, dict(marker="o", linestyle="-"))
+                styles: dict[str, dict[str, Any]] = {
+                    "full cache": dict(marker="*", markersize=13, linestyle="none"),
+                    "fixed budget": dict(marker="s", linestyle="--")}
+                style = styles.get(family, dict(marker="o", linestyle="-"))
                 ax.plot([p[0] for p in points], [100 * p[1] for p in points], label=family,
                         color=colors[family], **style)
             ax.set_title(f"{task['name']}: {task['metric'] or 'score'}" if key == "score"

@@ -19,6 +19,7 @@ import json
 import shlex
 import sys
 import time
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -181,7 +182,7 @@ def summarise(result: dict[str, Any], policies: list[pol.Policy], chosen_name: s
     summaries = {p.name: policy_summary(table, p.name) for p in policies if p != pol.FULL}
     result["policy_summaries"] = list(summaries.values())
     if chosen_name is not None:
-        chosen = summaries[chosen_name]
+        chosen: Mapping[str, Any] = summaries[chosen_name]
         result["summary"] = {**chosen, "met": chosen["meets_goal"],
                              "rule": CHOSEN_RULE}
     else:

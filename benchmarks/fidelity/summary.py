@@ -63,7 +63,7 @@ def policy_summary(results: Mapping[str, Mapping[str, Mapping[str, Any]]], polic
     ideal = [by_policy[policy]["ideal_budget"] for by_policy in results.values()
              if policy in by_policy]
     worst_task = min(changes, key=lambda t: changes[t]) if changes else None
-    summary = {
+    summary: dict[str, Any] = {
         "policy": policy,
         "mean_rel_change": mean(changes.values()) if changes else None,
         "worst_rel_change": changes[worst_task] if worst_task else None,

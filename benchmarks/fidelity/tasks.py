@@ -16,6 +16,7 @@ id is recorded in the results).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
 import re
 import zlib
@@ -357,10 +358,10 @@ def keep_split(tasks: Sequence[Task], split: str) -> list[Task]:
 def build_tasks(tokenizer: Any, sizes: TaskSizes, names: Sequence[str] = TASK_NAMES
                 ) -> list[Task]:
     builder = PromptBuilder(tokenizer)
-    hay = Haystack(builder) if {"passkey", "multi_needle"} & set(names) else None
+    hay = functools.cache(lambda: Haystack(builder))  # built once, only if a task needs it
     makers: dict[str, Callable[[], Task]] = {
-        "passkey": lambda: passkey_task(builder, hay, sizes),
-        "multi_needle": lambda: multi_needle_task(builder, hay, sizes),
+        "passkey": lambda: passkey_task(builder, hay(), sizes),
+        "multi_needle": lambda: multi_needle_task(builder, hay(), sizes),
         "gsm8k": lambda: gsm8k_task(builder, sizes),
         "humaneval": lambda: humaneval_task(builder, sizes),
         "reading": lambda: reading_task(builder, sizes),

@@ -39,7 +39,7 @@ def child(workload: str, engine: str, args, out_dir: Path, extra: list[str]) -> 
 
 # Rules checked against the reference besides the default: the T = 1% with the paper's
 # last-row window and with the observation window.
-REFERENCE_RULES = {
+REFERENCE_RULES: dict[str, dict[str, float | str]] = {
     "paper_w1_T0.01": {"threshold": 0.01, "window": 1},
     "w32_max_T0.01": {"threshold": 0.01, "window": 32, "window_agg": "max"},
 }
@@ -147,9 +147,9 @@ def main() -> None:
     if args.part == "capacity":
         from refreekv_vllm.models import prepare_smollm2
 
-        block_size = "16" if args.device == "cuda" else "32"
+        block_size_flag = "16" if args.device == "cuda" else "32"
         result.update(compare_capacity(
-            args, scratch, ["--model", str(prepare_smollm2()), "--block-size", block_size]))
+            args, scratch, ["--model", str(prepare_smollm2()), "--block-size", block_size_flag]))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items()

@@ -18,6 +18,7 @@ import random
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -202,16 +203,19 @@ def churn(model_dir: Path, steps: int, rounds: int, out_dir: Path) -> None:
             for kind, rule in variants:
                 scheduler = build(kind, 16, 6000, model_dir)
                 key = f"{shape}/{kind}" + (f" {rule}" if kind == "refreekv" else "")
-                measured.setdefault(key, []).append(time_churn_steps(scheduler, rule, steps,
-                                                                     **lens))
+                measured.setdefault(key, []).append(time_churn_steps(
+                    scheduler, rule, steps, prompt_lens=lens["prompt_lens"],
+                    output_lens=lens["output_lens"]))
     def median(values: list[float | None]) -> float | None:
         present = [v for v in values if v is not None]  # a round may have had no mixed step
         return statistics.median(present) if present else None
 
-    results = {key: {kind: {stat: median([r[kind][stat] for r in runs])
-                            for stat in ("schedule_ms", "update_ms")}
-                     for kind in ("decode", "mixed")} | {"rounds": runs}
-               for key, runs in measured.items()}
+    # Per variant: each kind of step's medians, and the rounds themselves.
+    results: dict[str, dict[str, Any]] = {
+        key: {kind: {stat: median([r[kind][stat] for r in runs])
+                     for stat in ("schedule_ms", "update_ms")}
+              for kind in ("decode", "mixed")} | {"rounds": runs}
+        for key, runs in measured.items()}
     print(f"{'variant':24} {'decode sched':>12} {'update':>8} {'mixed sched':>12} {'update':>8}")
     for key, r in results.items():
         cells = [r[kind][stat] for kind in ("decode", "mixed")

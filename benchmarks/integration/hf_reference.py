@@ -39,6 +39,8 @@ _state: _State | None = None
 def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     """Eager attention in float32; scores cuts at prefill and masks gap blocks at decode."""
     state = _state
+    if state is None:
+        raise RuntimeError(f"{ATTENTION_NAME} attention runs only inside reference_generate")
     layer = module.layer_idx
     groups = query.shape[1] // key.shape[1]
     q_len, k_len = query.shape[2], key.shape[2]

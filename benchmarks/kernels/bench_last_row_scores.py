@@ -36,6 +36,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -191,12 +192,14 @@ def bench_config(timer, layer, n, r, w, agg, copy_bw, prefill_ms, backends, gen)
     )  # fmt: skip
     chunk = make_plan(r, w, HQ, HKV, D, n, torch.device("cuda")).chunk  # the Triton launch's
     moved, k_once = bytes_moved(n, r, w, chunk, lse_given=False)
-    rec = {"n": n, "w": w, "agg": agg, "num_reqs": r, "tokens": n * r, "chunk": chunk,
-           "bytes_moved": moved, "k_bytes": k_once, "prefill_ms": prefill_ms}  # fmt: skip
+    rec: dict[str, Any] = {
+        "n": n, "w": w, "agg": agg, "num_reqs": r, "tokens": n * r, "chunk": chunk,
+        "bytes_moved": moved, "k_bytes": k_once, "prefill_ms": prefill_ms}  # fmt: skip
     # (name, backend, extra arguments, bytes moved). "triton" is the serving path: with a window
     # it takes the rows' normalisers from the prefill attention; "triton_two_pass" finds them
     # itself (the path when the attention cannot return them, and the CUDA kernel's way).
-    variants = [(b, b, {}, moved) for b in backends if b != "triton"]
+    variants: list[tuple[str, str, dict[str, torch.Tensor], int]] = [
+        (b, b, {}, moved) for b in backends if b != "triton"]
     if "triton" in backends:
         if w > 1:
             try:
@@ -257,8 +260,9 @@ SWEEP = [
 
 
 def correctness_sweep(backends: list[str], seeds: int) -> dict:
-    res = {"configs": 0, "requests": 0, "cut_mismatches": 0, "cut_tie_mismatches": 0,
-           "cut_errors": [], "failures": []}  # fmt: skip
+    res: dict[str, Any] = {
+        "configs": 0, "requests": 0, "cut_mismatches": 0, "cut_tie_mismatches": 0,
+        "cut_errors": [], "failures": []}  # fmt: skip
     for b in backends:
         res[f"{b}_max_rel_err"] = 0.0
     for idx, (lens, group, d, dtype, w_max, agg, layout, chunk) in enumerate(SWEEP):
@@ -274,13 +278,13 @@ def correctness_sweep(backends: list[str], seeds: int) -> dict:
             )  # fmt: skip
             res["configs"] += 1
             res["requests"] += r
-            variants = [(b, {}) for b in backends]
+            variants: list[tuple[str, torch.Tensor | None]] = [(b, None) for b in backends]
             if w_max > 1:  # both GPU kernels with the rows' normalisers handed in
-                variants += [(b, {"window_lse": case.window_lse()}) for b in backends]
-            for backend, extra in variants:
+                variants += [(b, case.window_lse()) for b in backends]
+            for backend, window_lse in variants:
                 try:
                     curve = torch.zeros(r, max(lens), device="cuda")
-                    cuts = compute_cuts(**case.kwargs(), **extra, backend=backend,
+                    cuts = compute_cuts(**case.kwargs(), window_lse=window_lse, backend=backend,
                                         curve_out=curve, max_prompt_len=max(lens),
                                         chunk_size=chunk)  # fmt: skip
                     cmp = compare(case, cuts, curve)
@@ -297,7 +301,8 @@ def correctness_sweep(backends: list[str], seeds: int) -> dict:
 
 
 def versions() -> dict:
-    out = {"python": platform.python_version(), "torch": torch.__version__}
+    out: dict[str, str | None] = {"python": platform.python_version(),
+                                  "torch": torch.__version__}
     for mod in ("triton", "vllm"):
         try:
             out[mod] = __import__(mod).__version__

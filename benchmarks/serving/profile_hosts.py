@@ -117,6 +117,8 @@ def main() -> None:
             report[name] = {"run": result}
             for role, (process, path) in samplers.items():
                 if not path.exists():
+                    if process.stderr is None:
+                        raise RuntimeError("py-spy's stderr is not piped (see sample())")
                     report[name][role] = {"error": process.stderr.read().decode()[-2000:]}
                     continue
                 report[name][role] = summarise(path)

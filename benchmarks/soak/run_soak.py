@@ -68,9 +68,9 @@ def plan(num_requests: int, seed: int, pressure_requests: int = 0, pressure_toke
     sent: list[str] = []
     requests = []
     for _ in range(min(pressure_requests, num_requests)):
-        body = {"prompt": passkey_prompt(SHORTEST_FILLER, rng.random(),
-                                         rng.randrange(10**4, 10**5)),
-                "max_tokens": pressure_tokens, "ignore_eos": True, "temperature": 0.0}
+        body: dict[str, Any] = {
+            "prompt": passkey_prompt(SHORTEST_FILLER, rng.random(), rng.randrange(10**4, 10**5)),
+            "max_tokens": pressure_tokens, "ignore_eos": True, "temperature": 0.0}
         requests.append({"kind": "pressure", "body": body, "expect": 200})
     for i in range(num_requests - len(requests)):
         kind = KINDS[i % len(KINDS)] if i < len(KINDS) else rng.choice(KINDS)
@@ -80,8 +80,8 @@ def plan(num_requests: int, seed: int, pressure_requests: int = 0, pressure_toke
             prompt = passkey_prompt(rng.randint(SHORTEST_FILLER, 40), rng.random(),
                                     rng.randrange(10**4, 10**5))
             sent.append(prompt)
-        body: dict[str, Any] = {"prompt": prompt, "max_tokens": rng.randint(24, 96),
-                                "ignore_eos": True, "temperature": 0.0}
+        body = {"prompt": prompt, "max_tokens": rng.randint(24, 96),
+                "ignore_eos": True, "temperature": 0.0}
         if kind in XARGS:
             body["vllm_xargs"] = XARGS[kind]
         if kind == "seeded":

@@ -67,6 +67,8 @@ def _recorder() -> _Recorder:
     pid = os.getpid()
     recorder = _recorders.get(pid)
     if recorder is None:
+        if _DIR is None:
+            raise RuntimeError("STEP_TIMER_DIR is not set: nothing should be timed")
         recorder = _recorders[pid] = _Recorder(_DIR)
     return recorder
 
@@ -99,7 +101,8 @@ class _TimedFuture:
 
 
 class _TimedBatchQueue(collections.deque):
-    def pop(self) -> Any:
+    # deque.pop takes no index: typeshed ignores the same mismatch with MutableSequence.pop.
+    def pop(self) -> Any:  # type: ignore[override]
         future, *rest = super().pop()
         return (_TimedFuture(future), *rest)
 
