@@ -11,7 +11,7 @@ if ! command -v prometheus >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1
     || echo "prometheus could not be installed; its test will be skipped" >&2
 fi
 .venv/bin/ruff check .
-.venv/bin/mypy  # the package, configured in pyproject.toml
+.venv/bin/mypy  # the package and the benchmarks, configured in pyproject.toml
 status=0
 .venv/bin/python -m pytest -q -rs "$@" || status=$?
 if [ "$status" -eq 5 ]; then
