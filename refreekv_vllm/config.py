@@ -151,6 +151,12 @@ class RefreeKVConfig(BaseModel):
         return tuple(layer for layer in layers if layer not in self.frozen_layers)
 
     @property
+    def shortest_scored_prompt(self) -> int:
+        """Fewest prompt tokens a request needs to be scored: ``min_prompt_tokens``, and never
+        under the sinks plus two (sinks and the last token alone leave nothing to cut)."""
+        return max(self.num_sink_tokens + 2, self.min_prompt_tokens)
+
+    @property
     def default_settings(self) -> "RequestSettings":
         """What a request without overrides is pruned with."""
         return self._default_settings

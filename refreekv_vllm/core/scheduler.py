@@ -127,7 +127,7 @@ class RefreeKVSchedulerMixin(_SchedulerBase):
             self._refreekv_state.mark_no_prune(request.request_id, SkipReason.OPTED_OUT)
             self._refreekv_state.record_skip(SkipReason.OPTED_OUT)
             self._refreekv_metrics.skipped(SkipReason.OPTED_OUT.value)
-        elif request.num_prompt_tokens < self._refreekv_config.min_prompt_tokens:
+        elif request.num_prompt_tokens < self._refreekv_config.shortest_scored_prompt:
             # Counted only: the worker decides on the prompt it prefills, which a streaming-
             # input update may still lengthen.
             self._refreekv_state.record_skip(SkipReason.SHORT_PROMPT)
@@ -284,7 +284,7 @@ class RefreeKVSchedulerMixin(_SchedulerBase):
             settings = self._refreekv_settings(request)
             window = 0
             if (settings is not None and num_tokens > 0
-                    and request.num_prompt_tokens >= self._refreekv_config.min_prompt_tokens):
+                    and request.num_prompt_tokens >= self._refreekv_config.shortest_scored_prompt):
                 window = settings.policy.window_rows(request.num_prompt_tokens)
             if not window or self._refreekv_state.no_prune_reason(request.request_id) is not None:
                 return blocks, num_tokens, boundary

@@ -199,8 +199,8 @@ class RefreeKVModelRunnerMixin(_RunnerBase):
         num_reqs = len(num_scheduled_tokens)
         computed_all = batch.num_computed_tokens_cpu[:num_reqs]
         prompt_all = batch.num_prompt_tokens[:num_reqs]
-        shortest = max(config.num_sink_tokens + 2, config.min_prompt_tokens)
-        prefilling = np.flatnonzero((computed_all < prompt_all) & (prompt_all >= shortest))
+        prefilling = np.flatnonzero((computed_all < prompt_all)
+                                    & (prompt_all >= config.shortest_scored_prompt))
         if not len(prefilling):
             return None
         step = StepContext(config, self._refreekv_kernel,

@@ -438,6 +438,18 @@ def test_prompts_under_the_minimum_are_counted_as_short(new_scheduler):
     assert_pool_idle(scheduler)
 
 
+def test_prompts_of_sinks_and_one_token_are_short_even_without_a_minimum(new_scheduler):
+    """With min_prompt_tokens 0 the floor is the sinks plus two tokens, as in the worker's
+    step plan: m + 1 tokens leave nothing to cut."""
+    scheduler = new_scheduler(min_prompt_tokens=0)
+    sinks = scheduler._refreekv_config.num_sink_tokens
+    scheduler.add_request(make_request(PROMPT[:sinks + 1]))
+    scheduler.add_request(make_request(PROMPT[:sinks + 2]))
+    assert scheduler.refreekv_stats().requests_skipped == {"short_prompt": 1}
+    run_until_done(scheduler)
+    assert_pool_idle(scheduler)
+
+
 def test_a_minimum_no_prompt_can_reach_is_warned_about(new_scheduler, caplog):
     def ours() -> list[str]:
         return [r.getMessage() for r in caplog.records if r.name == "refreekv_vllm.core.scheduler"]
