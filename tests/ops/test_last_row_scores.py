@@ -454,25 +454,40 @@ def test_cuda_op_passes_opcheck():
 
 
 @needs_cuda
-def test_cuda_op_refuses_bad_inputs():
+def test_cuda_op_refuses_bad_block_tables():
     case = _case((4, 64, torch.bfloat16, 1, "max", "NHD"), seed=2, lens=[70, 33])
     with pytest.raises(RuntimeError, match="block_tables must be"):
         compute_cuts(**{**case.kwargs(), "block_tables": case.block_tables.long()},
                      backend="cuda")  # fmt: skip
-    # A scratch layout that does not fit the shapes is refused before any launch.
+
+
+def _shrunk_sections(offsets: list[int]) -> list[int]:
+    return [offsets[0], *(o - 1 for o in offsets[1:-1]), offsets[-1]]
+
+
+# One test per bad scratch layout: a crash instead of an error then names its case.
+@needs_cuda
+@pytest.mark.parametrize(("bad_offsets", "message"), [
+    pytest.param(_shrunk_sections, "do not fit", id="sections-too-short"),
+    pytest.param(lambda offsets: offsets[:-1], "must hold", id="total-missing"),
+    pytest.param(lambda offsets: offsets[:-1] + [offsets[-1] + 1], "too small",
+                 id="total-above-workspace"),
+])  # fmt: skip
+def test_cuda_op_refuses_a_scratch_layout_that_does_not_fit(bad_offsets, message):
+    """Refused before any launch."""
+    from refreekv_vllm.ops._custom_ops import load_extension
+
+    load_extension()
+    case = _case((4, 64, torch.bfloat16, 1, "max", "NHD"), seed=2, lens=[70, 33])
     r, w_max, hq, _ = case.query.shape
     layout = workspace_layout(r, w_max, hq, case.max_len, 64)
     cuts = torch.empty(r, dtype=torch.int32, device=DEVICE)
     ws = torch.empty(layout.total, device=DEVICE)
-    short_vals = layout.offsets()
-    short_vals[1:-1] = [o - 1 for o in short_vals[1:-1]]
-    for offsets, message in ((short_vals, "do not fit"), (layout.offsets()[:-1], "must hold"),
-                             (layout.offsets()[:-1] + [layout.total + 1], "too small")):
-        with pytest.raises(RuntimeError, match=message):
-            torch.ops._refreekv_C.compute_cuts(
-                case.query, case.key_cache, case.block_tables, case.prompt_lens,
-                case.window_lens, case.thresholds, cuts, ws, None, None, 4, 0.125, True, 64,
-                case.max_len, offsets)  # fmt: skip
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops._refreekv_C.compute_cuts(
+            case.query, case.key_cache, case.block_tables, case.prompt_lens, case.window_lens,
+            case.thresholds, cuts, ws, None, None, 4, 0.125, True, 64, case.max_len,
+            bad_offsets(layout.offsets()))  # fmt: skip
 
 
 @needs_cuda
