@@ -42,10 +42,17 @@ def server_processes(server: RunningServer) -> dict[str, int]:
 
 
 def sample(pid: int, seconds: float, path: Path) -> subprocess.Popen:
-    return subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--duration",
-                             str(int(seconds)), "--rate", "200", "--format", "raw",
-                             "--nonblocking", "--output", str(path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    """py-spy records ``pid`` into ``path``; its messages go to ``path`` + ``.stderr`` (a file,
+    not a pipe, so that a chatty sampler can never block on a full pipe)."""
+    with open(_stderr_path(path), "wb") as stderr:
+        return subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--duration",
+                                 str(int(seconds)), "--rate", "200", "--format", "raw",
+                                 "--nonblocking", "--output", str(path)],
+                                stdout=subprocess.DEVNULL, stderr=stderr)
+
+
+def _stderr_path(path: Path) -> Path:
+    return path.with_name(path.name + ".stderr")
 
 
 def summarise(folded: Path, top: int = 40) -> dict[str, Any]:
@@ -115,11 +122,9 @@ def main() -> None:
                 process.wait()
             worker.join()
             report[name] = {"run": result}
-            for role, (process, path) in samplers.items():
+            for role, (_, path) in samplers.items():
                 if not path.exists():
-                    if process.stderr is None:
-                        raise RuntimeError("py-spy's stderr is not piped (see sample())")
-                    report[name][role] = {"error": process.stderr.read().decode()[-2000:]}
+                    report[name][role] = {"error": _stderr_path(path).read_text()[-2000:]}
                     continue
                 report[name][role] = summarise(path)
             print(json.dumps({name: {role: value if role == "run" else
