@@ -66,7 +66,7 @@ def policy_summary(results: Mapping[str, Mapping[str, Mapping[str, Any]]], polic
     summary: dict[str, Any] = {
         "policy": policy,
         "mean_rel_change": mean(changes.values()) if changes else None,
-        "worst_rel_change": changes[worst_task] if worst_task else None,
+        "worst_rel_change": changes[worst_task] if worst_task is not None else None,
         "worst_task": worst_task,
         "mean_physical_budget": mean(physical) if physical else None,
         "mean_ideal_budget": mean(ideal) if ideal else None,
