@@ -141,7 +141,7 @@ def time_churn_steps(scheduler, rule: str, steps: int, concurrency: int = 32,
 
     reports_due: dict[str, CutReport] = {}
     config = getattr(scheduler, "_refreekv_config", None)
-    shortest = config.min_prompt_tokens if config is not None else 0
+    shortest = config.shortest_scored_prompt if config is not None else 0
 
     def step() -> tuple[float, float, bool]:
         start = time.perf_counter()

@@ -212,7 +212,7 @@ ENGINES: dict[str, Engine] = {
 # With --plain-v1: plain vLLM on the V1 model runner ReFreeKV uses, to tell the runner's share
 # of a gap from the plugin's.
 PLAIN_V1: Engine = (PLAIN_SERVER, {"VLLM_PLUGINS": "none", "VLLM_USE_V2_MODEL_RUNNER": "0"},
-            [("plain_v1", None)])
+                    [("plain_v1", None)])
 PLAIN_RUNNER_NOTE = ("plain vLLM runs with its defaults (on GPUs the V2 model runner for dense "
                      "models); ReFreeKV runs vLLM's V1 model runner")
 
