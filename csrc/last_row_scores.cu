@@ -845,8 +845,10 @@ void compute_cuts(const at::Tensor& query, const at::Tensor& key_cache,
                 "workspace_offsets must be ascending from 0");
   }
   enum Section { kVals, kRowMax, kRowSum, kRowSum2, kLse, kChunkSum, kTotal };
-  TORCH_CHECK(workspace.numel() >= workspace_offsets[kTotal], "workspace too small: ",
-              workspace.numel(), " < ", workspace_offsets[kTotal]);
+  // Literal messages only: this check's formatted message (numbers streamed into it) ended
+  // the process with a segmentation fault on the H100 instead of raising.
+  TORCH_CHECK(workspace.numel() >= workspace_offsets[kTotal],
+              "workspace too small for the total in workspace_offsets");
   const int64_t num_chunks = std::max<int64_t>(1, (max_prompt_len + chunk_size - 1) / chunk_size);
   const int64_t n_scratch = num_chunks * chunk_size;
   const bool last_row = w_max == 1;
