@@ -6,8 +6,8 @@ server that ends one prompt in a step scores one request over all its layers (ev
 keys live in one page pool, so the pairs are the kernel's rows). Here: SmolLM2-135M's shape
 (9 query heads, 3 KV heads, head size 64, bf16, block size 16, 28 scored layers; 56 pairs for
 two requests), prompts of 1K-7K tokens, the served chunk size, and per backend the host time of
-a call (launches only, the GPU not waited for) and its device time (back-to-back calls on the
-stream). Run from the repository root on a GPU::
+a call (launches only, while the GPU is kept busy: ``host_launch_ms``) and its device time
+(back-to-back calls on the stream). Run from the repository root on a GPU::
 
     python -m benchmarks.kernels.time_scoring_call --out benchmarks/results/scoring_call_gpu.json
 """
@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from benchmarks.kernels.tune_last_row_scores import host_launch_ms
 from refreekv_vllm.attention.scoring import SCORING_CHUNK
 from refreekv_vllm.ops import compute_cuts
 
@@ -36,12 +36,7 @@ def time_call(kwargs: dict[str, Any]) -> tuple[float, float]:
     """(host ms, device ms) per call."""
     for _ in range(3):
         compute_cuts(**kwargs)
-    torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(ITERS):
-        compute_cuts(**kwargs)
-    host_ms = (time.perf_counter() - started) / ITERS * 1e3
-    torch.cuda.synchronize()
+    host_ms = host_launch_ms(lambda: compute_cuts(**kwargs), calls=ITERS)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(ITERS):
