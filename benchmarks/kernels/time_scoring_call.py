@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backends", default="triton,cuda")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--commit", default="unknown", help="the plugin's commit to record")
     args = parser.parse_args()
     if "cuda" in args.backends.split(","):
         from refreekv_vllm.ops._custom_ops import load_extension
@@ -81,8 +83,10 @@ def main() -> None:
                     rows.append(row)
                     print(row, flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows},
-                                   indent=1))
+    args.out.write_text(json.dumps({
+        "device": torch.cuda.get_device_name(), "plugin_commit": args.commit,
+        "command": "python -m benchmarks.kernels.time_scoring_call " + " ".join(sys.argv[1:]),
+        "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

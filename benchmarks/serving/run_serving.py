@@ -499,6 +499,34 @@ def git_commit() -> str:
         return "unknown"
 
 
+def assemble_result(models: dict[str, dict[str, Any]], *, command: str | list[str],
+                    device: str, vllm_version: str, plugin_commit: str,
+                    plugin_source_digest: str, quick: bool, wall_s: float) -> dict[str, Any]:
+    """The result file's content: what ran where, the summaries recomputed from ``models``."""
+    repeats = repeat_ratios(models)
+    return {
+        "command": command,
+        "device": device,
+        "vllm_version": vllm_version,
+        "plugin_commit": plugin_commit,
+        "plugin_source_digest": plugin_source_digest,
+        "quick": quick,
+        "note": PLAIN_RUNNER_NOTE,
+        "wall_s": wall_s,
+        "summary": summarise(models, "default"),
+        "summary_t0": summarise(models, "t0"),
+        "round_ratios": {variant: round_ratios(models, variant) for variant in ("default", "t0")},
+        "ratio_of_medians": {variant: ratio_of_medians(models, variant)
+                             for variant in ("default", "t0")},
+        "repeat_ratios": repeats,
+        "repeat_spread": repeat_spread(repeats),
+        **({"summary_plain_v1": summarise(models, "plain_v1")}
+           if any(key.endswith("/plain_v1") for model in models.values()
+                  for key in model["runs"]) else {}),
+        "models": models,
+    }
+
+
 def write_reports(result: dict[str, Any], out_dir: Path, stem: str) -> None:
     from benchmarks.serving.report import write_markdown, write_plot
 
@@ -617,30 +645,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import refreekv_vllm
 
-    repeats = repeat_ratios(models)
-    result = {
-        "command": "python -m benchmarks.serving.run_serving " + " ".join(
+    result = assemble_result(
+        models,
+        command="python -m benchmarks.serving.run_serving " + " ".join(
             sys.argv[1:] if argv is None else argv),
-        "device": device_name(args.device),
-        "vllm_version": vllm.__version__,
-        "plugin_commit": args.commit or git_commit(),
+        device=device_name(args.device),
+        vllm_version=vllm.__version__,
+        plugin_commit=args.commit or git_commit(),
         # Of the copy the servers imported; a checkout's refreekv_vllm/ gives the same digest.
-        "plugin_source_digest": source_digest(Path(refreekv_vllm.__file__).parent),
-        "quick": args.quick,
-        "note": PLAIN_RUNNER_NOTE,
-        "wall_s": round(time.time() - started, 1),
-        "summary": summarise(models, "default"),
-        "summary_t0": summarise(models, "t0"),
-        "round_ratios": {variant: round_ratios(models, variant) for variant in ("default", "t0")},
-        "ratio_of_medians": {variant: ratio_of_medians(models, variant)
-                             for variant in ("default", "t0")},
-        "repeat_ratios": repeats,
-        "repeat_spread": repeat_spread(repeats),
-        **({"summary_plain_v1": summarise(models, "plain_v1")}
-           if any(key.endswith("/plain_v1") for model in models.values()
-                  for key in model["runs"]) else {}),
-        "models": models,
-    }
+        plugin_source_digest=source_digest(Path(refreekv_vllm.__file__).parent),
+        quick=args.quick,
+        wall_s=round(time.time() - started, 1))
     stem = f"serving_{'gpu' if args.device == 'cuda' else 'cpu'}"
     write_reports(result, args.out, stem)
     print(json.dumps({"summary": result["summary"], "summary_t0": result["summary_t0"]},

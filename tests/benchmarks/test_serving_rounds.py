@@ -184,3 +184,47 @@ def test_servers_run_one_at_a_time_only_where_they_do_not_fit_together():
     assert not servers_one_at_a_time("auto", big, 2, None)  # no GPU to ask
     assert servers_one_at_a_time("one-at-a-time", small, 2, None)
     assert not servers_one_at_a_time("together", big, 2, h100)
+
+
+def _result(rounds: dict[str, list[float]], digest: str = "d1") -> dict:
+    """A serving result of SmolLM2's long_c8 whose variants ran ``rounds`` (output tok/s per
+    round, one pass each)."""
+    from benchmarks.serving.run_serving import assemble_result
+
+    runs = {f"long_c8/{variant}": merge_runs(
+        [merge_runs([{"output_tok_s": value, "completed": 32}], "passes") for value in values],
+        "rounds") for variant, values in rounds.items()}
+    runs["health/refreekv"] = {"healthy": True}
+    model = {"model": "SmolLM2", "dummy_weights": False, "server_flags": ["--dtype", "bf16"],
+             "kv_pool_tokens": 64, "palindrome": True, "servers": "together",
+             "rounds": len(next(iter(rounds.values()))),
+             "workloads": {"long_c8": {"name": "long_c8", "seed": 2}}, "runs": runs}
+    return assemble_result({"smollm2": model}, command="run", device="GPU", vllm_version="v",
+                           plugin_commit="c", plugin_source_digest=digest, quick=False,
+                           wall_s=1.0)
+
+
+def test_merged_results_pool_their_rounds_and_recompute_the_summary():
+    from benchmarks.serving.merge_results import merge_results
+
+    first = _result({"plain": [100.0, 100.0], "default": [90.0, 92.0]})
+    second = _result({"plain": [100.0, 100.0], "default": [98.0, 99.0]})
+    assert first["summary"]["c8_throughput_ratio"] == 0.91
+    merged = merge_results([first, second])
+    assert merged["round_ratios"]["default"]["c8_throughput_ratio"] == [0.9, 0.92, 0.98, 0.99]
+    assert merged["summary"]["c8_throughput_ratio"] == 0.95
+    run = merged["models"]["smollm2"]["runs"]["long_c8/default"]
+    assert run["completed"] == 128 and len(run["rounds"]) == 4
+    assert merged["models"]["smollm2"]["rounds"] == 4 and merged["command"] == ["run", "run"]
+    assert merged["models"]["smollm2"]["runs"]["health/refreekv"] == {"healthy": True}
+
+
+def test_results_of_other_sources_or_with_unpaired_rounds_are_not_merged():
+    from benchmarks.serving.merge_results import merge_results
+
+    plain_only = _result({"plain": [100.0]})
+    both = _result({"plain": [100.0], "default": [90.0]})
+    with pytest.raises(ValueError, match="plugin_source_digest"):
+        merge_results([both, _result({"plain": [100.0], "default": [90.0]}, digest="d2")])
+    with pytest.raises(ValueError, match="more rounds on some servers"):
+        merge_results([both, plain_only])
