@@ -127,11 +127,6 @@ class RefreeKVSchedulerMixin(_SchedulerBase):
             self._refreekv_state.mark_no_prune(request.request_id, SkipReason.OPTED_OUT)
             self._refreekv_state.record_skip(SkipReason.OPTED_OUT)
             self._refreekv_metrics.skipped(SkipReason.OPTED_OUT.value)
-        elif request.num_prompt_tokens < self._refreekv_config.shortest_scored_prompt:
-            # Counted only: the worker decides on the prompt it prefills, which a streaming-
-            # input update may still lengthen.
-            self._refreekv_state.record_skip(SkipReason.SHORT_PROMPT)
-            self._refreekv_metrics.skipped(SkipReason.SHORT_PROMPT.value)
 
     def _preempt_request(self, request: Request, timestamp: float) -> None:
         super()._preempt_request(request, timestamp)
@@ -141,6 +136,14 @@ class RefreeKVSchedulerMixin(_SchedulerBase):
     def _free_request(
         self, request: Request, delay_free_blocks: bool = False
     ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        if (request.num_prompt_tokens < self._refreekv_config.shortest_scored_prompt
+                and self._refreekv_state.no_prune_reason(request.request_id)
+                != SkipReason.OPTED_OUT):
+            # Counted when the request ends: the worker decides on the prompt it prefills, and
+            # a streaming-input update may lengthen a short prompt into one that is scored
+            # (prompts only grow, so a prompt short at the end was never scored).
+            self._refreekv_state.record_skip(SkipReason.SHORT_PROMPT)
+            self._refreekv_metrics.skipped(SkipReason.SHORT_PROMPT.value)
         result = super()._free_request(
             request, delay_free_blocks=delay_free_blocks)
         self._refreekv_state.on_finished(request.request_id)

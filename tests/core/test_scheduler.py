@@ -427,14 +427,36 @@ def test_opted_out_requests_are_not_pruned(new_scheduler, extra_args):
 
 def test_prompts_under_the_minimum_are_counted_as_short(new_scheduler):
     """A prompt shorter than min_prompt_tokens is counted once as skipped ``short_prompt``
-    when it arrives (the worker never scores it); one at the minimum is not."""
+    when its request ends (the worker never scores it); one at the minimum is not."""
     scheduler = new_scheduler(min_prompt_tokens=len(PROMPT) + 1)
     scheduler.add_request(make_request(PROMPT))
     scheduler.add_request(make_request(PROMPT + [7]))
-    assert scheduler.refreekv_stats().requests_skipped == {"short_prompt": 1}
+    assert scheduler.refreekv_stats().requests_skipped == {}
     run_until_done(scheduler)
     assert scheduler.refreekv_stats().requests_skipped == {"short_prompt": 1}
     assert scheduler.refreekv_stats().requests_pruned == 0
+    assert_pool_idle(scheduler)
+
+
+def test_a_streaming_session_is_short_only_if_its_final_prompt_is(new_scheduler):
+    """A streaming-input session whose first chunk is short but whose update makes the prompt
+    long enough is not counted as ``short_prompt`` (the worker may score its longer prefill);
+    one whose chunks stay short is counted once, when it ends."""
+    scheduler = new_scheduler(min_prompt_tokens=len(PROMPT))
+
+    def chunk(req_id: str, tokens: list[int], resumable: bool = True) -> Request:
+        request = make_request(tokens, max_tokens=2)
+        request.request_id, request.resumable = req_id, resumable
+        return request
+
+    half = len(PROMPT) // 2
+    for req_id, update in (("grows", PROMPT[half:]), ("stays-short", PROMPT[:2])):
+        scheduler.add_request(chunk(req_id, PROMPT[:half]))
+        scheduler.add_request(chunk(req_id, list(update)))
+        scheduler.add_request(chunk(req_id, [1], resumable=False))  # the session's end
+        run_until_done(scheduler)
+        assert req_id not in scheduler.requests
+    assert scheduler.refreekv_stats().requests_skipped == {"short_prompt": 1}
     assert_pool_idle(scheduler)
 
 
@@ -445,8 +467,8 @@ def test_prompts_of_sinks_and_one_token_are_short_even_without_a_minimum(new_sch
     sinks = scheduler._refreekv_config.num_sink_tokens
     scheduler.add_request(make_request(PROMPT[:sinks + 1]))
     scheduler.add_request(make_request(PROMPT[:sinks + 2]))
-    assert scheduler.refreekv_stats().requests_skipped == {"short_prompt": 1}
     run_until_done(scheduler)
+    assert scheduler.refreekv_stats().requests_skipped == {"short_prompt": 1}
     assert_pool_idle(scheduler)
 
 
