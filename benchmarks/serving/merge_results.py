@@ -18,7 +18,7 @@ from typing import Any
 from benchmarks.serving.run_serving import assemble_result, merge_runs, write_reports
 
 # What must be the same in every merged result, and in every result's entry of one model.
-SAME_RESULT = ("device", "vllm_version", "plugin_source_digest", "quick")
+SAME_RESULT = ("device", "vllm_version", "plugin_source_digest", "quick", "alt_config")
 SAME_MODEL = ("model", "dummy_weights", "server_flags", "kv_pool_tokens", "palindrome",
               "servers")
 
@@ -88,7 +88,8 @@ def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
         command=commands, device=first["device"], vllm_version=first["vllm_version"],
         # The source digests are equal: commits that differ only outside the plugin.
         plugin_commit=", ".join(commits), plugin_source_digest=first["plugin_source_digest"],
-        quick=first["quick"], wall_s=round(sum(result["wall_s"] for result in results), 1))
+        quick=first["quick"], wall_s=round(sum(result["wall_s"] for result in results), 1),
+        alt_config=first.get("alt_config"))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

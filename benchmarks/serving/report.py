@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ COLUMNS = [("output_tok_s", "out tok/s", "{:.1f}"), ("request_s", "req/s", "{:.2
            ("requests_pruned", "pruned", "{:.0f}"), ("physical_budget", "budget b", "{:.3f}"),
            ("engine_cpu_ms_per_token", "engine CPU ms/token", "{:.3f}")]
 VARIANT_LABELS = {"plain": "plain vLLM", "default": "ReFreeKV default", "t0": "ReFreeKV T = 0",
-                  "plain_v1": "plain vLLM, V1 runner"}
+                  "plain_v1": "plain vLLM, V1 runner", "alt": "ReFreeKV default, alt config"}
 
 
 def _cell(value: Any, fmt: str) -> str:
@@ -115,7 +116,11 @@ def repeat_lines(result: dict[str, Any]) -> list[str]:
 
 
 def write_markdown(result: dict[str, Any], path: Path) -> None:
-    v1 = "summary_plain_v1" in result
+    # Servers beside plain vLLM and ReFreeKV's two rules: (summary key, column title).
+    extra = [(key, title) for key, title in (
+        ("summary_plain_v1", "plain vLLM, V1 runner"),
+        ("summary_alt", f"ReFreeKV default, `{json.dumps(result.get('alt_config'))}`"))
+        if key in result]
     # A run split over invocations (--reuse) records each command.
     commands = result["command"] if isinstance(result["command"], list) else [result["command"]]
     lines = [f"# Serving: plain vLLM vs ReFreeKV ({result['device']})", "",
@@ -127,12 +132,11 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
                                      else ""), "",
              "## Ratios (ReFreeKV / plain vLLM, same run)", "",
              "Median over rounds of the ratio within each round.", "",
-             "| ratio | default rule | T = 0 |" + (" plain vLLM, V1 runner |" if v1 else ""),
-             "|---|---|---|" + ("---|" if v1 else "")]
+             "| ratio | default rule | T = 0 |" + "".join(f" {title} |" for _, title in extra),
+             "|---|---|---|" + "---|" * len(extra)]
     for key, value in result["summary"].items():
-        cells = [value, result["summary_t0"].get(key)]
-        if v1:
-            cells.append(result["summary_plain_v1"].get(key))
+        cells = [value, result["summary_t0"].get(key),
+                 *(result[summary].get(key) for summary, _ in extra)]
         lines.append(f"| `{key}` | " + " | ".join(_cell(c, "{:.3f}") for c in cells) + " |")
     paired = result.get("round_ratios", {})
     if any(len(values) > 1 for rule in paired.values() for values in rule.values()):

@@ -213,13 +213,24 @@ ENGINES: dict[str, Engine] = {
 # of a gap from the plugin's.
 PLAIN_V1: Engine = (PLAIN_SERVER, {"VLLM_PLUGINS": "none", "VLLM_USE_V2_MODEL_RUNNER": "0"},
                     [("plain_v1", None)])
+
+
+def alt_engine(refreekv_config: dict[str, Any]) -> Engine:
+    """A second ReFreeKV server with other plugin settings (``--alt-config``), its default rule
+    run as variant ``alt``: two settings compared in one run, where the servers' starts move a
+    ratio more than its rounds do."""
+    command = [*REFREEKV_SERVER, "--additional-config", json.dumps({"refreekv": refreekv_config})]
+    return command, {}, [("alt", None)]
+
+
 PLAIN_RUNNER_NOTE = ("plain vLLM runs with its defaults (on GPUs the V2 model runner for dense "
                      "models); ReFreeKV runs vLLM's V1 model runner")
 
 
 def bench_model(setup: ModelSetup, work_dir: Path, datasets: dict[str, Path], *,
                 sequential_start: bool, plain_v1: bool = False,
-                only_engines: list[str] | None = None, rounds: int = 1,
+                only_engines: list[str] | None = None,
+                alt_config: dict[str, Any] | None = None, rounds: int = 1,
                 warm_up: bool = True, step_timer: bool = False,
                 pin_plan: CpuPlan | None = None, palindrome: bool = False,
                 one_at_a_time: bool = False) -> dict[str, Any]:
@@ -230,7 +241,7 @@ def bench_model(setup: ModelSetup, work_dir: Path, datasets: dict[str, Path], *,
     (workload, variant): the median of each number over the rounds. ``one_at_a_time``: one
     server up at a time (a model whose servers do not fit the GPU together); each runs all its
     rounds before the next starts (``server_sessions``)."""
-    engines = selected_engines(plain_v1, only_engines)
+    engines = selected_engines(plain_v1, only_engines, alt_config)
     variants = [(engine, variant, xargs) for engine, (_, _, per_engine) in engines.items()
                 for variant, xargs in per_engine]
     passes: dict[tuple[int, str], list[dict[str, Any]]] = {}
@@ -289,11 +300,16 @@ def bench_model(setup: ModelSetup, work_dir: Path, datasets: dict[str, Path], *,
             "runs": merged}
 
 
-def selected_engines(plain_v1: bool, only_engines: list[str] | None
-                     ) -> dict[str, Engine]:
+def selected_engines(plain_v1: bool, only_engines: list[str] | None,
+                     alt_config: dict[str, Any] | None = None) -> dict[str, Engine]:
     """The servers a run starts: name -> (command, environment, its variants)."""
-    engines = {**ENGINES, **({"plain_v1": PLAIN_V1} if plain_v1 else {})}
-    return {name: engines[name] for name in only_engines} if only_engines else engines
+    engines = {**ENGINES, **({"plain_v1": PLAIN_V1} if plain_v1 else {}),
+               **({"refreekv_alt": alt_engine(alt_config)} if alt_config is not None else {})}
+    if only_engines:
+        return {name: engines[name] for name in [*only_engines, *(
+            ["refreekv_alt"] if alt_config is not None and "refreekv_alt" not in only_engines
+            else [])]}
+    return engines
 
 
 @dataclass(frozen=True)
@@ -501,7 +517,8 @@ def git_commit() -> str:
 
 def assemble_result(models: dict[str, dict[str, Any]], *, command: str | list[str],
                     device: str, vllm_version: str, plugin_commit: str,
-                    plugin_source_digest: str, quick: bool, wall_s: float) -> dict[str, Any]:
+                    plugin_source_digest: str, quick: bool, wall_s: float,
+                    alt_config: dict[str, Any] | None = None) -> dict[str, Any]:
     """The result file's content: what ran where, the summaries recomputed from ``models``."""
     repeats = repeat_ratios(models)
     return {
@@ -515,7 +532,8 @@ def assemble_result(models: dict[str, dict[str, Any]], *, command: str | list[st
         "wall_s": wall_s,
         "summary": summarise(models, "default"),
         "summary_t0": summarise(models, "t0"),
-        "round_ratios": {variant: round_ratios(models, variant) for variant in ("default", "t0")},
+        "round_ratios": {variant: round_ratios(models, variant) for variant in (
+            "default", "t0", *(("alt",) if alt_config is not None else ()))},
         "ratio_of_medians": {variant: ratio_of_medians(models, variant)
                              for variant in ("default", "t0")},
         "repeat_ratios": repeats,
@@ -523,6 +541,8 @@ def assemble_result(models: dict[str, dict[str, Any]], *, command: str | list[st
         **({"summary_plain_v1": summarise(models, "plain_v1")}
            if any(key.endswith("/plain_v1") for model in models.values()
                   for key in model["runs"]) else {}),
+        **({"alt_config": alt_config, "summary_alt": summarise(models, "alt")}
+           if alt_config is not None else {}),
         "models": models,
     }
 
@@ -553,6 +573,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "not fit the GPU together (the Llama-3-8B shape on 80 GB)")
     parser.add_argument("--plain-v1", action="store_true",
                         help="also run plain vLLM on the V1 model runner (summary_plain_v1)")
+    parser.add_argument("--alt-config", type=json.loads, default=None,
+                        help="also start a ReFreeKV server with these plugin settings (JSON, "
+                        "e.g. '{\"kernel\": \"cuda\"}'), its default rule reported as "
+                        "variant alt (summary_alt)")
     parser.add_argument("--workloads", default=None,
                         help="comma list of workload names to run (default: all of a model's)")
     parser.add_argument("--engines", default=None,
@@ -625,10 +649,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         only_engines = args.engines.split(",") if args.engines else None
         plain_v1 = args.plain_v1 or "plain_v1" in (args.engines or "")
         one_at_a_time = servers_one_at_a_time(
-            args.servers, setup, len(selected_engines(plain_v1, only_engines)), gpu_bytes)
+            args.servers, setup, len(selected_engines(plain_v1, only_engines, args.alt_config)),
+            gpu_bytes)
         measured = bench_model(setup, work_dir, datasets,
                                sequential_start=args.sequential_start or cpu,
                                plain_v1=plain_v1, only_engines=only_engines,
+                               alt_config=args.alt_config,
                                rounds=args.rounds or (1 if cpu else 3), warm_up=not cpu,
                                step_timer=args.step_timer, pin_plan=pin_plan,
                                palindrome=not cpu if args.palindrome is None else args.palindrome,
@@ -655,7 +681,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # Of the copy the servers imported; a checkout's refreekv_vllm/ gives the same digest.
         plugin_source_digest=source_digest(Path(refreekv_vllm.__file__).parent),
         quick=args.quick,
-        wall_s=round(time.time() - started, 1))
+        wall_s=round(time.time() - started, 1), alt_config=args.alt_config)
     stem = f"serving_{'gpu' if args.device == 'cuda' else 'cpu'}"
     write_reports(result, args.out, stem)
     print(json.dumps({"summary": result["summary"], "summary_t0": result["summary_t0"]},

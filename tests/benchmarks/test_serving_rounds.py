@@ -228,3 +228,23 @@ def test_results_of_other_sources_or_with_unpaired_rounds_are_not_merged():
         merge_results([both, _result({"plain": [100.0], "default": [90.0]}, digest="d2")])
     with pytest.raises(ValueError, match="more rounds on some servers"):
         merge_results([both, plain_only])
+
+
+def test_an_alternative_config_runs_as_its_own_server_and_column(tmp_path):
+    from benchmarks.serving.report import write_markdown
+    from benchmarks.serving.run_serving import assemble_result, selected_engines
+
+    engines = selected_engines(False, ["plain"], {"kernel": "cuda"})
+    assert list(engines) == ["plain", "refreekv_alt"]
+    command, _, variants = engines["refreekv_alt"]
+    assert command[-2:] == ["--additional-config", '{"refreekv": {"kernel": "cuda"}}']
+    assert variants == [("alt", None)]
+    runs = {f"long_c8/{variant}": merge_runs([{"output_tok_s": value}], "rounds")
+            for variant, value in (("plain", 100.0), ("default", 90.0), ("alt", 95.0))}
+    model = {"model": "SmolLM2", "server_flags": [], "workloads": {}, "runs": runs}
+    result = assemble_result({"smollm2": model}, command="run", device="GPU", vllm_version="v",
+                             plugin_commit="c", plugin_source_digest="d", quick=False,
+                             wall_s=1.0, alt_config={"kernel": "cuda"})
+    assert result["summary_alt"]["c8_throughput_ratio"] == 0.95
+    write_markdown(result, tmp_path / "r.md")
+    assert "| `c8_throughput_ratio` | 0.900 | – | 0.950 |" in (tmp_path / "r.md").read_text()
