@@ -13,7 +13,7 @@ fi
 .venv/bin/ruff check .
 .venv/bin/mypy  # the package and the benchmarks, configured in pyproject.toml
 status=0
-.venv/bin/python -m pytest -q -rs "$@" || status=$?
+.venv/bin/python -m pytest -q -rs --durations=20 "$@" || status=$?
 if [ "$status" -eq 5 ]; then
   echo "no tests were collected" >&2
   exit 1
