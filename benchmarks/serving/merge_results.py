@@ -20,7 +20,7 @@ from benchmarks.serving.run_serving import assemble_result, merge_runs, write_re
 # What must be the same in every merged result, and in every result's entry of one model.
 SAME_RESULT = ("device", "vllm_version", "plugin_source_digest", "quick", "alt_config")
 SAME_MODEL = ("model", "dummy_weights", "server_flags", "kv_pool_tokens", "palindrome",
-              "servers")
+              "servers", "restart_per_round")
 
 
 def rounds_of(run: dict[str, Any]) -> list[dict[str, Any]]:

@@ -152,7 +152,9 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
                   f"Server flags (both servers): `{' '.join(model['server_flags'])}`"
                   + (". The servers ran one at a time (they do not fit the GPU together): each "
                      "ran all its rounds before the next started, so its ratios pair passes "
-                     "minutes apart" if model.get("servers") == "one at a time" else ""), "",
+                     "minutes apart" if model.get("servers") == "one at a time" else "")
+                  + (". Fresh servers for every round" if model.get("restart_per_round")
+                     else ""), "",
                   "| workload | server | " + " | ".join(label for _, label, _ in COLUMNS)
                   + " |", "|---|---|" + "---|" * len(COLUMNS)]
         for workload, variant, run in workload_runs(model["runs"]):

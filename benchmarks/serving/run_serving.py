@@ -233,27 +233,31 @@ def bench_model(setup: ModelSetup, work_dir: Path, datasets: dict[str, Path], *,
                 alt_config: dict[str, Any] | None = None, rounds: int = 1,
                 warm_up: bool = True, step_timer: bool = False,
                 pin_plan: CpuPlan | None = None, palindrome: bool = False,
-                one_at_a_time: bool = False) -> dict[str, Any]:
+                one_at_a_time: bool = False, restart_per_round: bool = False
+                ) -> dict[str, Any]:
     """Every workload against every engine variant, ``rounds`` times; each round starts with
     another variant so that no engine always runs first (or last) on a machine whose speed
     drifts, and with ``palindrome`` runs the variants once more in reverse order (a drift
     that is linear over the round then weighs on every variant alike). Reported per
     (workload, variant): the median of each number over the rounds. ``one_at_a_time``: one
     server up at a time (a model whose servers do not fit the GPU together); each runs all its
-    rounds before the next starts (``server_sessions``)."""
+    rounds before the next starts (``server_sessions``). ``restart_per_round``: fresh servers
+    for every round, so that the median over rounds is also one over server starts."""
     engines = selected_engines(plain_v1, only_engines, alt_config)
     variants = [(engine, variant, xargs) for engine, (_, _, per_engine) in engines.items()
                 for variant, xargs in per_engine]
     passes: dict[tuple[int, str], list[dict[str, Any]]] = {}
     health: dict[str, dict[str, bool]] = {}
     pinning = None
-    for session in server_sessions(variants, len(setup.runs), rounds, palindrome,
-                                   one_at_a_time):
+    sessions = server_sessions(variants, len(setup.runs), rounds, palindrome, one_at_a_time,
+                               restart_per_round)
+    for session_index, session in enumerate(sessions):
         servers: dict[str, RunningServer] = {}
         try:
             for engine in session.engines:
                 command, env, _ = engines[engine]
-                log = work_dir / f"{setup.model_dir.name}-{engine}.log"
+                log = work_dir / (f"{setup.model_dir.name}-{engine}"
+                                  + (f"-{session_index}" if restart_per_round else "") + ".log")
                 flags = [*setup.server_flags, "--served-model-name", setup.name]
                 step_dir = (work_dir / f"steps-{setup.model_dir.name}-{engine}" if step_timer
                             else None)
@@ -293,6 +297,7 @@ def bench_model(setup: ModelSetup, work_dir: Path, datasets: dict[str, Path], *,
             "server_flags": setup.server_flags, **setup.extra, "rounds": rounds,
             "palindrome": palindrome,
             "servers": "one at a time" if one_at_a_time else "together",
+            "restart_per_round": restart_per_round,
             **({"cpu_pinning": pinning} if pinning is not None else {}),
             "workloads": {run.workload.name: {**asdict(run.workload),
                                               "max_concurrency": run.max_concurrency}
@@ -321,22 +326,30 @@ class ServerSession:
 
 
 def server_sessions(variants: list[Any], num_runs: int, rounds: int, palindrome: bool,
-                    one_at_a_time: bool) -> list[ServerSession]:
+                    one_at_a_time: bool, restart_per_round: bool = False
+                    ) -> list[ServerSession]:
     """Together: one session, every round running each workload on every variant in the
     round's order (``round_order``). One at a time: a session per engine, in the variants'
     order, each running every round of every workload on its own variants (rotated and
     mirrored the same way); its ratios then pair passes minutes apart instead of
-    interleaved ones, so the machine's drift weighs more on them."""
-    def passes(group: list[Any]) -> list[tuple[int, int, Any]]:
-        return [(round_index, run_index, entry) for round_index in range(rounds)
+    interleaved ones, so the machine's drift weighs more on them. ``restart_per_round``: the
+    same, one round at a time, each round on freshly started servers."""
+    def passes(group: list[Any], round_indices: range) -> list[tuple[int, int, Any]]:
+        return [(round_index, run_index, entry) for round_index in round_indices
                 for run_index in range(num_runs)
                 for entry in round_order(group, round_index, palindrome)]
 
     engines = list(dict.fromkeys(v[0] for v in variants))
-    if not one_at_a_time:
-        return [ServerSession(engines, passes(variants))]
-    return [ServerSession([engine], passes([v for v in variants if v[0] == engine]))
-            for engine in engines]
+    sessions = []
+    for round_indices in ([range(r, r + 1) for r in range(rounds)] if restart_per_round
+                          else [range(rounds)]):
+        if not one_at_a_time:
+            sessions.append(ServerSession(engines, passes(variants, round_indices)))
+            continue
+        sessions += [ServerSession([engine], passes([v for v in variants if v[0] == engine],
+                                                    round_indices))
+                     for engine in engines]
+    return sessions
 
 
 def servers_one_at_a_time(choice: str, setup: ModelSetup, num_engines: int,
@@ -588,6 +601,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--palindrome", action=argparse.BooleanOptionalAction, default=None,
                         help="run every round's variants forth and back (A B C C B A) and "
                              "average the two passes (default: on for cuda)")
+    parser.add_argument("--restart-servers", action=argparse.BooleanOptionalAction,
+                        default=None,
+                        help="start fresh servers for every round, so that the median over "
+                             "rounds is also one over server starts, which move a ratio more "
+                             "than rounds on running servers do (default: on for cuda)")
     parser.add_argument("--reuse", action="store_true",
                         help="reuse datasets and per-model results already in --work-dir "
                              "(a run split over several invocations)")
@@ -658,7 +676,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                rounds=args.rounds or (1 if cpu else 3), warm_up=not cpu,
                                step_timer=args.step_timer, pin_plan=pin_plan,
                                palindrome=not cpu if args.palindrome is None else args.palindrome,
-                               one_at_a_time=one_at_a_time)
+                               one_at_a_time=one_at_a_time,
+                               restart_per_round=(not cpu if args.restart_servers is None
+                                                  else args.restart_servers))
         if earlier is not None:
             earlier["workloads"].update(measured["workloads"])
             earlier["runs"].update(measured["runs"])

@@ -142,8 +142,9 @@ def test_source_digest_names_the_code_that_ran(tmp_path):
 
 def test_servers_one_at_a_time_run_every_pass_of_their_own_variants():
     """Together: one session interleaving every variant in each round; one at a time: a
-    session per engine with the same passes, so both plans run every (round, workload,
-    variant) pass the same number of times."""
+    session per engine with the same passes; restarted per round: the same, a session (or one
+    per engine) for each round. Every plan runs every (round, workload, variant) pass the same
+    number of times."""
     variants = [("plain", "plain", None), ("refreekv", "default", None),
                 ("refreekv", "t0", {"refreekv_threshold": 0.0})]
     together = server_sessions(variants, num_runs=2, rounds=2, palindrome=True,
@@ -158,6 +159,15 @@ def test_servers_one_at_a_time_run_every_pass_of_their_own_variants():
     # Round 2 starts with the other variant of the engine.
     assert [p[2][1] for p in apart[1].passes[8:12]] == ["t0", "default", "default", "t0"]
 
+    restarted = server_sessions(variants, num_runs=2, rounds=2, palindrome=True,
+                                one_at_a_time=False, restart_per_round=True)
+    assert [s.engines for s in restarted] == [["plain", "refreekv"]] * 2
+    assert [s.passes for s in restarted] == [together[0].passes[:12], together[0].passes[12:]]
+    restarted_apart = server_sessions(variants, num_runs=2, rounds=2, palindrome=True,
+                                      one_at_a_time=True, restart_per_round=True)
+    assert [s.engines for s in restarted_apart] == [["plain"], ["refreekv"]] * 2
+    assert {p[0] for p in restarted_apart[2].passes} == {1}
+
     def counted(sessions):
         found: dict = {}
         for session in sessions:
@@ -167,7 +177,7 @@ def test_servers_one_at_a_time_run_every_pass_of_their_own_variants():
                 found[key] = found.get(key, 0) + 1
         return found
 
-    assert counted(together) == counted(apart)
+    assert counted(together) == counted(apart) == counted(restarted) == counted(restarted_apart)
     assert set(counted(apart).values()) == {2}  # palindrome: two passes each
 
 
