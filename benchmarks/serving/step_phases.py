@@ -67,15 +67,18 @@ def read_records(step_dir: Path, start: float, end: float) -> list[list[Any]]:
 def summarise_steps(records: list[list[Any]]) -> dict[str, Any]:
     """Per kind of step (and per running bucket of decode steps): the median interval between
     step starts and the mean milliseconds per step of every phase; ``other`` is the part of the
-    interval no engine phase covers (the engine core's loop, input and output handling)."""
-    starts = sorted(r for r in records if r[0] == "schedule" and r[3])
-    steps = [{"start": start, "reqs": reqs, "tokens": tokens,
-              "phases": collections.Counter()} for _, start, _, reqs, tokens in starts]
+    interval no engine phase covers (the engine core's loop, input and output handling); and
+    per phase the mean milliseconds of the calling thread's CPU time (the rest of a phase's
+    time the thread waited: for the GIL, the device or I/O)."""
+    starts = sorted(r for r in records if r[0] == "schedule" and r[4])
+    steps = [{"start": start, "reqs": reqs, "tokens": tokens, "phases": collections.Counter(),
+              "cpu": collections.Counter()} for _, start, _, _, reqs, tokens in starts]
     step_starts = [row["start"] for row in steps]
-    for name, start, seconds, *_ in records:
+    for name, start, seconds, cpu_seconds, *_ in records:
         index = bisect.bisect_right(step_starts, start) - 1
         if index >= 0 and (name != "schedule" or step_starts[index] == start):
             steps[index]["phases"][name] += seconds * 1e3
+            steps[index]["cpu"][name] += cpu_seconds * 1e3
     groups: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
     for row, following in zip(steps, steps[1:], strict=False):
         row["interval_ms"] = (following["start"] - row["start"]) * 1e3
@@ -89,8 +92,10 @@ def summarise_steps(records: list[list[Any]]) -> dict[str, Any]:
 def _group_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
     intervals = [row["interval_ms"] for row in rows]
     phases: collections.Counter[str] = collections.Counter()
+    cpu: collections.Counter[str] = collections.Counter()
     for row in rows:
         phases.update(row["phases"])
+        cpu.update(row["cpu"])
     mean_phases = {name: total / len(rows) for name, total in sorted(phases.items())}
     mean_interval = statistics.fmean(intervals)
     return {
@@ -99,5 +104,6 @@ def _group_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "interval_median_ms": statistics.median(intervals),
         "interval_mean_ms": mean_interval,
         "phase_mean_ms": mean_phases,
+        "phase_cpu_mean_ms": {name: total / len(rows) for name, total in sorted(cpu.items())},
         "other_mean_ms": mean_interval - sum(mean_phases.get(p, 0.0) for p in ENGINE_PHASES),
     }

@@ -21,13 +21,14 @@ def _records(steps):
     records = []
     for i, (reqs, tokens, schedule_ms, execute_ms, wait_ms) in enumerate(steps):
         t = i * 0.010
-        records.append(["schedule", t, schedule_ms / 1e3, reqs, tokens])
-        records.append(["execute_model", t + 0.001, execute_ms / 1e3])
-        records.append(["_prepare_inputs", t + 0.0012, execute_ms / 2e3])
-        records.append(["wait_output", t + 0.004, wait_ms / 1e3])
-        records.append(["update_from_output", t + 0.005, 0.5e-3])
+        records.append(["schedule", t, schedule_ms / 1e3, schedule_ms / 1e3, reqs, tokens])
+        # Half of execute_model's time on the thread's CPU, the rest waiting.
+        records.append(["execute_model", t + 0.001, execute_ms / 1e3, execute_ms / 2e3])
+        records.append(["_prepare_inputs", t + 0.0012, execute_ms / 2e3, execute_ms / 2e3])
+        records.append(["wait_output", t + 0.004, wait_ms / 1e3, 0.0])
+        records.append(["update_from_output", t + 0.005, 0.5e-3, 0.5e-3])
     # An idle poll of the scheduler: it scheduled nothing and starts no step.
-    records.append(["schedule", len(steps) * 0.010 - 0.002, 0.1e-3, 0, 0])
+    records.append(["schedule", len(steps) * 0.010 - 0.002, 0.1e-3, 0.1e-3, 0, 0])
     return records
 
 
@@ -41,6 +42,8 @@ def test_steps_are_split_by_kind_and_running_requests():
     assert decode["interval_median_ms"] == pytest.approx(10.0)
     assert decode["phase_mean_ms"]["execute_model"] == pytest.approx(2.0)
     assert decode["phase_mean_ms"]["_prepare_inputs"] == pytest.approx(1.0)
+    assert decode["phase_cpu_mean_ms"]["execute_model"] == pytest.approx(1.0)
+    assert decode["phase_cpu_mean_ms"]["wait_output"] == 0.0
     # The idle poll (0.1 ms) lands in the step before it: step 7 has no interval, so the
     # decode steps keep their own schedule time.
     assert decode["phase_mean_ms"]["schedule"] == pytest.approx(1.0)
@@ -50,7 +53,7 @@ def test_steps_are_split_by_kind_and_running_requests():
 
 
 def test_records_are_read_within_the_window(tmp_path):
-    lines = [["schedule", t, 0.001, 1, 1] for t in (1.0, 2.0, 3.0)]
+    lines = [["schedule", t, 0.001, 0.001, 1, 1] for t in (1.0, 2.0, 3.0)]
     (tmp_path / "steps-1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     assert [r[1] for r in read_records(tmp_path, 1.5, 3.0)] == [2.0]
 
@@ -72,16 +75,21 @@ def test_the_timer_patches_vllm_only_when_asked(tmp_path):
 
 @slow
 def test_extra_functions_and_methods_are_timed(tmp_path):
-    code = ("import colorsys, calendar, time\n"
+    code = ("import colorsys, calendar, sched, time\n"
             "colorsys.rgb_to_hsv(1.0, 0.0, 0.0)\n"
             "calendar.Calendar().getfirstweekday()\n"
+            "queue = sched.scheduler(); queue.enter(0.2, 1, print); queue.run()\n"
             "time.sleep(1.2)\n")  # the writer thread flushes twice a second
     env = {**os.environ, "PYTHONPATH": str(STEP_TIMER_SITE), "STEP_TIMER_DIR": str(tmp_path),
-           "STEP_TIMER_EXTRA": "colorsys:rgb_to_hsv, calendar:Calendar.getfirstweekday"}
+           "STEP_TIMER_EXTRA": "colorsys:rgb_to_hsv, calendar:Calendar.getfirstweekday, "
+                               "sched:scheduler.run"}
     subprocess.run([sys.executable, "-c", code], env=env, check=True)
-    records = read_records(tmp_path, 0.0, float("inf"))
-    assert sorted(r[0] for r in records) == ["Calendar.getfirstweekday", "rgb_to_hsv"]
-    assert all(r[2] >= 0 for r in records)
+    records = {r[0]: r for r in read_records(tmp_path, 0.0, float("inf"))}
+    assert sorted(records) == ["Calendar.getfirstweekday", "rgb_to_hsv", "scheduler.run"]
+    assert all(0 <= r[3] <= r[2] + 1e-3 for r in records.values())
+    # A call that mostly waits (a 0.2 s sleep inside) shows it: its thread's CPU time stays low.
+    run = records["scheduler.run"]
+    assert run[2] >= 0.2 and run[3] < 0.1
 
 
 @slow
