@@ -15,17 +15,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from benchmarks.serving.run_serving import assemble_result, merge_runs, write_reports
+from benchmarks.serving.run_serving import assemble_result, merge_runs, rounds_of, write_reports
 
 # What must be the same in every merged result, and in every result's entry of one model.
 SAME_RESULT = ("device", "vllm_version", "plugin_source_digest", "quick", "alt_config")
 SAME_MODEL = ("model", "dummy_weights", "server_flags", "kv_pool_tokens", "palindrome",
               "servers", "restart_per_round")
-
-
-def rounds_of(run: dict[str, Any]) -> list[dict[str, Any]]:
-    """The rounds behind a reported run (a single round is its own)."""
-    return run.get("rounds") or [run]
 
 
 def _require_same(entries: list[dict[str, Any]], keys: tuple[str, ...], what: str) -> None:

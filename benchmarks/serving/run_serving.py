@@ -308,12 +308,11 @@ def bench_model(setup: ModelSetup, work_dir: Path, datasets: dict[str, Path], *,
 def selected_engines(plain_v1: bool, only_engines: list[str] | None,
                      alt_config: dict[str, Any] | None = None) -> dict[str, Engine]:
     """The servers a run starts: name -> (command, environment, its variants)."""
-    engines = {**ENGINES, **({"plain_v1": PLAIN_V1} if plain_v1 else {}),
-               **({"refreekv_alt": alt_engine(alt_config)} if alt_config is not None else {})}
+    engines = {**ENGINES, **({"plain_v1": PLAIN_V1} if plain_v1 else {})}
     if only_engines:
-        return {name: engines[name] for name in [*only_engines, *(
-            ["refreekv_alt"] if alt_config is not None and "refreekv_alt" not in only_engines
-            else [])]}
+        engines = {name: engines[name] for name in only_engines if name != "refreekv_alt"}
+    if alt_config is not None:
+        engines["refreekv_alt"] = alt_engine(alt_config)
     return engines
 
 
@@ -423,6 +422,11 @@ def merge_runs(runs: list[dict[str, Any]], label: str) -> dict[str, Any]:
     return merged
 
 
+def rounds_of(run: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rounds behind a reported run (a single round is its own)."""
+    return run.get("rounds") or [run]
+
+
 # Summary key -> (model, workload, metric) of the ratio ReFreeKV / plain vLLM.
 RATIOS = {
     "c1_decode_ratio": ("smollm2", "long_c1", "output_tok_s"),
@@ -470,7 +474,7 @@ def round_ratios(models: dict[str, dict[str, Any]], variant: str) -> dict[str, l
         plugin, plain = runs.get(f"{workload}/{variant}"), runs.get(f"{workload}/plain")
         if not plugin or not plain:
             continue
-        pairs = zip(plugin.get("rounds", [plugin]), plain.get("rounds", [plain]), strict=True)
+        pairs = zip(rounds_of(plugin), rounds_of(plain), strict=True)
         paired[key] = [a[metric] / b[metric] for a, b in pairs if b[metric]]
     return paired
 
@@ -484,7 +488,7 @@ def repeat_ratios(models: dict[str, dict[str, Any]], metric: str = "output_tok_s
     for model_key, model in models.items():
         for workload, variant, run in workload_runs(model.get("runs", {})):
             ratios = [passes[1][metric] / passes[0][metric]
-                      for passes in (part.get("passes", []) for part in run.get("rounds", [run]))
+                      for passes in (part.get("passes", []) for part in rounds_of(run))
                       if len(passes) == 2 and passes[0][metric]]
             if ratios:
                 found.setdefault(model_key, {}).setdefault(workload, {})[variant] = ratios

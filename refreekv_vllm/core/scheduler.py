@@ -125,8 +125,7 @@ class RefreeKVSchedulerMixin(_SchedulerBase):
             return
         if self._refreekv_opts_out(request):
             self._refreekv_state.mark_no_prune(request.request_id, SkipReason.OPTED_OUT)
-            self._refreekv_state.record_skip(SkipReason.OPTED_OUT)
-            self._refreekv_metrics.skipped(SkipReason.OPTED_OUT.value)
+            self._refreekv_skipped(SkipReason.OPTED_OUT)
 
     def _preempt_request(self, request: Request, timestamp: float) -> None:
         super()._preempt_request(request, timestamp)
@@ -142,13 +141,17 @@ class RefreeKVSchedulerMixin(_SchedulerBase):
             # Counted when the request ends: the worker decides on the prompt it prefills, and
             # a streaming-input update may lengthen a short prompt into one that is scored
             # (prompts only grow, so a prompt short at the end was never scored).
-            self._refreekv_state.record_skip(SkipReason.SHORT_PROMPT)
-            self._refreekv_metrics.skipped(SkipReason.SHORT_PROMPT.value)
+            self._refreekv_skipped(SkipReason.SHORT_PROMPT)
         result = super()._free_request(
             request, delay_free_blocks=delay_free_blocks)
         self._refreekv_state.on_finished(request.request_id)
         self._route_cache_blocks()
         return result
+
+    def _refreekv_skipped(self, reason: SkipReason) -> None:
+        """A request that is never scored, counted in the state and the metrics at once."""
+        self._refreekv_state.record_skip(reason)
+        self._refreekv_metrics.skipped(reason.value)
 
     def _refreekv_opts_out(self, request: Request) -> bool:
         """Whether the request is not to be pruned; the same rule as the worker's."""
