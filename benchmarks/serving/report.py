@@ -58,10 +58,12 @@ def decode_step_lines(model: dict[str, Any]) -> list[str]:
 MIXED_PHASE_FLOOR_MS = 0.05  # phases below this in every server are left out of the table
 
 
-def _mixed_phase_means(run: dict[str, Any]) -> tuple[int, dict[str, float]] | None:
-    """Steps that ran prompt tokens, over every single run: their count and each phase's mean
-    milliseconds per step."""
-    steps, totals = 0, collections.Counter[str]()
+def _mixed_phase_means(run: dict[str, Any]
+                       ) -> tuple[int, dict[str, float], dict[str, float]] | None:
+    """Steps that ran prompt tokens, over every single run: their count, each phase's mean
+    milliseconds per step, and of those the milliseconds its thread ran on a CPU (timers that
+    record it)."""
+    steps, totals, cpu_totals = 0, collections.Counter[str](), collections.Counter[str]()
     for leaf in measured_runs(run):
         mixed = (leaf.get("step_phases") or {}).get("mixed")
         if mixed:
@@ -70,30 +72,43 @@ def _mixed_phase_means(run: dict[str, Any]) -> tuple[int, dict[str, float]] | No
                            for name, ms in {**mixed["phase_mean_ms"],
                                             "time between steps": mixed["interval_mean_ms"]
                                             }.items()})
-    return (steps, {name: total / steps for name, total in totals.items()}) if steps else None
+            cpu_totals.update({name: ms * mixed["steps"]
+                               for name, ms in mixed.get("phase_cpu_mean_ms", {}).items()})
+    if not steps:
+        return None
+    return (steps, {name: total / steps for name, total in totals.items()},
+            {name: total / steps for name, total in cpu_totals.items()})
+
+
+def _wall_and_cpu(wall: float | None, cpu: float | None) -> str:
+    return _cell(wall, "{:.2f}") + (f" ({cpu:.2f})" if wall is not None and cpu is not None
+                                    else "")
 
 
 def mixed_step_lines(model: dict[str, Any]) -> list[str]:
     """Per workload, the host time of each timed call in steps that run prompt tokens, server
     by server: where a step that admits prompts spends its time (``STEP_TIMER_EXTRA`` adds the
-    plugin's and FlashAttention's calls)."""
-    by_workload: dict[str, dict[str, tuple[int, dict[str, float]]]] = {}
+    plugin's and FlashAttention's calls), and how much of it was computing rather than
+    waiting (for the GIL, a lock or the device)."""
+    by_workload: dict[str, dict[str, tuple[int, dict[str, float], dict[str, float]]]] = {}
     for workload, variant, run in workload_runs(model["runs"]):
         means = _mixed_phase_means(run)
         if means is not None:
             by_workload.setdefault(workload, {})[variant] = means
     lines: list[str] = []
     for workload, variants in by_workload.items():
-        names = sorted({name for _, means in variants.values() for name, ms in means.items()
-                        if ms >= MIXED_PHASE_FLOOR_MS},
-                       key=lambda name: -max(m.get(name, 0.0) for _, m in variants.values()))
+        names = sorted({name for _, means, _ in variants.values()
+                        for name, ms in means.items() if ms >= MIXED_PHASE_FLOOR_MS},
+                       key=lambda name: -max(m.get(name, 0.0) for _, m, _ in variants.values()))
         labels = [VARIANT_LABELS[variant] for variant in variants]
+        with_cpu = any(cpu for _, _, cpu in variants.values())
         lines += ["", f"Steps that run prompt tokens, {workload}: mean ms per step of each timed "
-                  "call (calls nest: a runner call is part of `execute_model`)", "",
+                  "call (calls nest: a runner call is part of `execute_model`)"
+                  + ("; in brackets the part its thread ran on a CPU" if with_cpu else ""), "",
                   "| call | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels),
-                  "| steps | " + " | ".join(str(steps) for steps, _ in variants.values()) + " |"]
-        lines += [f"| `{name}` | " + " | ".join(_cell(means.get(name), "{:.2f}")
-                                                for _, means in variants.values()) + " |"
+                  "| steps | " + " | ".join(str(v[0]) for v in variants.values()) + " |"]
+        lines += [f"| `{name}` | " + " | ".join(_wall_and_cpu(means.get(name), cpu.get(name))
+                                                for _, means, cpu in variants.values()) + " |"
                   for name in names]
     return lines
 

@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -233,7 +234,8 @@ def bench_model(setup: ModelSetup, work_dir: Path, datasets: dict[str, Path], *,
                 alt_config: dict[str, Any] | None = None, rounds: int = 1,
                 warm_up: bool = True, step_timer: bool = False,
                 pin_plan: CpuPlan | None = None, palindrome: bool = False,
-                one_at_a_time: bool = False, restart_per_round: bool = False
+                one_at_a_time: bool = False, restart_per_round: bool = False,
+                on_session: Callable[[dict[str, Any]], None] | None = None
                 ) -> dict[str, Any]:
     """Every workload against every engine variant, ``rounds`` times; each round starts with
     another variant so that no engine always runs first (or last) on a machine whose speed
@@ -242,7 +244,9 @@ def bench_model(setup: ModelSetup, work_dir: Path, datasets: dict[str, Path], *,
     (workload, variant): the median of each number over the rounds. ``one_at_a_time``: one
     server up at a time (a model whose servers do not fit the GPU together); each runs all its
     rounds before the next starts (``server_sessions``). ``restart_per_round``: fresh servers
-    for every round, so that the median over rounds is also one over server starts."""
+    for every round, so that the median over rounds is also one over server starts.
+    ``on_session``: called with the model's result so far whenever its rounds so far are
+    complete (a run cut short by its machine's time limit still leaves what it measured)."""
     engines = selected_engines(plain_v1, only_engines, alt_config)
     variants = [(engine, variant, xargs) for engine, (_, _, per_engine) in engines.items()
                 for variant, xargs in per_engine]
@@ -287,6 +291,28 @@ def bench_model(setup: ModelSetup, work_dir: Path, datasets: dict[str, Path], *,
         finally:
             for server in servers.values():
                 server.stop()
+        if on_session is not None and rounds_complete(sessions, session_index):
+            on_session(model_result(setup, passes, health, pinning, rounds=rounds,
+                                    palindrome=palindrome, one_at_a_time=one_at_a_time,
+                                    restart_per_round=restart_per_round))
+    return model_result(setup, passes, health, pinning, rounds=rounds, palindrome=palindrome,
+                        one_at_a_time=one_at_a_time, restart_per_round=restart_per_round)
+
+
+def rounds_complete(sessions: list[ServerSession], index: int) -> bool:
+    """Whether every round that session ``index`` ran is over once it ends: no later session
+    runs passes of the same rounds (servers one at a time share rounds between sessions)."""
+    later = {round_index for session in sessions[index + 1:]
+             for round_index, _, _ in session.passes}
+    return not later & {round_index for round_index, _, _ in sessions[index].passes}
+
+
+def model_result(setup: ModelSetup, passes: dict[tuple[int, str], list[dict[str, Any]]],
+                 health: dict[str, dict[str, bool]], pinning: dict[str, Any] | None, *,
+                 rounds: int, palindrome: bool, one_at_a_time: bool,
+                 restart_per_round: bool) -> dict[str, Any]:
+    """A model's result from the passes measured so far, keyed by (round, workload/variant):
+    each round's passes merged, then the rounds."""
     measured: dict[str, list[dict[str, Any]]] = {}
     for (_, key), results in sorted(passes.items(), key=lambda item: item[0][0]):
         measured.setdefault(key, []).append(merge_runs(results, "passes"))
@@ -295,6 +321,7 @@ def bench_model(setup: ModelSetup, work_dir: Path, datasets: dict[str, Path], *,
     merged.update(health)
     return {"model": setup.name, "dummy_weights": setup.dummy_weights,
             "server_flags": setup.server_flags, **setup.extra, "rounds": rounds,
+            "rounds_measured": len({round_index for round_index, _ in passes}),
             "palindrome": palindrome,
             "servers": "one at a time" if one_at_a_time else "together",
             "restart_per_round": restart_per_round,
@@ -572,6 +599,14 @@ def write_reports(result: dict[str, Any], out_dir: Path, stem: str) -> None:
     write_plot(result, out_dir / f"{stem}.png")
 
 
+def write_partial(result: dict[str, Any], path: Path) -> None:
+    """The result so far, its JSON only, replaced whole (a reader never sees half a file)."""
+    scratch = path.with_suffix(".json.tmp")
+    scratch.write_text(json.dumps(result, indent=1))
+    scratch.replace(path)
+    print(f"[serving] results so far in {path}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
@@ -640,6 +675,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     models: dict[str, dict[str, Any]] = {}
+    stem = f"serving_{'gpu' if args.device == 'cuda' else 'cpu'}"
+    partial = args.out / f"{stem}_partial.json"
+
+    def result_of(measured_models: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        import vllm
+
+        import refreekv_vllm
+
+        return assemble_result(
+            measured_models,
+            command="python -m benchmarks.serving.run_serving " + " ".join(
+                sys.argv[1:] if argv is None else argv),
+            device=device_name(args.device),
+            vllm_version=vllm.__version__,
+            plugin_commit=args.commit or git_commit(),
+            # Of the copy the servers imported; a checkout's refreekv_vllm/ gives the same
+            # digest.
+            plugin_source_digest=source_digest(Path(refreekv_vllm.__file__).parent),
+            quick=args.quick,
+            wall_s=round(time.time() - started, 1), alt_config=args.alt_config)
+
     gpu_bytes = gpu_memory_bytes() if args.device == "cuda" else None
     for key in wanted:
         setup = smollm2_setup(args.device, args.quick) if key == "smollm2" \
@@ -682,7 +738,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                palindrome=not cpu if args.palindrome is None else args.palindrome,
                                one_at_a_time=one_at_a_time,
                                restart_per_round=(not cpu if args.restart_servers is None
-                                                  else args.restart_servers))
+                                                  else args.restart_servers),
+                               on_session=lambda so_far, key=key: write_partial(
+                                   result_of({**models, key: so_far}), partial))
         if earlier is not None:
             earlier["workloads"].update(measured["workloads"])
             earlier["runs"].update(measured["runs"])
@@ -691,23 +749,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         saved.write_text(json.dumps(models[key]))
     if args.prepare_only:
         return {}
-    import vllm
-
-    import refreekv_vllm
-
-    result = assemble_result(
-        models,
-        command="python -m benchmarks.serving.run_serving " + " ".join(
-            sys.argv[1:] if argv is None else argv),
-        device=device_name(args.device),
-        vllm_version=vllm.__version__,
-        plugin_commit=args.commit or git_commit(),
-        # Of the copy the servers imported; a checkout's refreekv_vllm/ gives the same digest.
-        plugin_source_digest=source_digest(Path(refreekv_vllm.__file__).parent),
-        quick=args.quick,
-        wall_s=round(time.time() - started, 1), alt_config=args.alt_config)
-    stem = f"serving_{'gpu' if args.device == 'cuda' else 'cpu'}"
+    result = result_of(models)
     write_reports(result, args.out, stem)
+    partial.unlink(missing_ok=True)
     print(json.dumps({"summary": result["summary"], "summary_t0": result["summary_t0"]},
                      indent=1))
     return result

@@ -258,3 +258,45 @@ def test_an_alternative_config_runs_as_its_own_server_and_column(tmp_path):
     assert result["summary_alt"]["c8_throughput_ratio"] == 0.95
     write_markdown(result, tmp_path / "r.md")
     assert "| `c8_throughput_ratio` | 0.900 | – | 0.950 |" in (tmp_path / "r.md").read_text()
+
+
+def test_results_so_far_are_written_only_when_their_rounds_are_complete(tmp_path):
+    """A run cut short keeps what it measured: after each session whose rounds no later session
+    continues, the model's result so far (its rounds paired as in the final result)."""
+    import json
+
+    from benchmarks.serving.run_serving import (
+        ModelSetup,
+        Run,
+        assemble_result,
+        model_result,
+        rounds_complete,
+        write_partial,
+    )
+    from benchmarks.serving.workloads import Workload
+
+    variants = [("plain", "plain", None), ("refreekv", "default", None)]
+
+    def plan(one_at_a_time: bool, restart: bool) -> list[bool]:
+        sessions = server_sessions(variants, num_runs=1, rounds=2, palindrome=False,
+                                   one_at_a_time=one_at_a_time, restart_per_round=restart)
+        return [rounds_complete(sessions, i) for i in range(len(sessions))]
+
+    assert plan(False, False) == [True]
+    assert plan(False, True) == [True, True]
+    assert plan(True, False) == [False, True]  # each engine's session spans both rounds
+    assert plan(True, True) == [False, True, False, True]
+
+    setup = ModelSetup("SmolLM2", Path("m"), [], [Run(Workload("long_c8", "long", 4), 8)])
+    passes = {(0, "long_c8/plain"): [{"output_tok_s": 100.0}],
+              (0, "long_c8/default"): [{"output_tok_s": 96.0}]}
+    so_far = model_result(setup, passes, {}, None, rounds=2, palindrome=False,
+                          one_at_a_time=False, restart_per_round=True)
+    assert so_far["rounds"] == 2 and so_far["rounds_measured"] == 1
+    result = assemble_result({"smollm2": so_far}, command="run", device="GPU",
+                             vllm_version="v", plugin_commit="c", plugin_source_digest="d",
+                             quick=False, wall_s=1.0)
+    write_partial(result, tmp_path / "serving_gpu_partial.json")
+    written = json.loads((tmp_path / "serving_gpu_partial.json").read_text())
+    assert written["summary"]["c8_throughput_ratio"] == 0.96
+    assert list(tmp_path.iterdir()) == [tmp_path / "serving_gpu_partial.json"]
