@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,26 +59,38 @@ def decode_step_lines(model: dict[str, Any]) -> list[str]:
 MIXED_PHASE_FLOOR_MS = 0.05  # phases below this in every server are left out of the table
 
 
-def _mixed_phase_means(run: dict[str, Any]
-                       ) -> tuple[int, dict[str, float], dict[str, float]] | None:
-    """Steps that ran prompt tokens, over every single run: their count, each phase's mean
-    milliseconds per step, and of those the milliseconds its thread ran on a CPU (timers that
-    record it)."""
-    steps, totals, cpu_totals = 0, collections.Counter[str](), collections.Counter[str]()
+@dataclass
+class _MixedSteps:
+    """Steps that ran prompt tokens, over every single run of a (workload, variant)."""
+    steps: int
+    wall_ms: dict[str, float]  # mean milliseconds per step of each phase
+    cpu_ms: dict[str, float]  # of which its thread ran on a CPU (timers that record it)
+    calls: dict[str, float]  # mean calls per step (timers that record it)
+    timer_us: float | None  # wall time one timed call adds around it, if measured
+
+
+def _mixed_steps(run: dict[str, Any]) -> _MixedSteps | None:
+    steps = 0
+    wall, cpu, calls = (collections.Counter[str]() for _ in range(3))
+    timer_us: list[float] = []
     for leaf in measured_runs(run):
-        mixed = (leaf.get("step_phases") or {}).get("mixed")
-        if mixed:
-            steps += mixed["steps"]
-            totals.update({name: ms * mixed["steps"]
-                           for name, ms in {**mixed["phase_mean_ms"],
-                                            "time between steps": mixed["interval_mean_ms"]
-                                            }.items()})
-            cpu_totals.update({name: ms * mixed["steps"]
-                               for name, ms in mixed.get("phase_cpu_mean_ms", {}).items()})
+        phases = leaf.get("step_phases") or {}
+        mixed = phases.get("mixed")
+        if not mixed:
+            continue
+        n = mixed["steps"]
+        steps += n
+        wall.update({name: ms * n for name, ms in {
+            **mixed["phase_mean_ms"], "time between steps": mixed["interval_mean_ms"]}.items()})
+        cpu.update({name: ms * n for name, ms in mixed.get("phase_cpu_mean_ms", {}).items()})
+        calls.update({name: c * n for name, c in mixed.get("phase_calls_mean", {}).items()})
+        if phases.get("timer_overhead_per_call"):
+            timer_us.append(phases["timer_overhead_per_call"]["wall_us"])
     if not steps:
         return None
-    return (steps, {name: total / steps for name, total in totals.items()},
-            {name: total / steps for name, total in cpu_totals.items()})
+    return _MixedSteps(steps, *({name: total / steps for name, total in counter.items()}
+                                for counter in (wall, cpu, calls)),
+                       max(timer_us) if timer_us else None)
 
 
 def _wall_and_cpu(wall: float | None, cpu: float | None) -> str:
@@ -88,27 +101,35 @@ def _wall_and_cpu(wall: float | None, cpu: float | None) -> str:
 def mixed_step_lines(model: dict[str, Any]) -> list[str]:
     """Per workload, the host time of each timed call in steps that run prompt tokens, server
     by server: where a step that admits prompts spends its time (``STEP_TIMER_EXTRA`` adds the
-    plugin's and FlashAttention's calls), and how much of it was computing rather than
-    waiting (for the GIL, a lock or the device)."""
-    by_workload: dict[str, dict[str, tuple[int, dict[str, float], dict[str, float]]]] = {}
+    plugin's and FlashAttention's calls), how much of it was computing rather than waiting
+    (for the GIL, a lock or the device), and how many calls a step made (each adds the
+    timer's own cost to the calls around it)."""
+    by_workload: dict[str, dict[str, _MixedSteps]] = {}
     for workload, variant, run in workload_runs(model["runs"]):
-        means = _mixed_phase_means(run)
-        if means is not None:
-            by_workload.setdefault(workload, {})[variant] = means
+        mixed = _mixed_steps(run)
+        if mixed is not None:
+            by_workload.setdefault(workload, {})[variant] = mixed
     lines: list[str] = []
     for workload, variants in by_workload.items():
-        names = sorted({name for _, means, _ in variants.values()
-                        for name, ms in means.items() if ms >= MIXED_PHASE_FLOOR_MS},
-                       key=lambda name: -max(m.get(name, 0.0) for _, m, _ in variants.values()))
+        names = sorted({name for v in variants.values() for name, ms in v.wall_ms.items()
+                        if ms >= MIXED_PHASE_FLOOR_MS},
+                       key=lambda name: -max(v.wall_ms.get(name, 0.0) for v in variants.values()))
         labels = [VARIANT_LABELS[variant] for variant in variants]
-        with_cpu = any(cpu for _, _, cpu in variants.values())
+        with_cpu = any(v.cpu_ms for v in variants.values())
+        timer = [v.timer_us for v in variants.values() if v.timer_us is not None]
+        calls = {name: max(v.calls.get(name, 0.0) for v in variants.values()) for name in names}
         lines += ["", f"Steps that run prompt tokens, {workload}: mean ms per step of each timed "
                   "call (calls nest: a runner call is part of `execute_model`)"
-                  + ("; in brackets the part its thread ran on a CPU" if with_cpu else ""), "",
+                  + ("; in brackets the part its thread ran on a CPU" if with_cpu else "")
+                  + ("; ×n: calls per step, where more than one" if any(
+                      c > 1.5 for c in calls.values()) else "")
+                  + (f". Each timed call adds {max(timer):.1f} µs to the calls around it"
+                     if timer else ""), "",
                   "| call | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels),
-                  "| steps | " + " | ".join(str(v[0]) for v in variants.values()) + " |"]
-        lines += [f"| `{name}` | " + " | ".join(_wall_and_cpu(means.get(name), cpu.get(name))
-                                                for _, means, cpu in variants.values()) + " |"
+                  "| steps | " + " | ".join(str(v.steps) for v in variants.values()) + " |"]
+        lines += [f"| `{name}`" + (f" ×{calls[name]:.0f}" if calls[name] > 1.5 else "") + " | "
+                  + " | ".join(_wall_and_cpu(v.wall_ms.get(name), v.cpu_ms.get(name))
+                               for v in variants.values()) + " |"
                   for name in names]
     return lines
 

@@ -51,7 +51,12 @@ from benchmarks.serving.server import (
     process_cpu_seconds,
     wait_healthy,
 )
-from benchmarks.serving.step_phases import read_records, summarise_steps, wait_for_records
+from benchmarks.serving.step_phases import (
+    read_records,
+    read_timer_overhead,
+    summarise_steps,
+    wait_for_records,
+)
 from benchmarks.serving.workloads import Workload, write_workload
 
 REPO = Path(__file__).resolve().parents[2]
@@ -163,6 +168,7 @@ def run_workload(server: RunningServer, setup: ModelSetup, run: Run, dataset: Pa
     if server.step_dir is not None:
         wait_for_records(server.step_dir)
         steps = summarise_steps(read_records(server.step_dir, started, ended))
+        steps["timer_overhead_per_call"] = read_timer_overhead(server.step_dir)
     budget_count = sampler.delta("refreekv:request_block_budget_count")
     return {
         "completed": result["completed"],

@@ -64,21 +64,33 @@ def read_records(step_dir: Path, start: float, end: float) -> list[list[Any]]:
     return records
 
 
+def read_timer_overhead(step_dir: Path) -> dict[str, float] | None:
+    """Microseconds of wall and CPU time one timed call adds to the phases around it, the
+    largest of the processes' own measurements (``overhead-<pid>.json``), or None."""
+    found = [json.loads(path.read_text()) for path in sorted(step_dir.glob("overhead-*.json"))]
+    if not found:
+        return None
+    return {"wall_us": 1e6 * max(entry["wall_s"] for entry in found),
+            "cpu_us": 1e6 * max(entry["cpu_s"] for entry in found)}
+
+
 def summarise_steps(records: list[list[Any]]) -> dict[str, Any]:
     """Per kind of step (and per running bucket of decode steps): the median interval between
     step starts and the mean milliseconds per step of every phase; ``other`` is the part of the
-    interval no engine phase covers (the engine core's loop, input and output handling); and
-    per phase the mean milliseconds of the calling thread's CPU time (the rest of a phase's
-    time the thread waited: for the GIL, the device or I/O)."""
+    interval no engine phase covers (the engine core's loop, input and output handling); per
+    phase the mean milliseconds of the calling thread's CPU time (the rest of a phase's time
+    the thread waited: for the GIL, the device or I/O) and the mean number of calls."""
     starts = sorted(r for r in records if r[0] == "schedule" and r[4])
     steps = [{"start": start, "reqs": reqs, "tokens": tokens, "phases": collections.Counter(),
-              "cpu": collections.Counter()} for _, start, _, _, reqs, tokens in starts]
+              "cpu": collections.Counter(), "calls": collections.Counter()}
+             for _, start, _, _, reqs, tokens in starts]
     step_starts = [row["start"] for row in steps]
     for name, start, seconds, cpu_seconds, *_ in records:
         index = bisect.bisect_right(step_starts, start) - 1
         if index >= 0 and (name != "schedule" or step_starts[index] == start):
             steps[index]["phases"][name] += seconds * 1e3
             steps[index]["cpu"][name] += cpu_seconds * 1e3
+            steps[index]["calls"][name] += 1
     groups: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
     for row, following in zip(steps, steps[1:], strict=False):
         row["interval_ms"] = (following["start"] - row["start"]) * 1e3
@@ -93,9 +105,11 @@ def _group_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
     intervals = [row["interval_ms"] for row in rows]
     phases: collections.Counter[str] = collections.Counter()
     cpu: collections.Counter[str] = collections.Counter()
+    calls: collections.Counter[str] = collections.Counter()
     for row in rows:
         phases.update(row["phases"])
         cpu.update(row["cpu"])
+        calls.update(row["calls"])
     mean_phases = {name: total / len(rows) for name, total in sorted(phases.items())}
     mean_interval = statistics.fmean(intervals)
     return {
@@ -105,5 +119,7 @@ def _group_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "interval_mean_ms": mean_interval,
         "phase_mean_ms": mean_phases,
         "phase_cpu_mean_ms": {name: total / len(rows) for name, total in sorted(cpu.items())},
+        # Calls per step: with the timer's overhead per call, how much of a phase is the timer.
+        "phase_calls_mean": {name: total / len(rows) for name, total in sorted(calls.items())},
         "other_mean_ms": mean_interval - sum(mean_phases.get(p, 0.0) for p in ENGINE_PHASES),
     }

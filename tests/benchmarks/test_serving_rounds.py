@@ -99,6 +99,22 @@ def test_the_report_weighs_each_runs_mixed_steps_by_their_count():
     assert mixed_step_lines({"runs": {"chat/t0": {"output_tok_s": 1.0}}}) == []
 
 
+def test_the_report_gives_calls_per_step_and_the_timers_cost():
+    from benchmarks.serving.report import mixed_step_lines
+
+    run = {"output_tok_s": 1.0, "step_phases": {
+        "mixed": {"steps": 4, "interval_mean_ms": 20.0,
+                  "phase_mean_ms": {"capture": 1.0, "execute_model": 18.0},
+                  "phase_cpu_mean_ms": {"capture": 0.9, "execute_model": 17.0},
+                  "phase_calls_mean": {"capture": 28.0, "execute_model": 1.0}},
+        "timer_overhead_per_call": {"wall_us": 3.25, "cpu_us": 1.5}}}
+    lines = mixed_step_lines({"runs": {"long_c8/default": run}})
+    assert lines[1].endswith("; ×n: calls per step, where more than one. Each timed call adds "
+                             "3.2 µs to the calls around it")
+    assert "| `capture` ×28 | 1.00 (0.90) |" in lines
+    assert "| `execute_model` | 18.00 (17.00) |" in lines
+
+
 def test_repeat_ratios_give_each_servers_second_pass_over_its_first():
     """The run's noise floor: per round, the same server's two passes of a palindrome; a
     single pass (no palindrome) gives none, and one round is read from the run itself."""

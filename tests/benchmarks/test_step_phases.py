@@ -10,7 +10,12 @@ from pathlib import Path
 import pytest
 
 from benchmarks.serving.server import STEP_TIMER_SITE, process_cpu_seconds
-from benchmarks.serving.step_phases import read_records, summarise_steps, wait_for_records
+from benchmarks.serving.step_phases import (
+    read_records,
+    read_timer_overhead,
+    summarise_steps,
+    wait_for_records,
+)
 from tests.markers import slow
 
 
@@ -50,6 +55,17 @@ def test_steps_are_split_by_kind_and_running_requests():
     # 10 ms per step: 1 + 2 + 3 + 0.5 ms of engine phases (the runner's run inside them).
     assert decode["other_mean_ms"] == pytest.approx(3.5)
     assert summary["mixed"]["mean_reqs"] == 20
+    assert decode["phase_calls_mean"] == {"schedule": 1.0, "execute_model": 1.0,
+                                          "_prepare_inputs": 1.0, "wait_output": 1.0,
+                                          "update_from_output": 1.0}
+
+
+def test_calls_per_step_count_every_call_of_a_phase():
+    records = _records([(4, 4, 1.0, 2.0, 3.0)] * 3)
+    # 28 captures in the first step, none in the others.
+    records += [["capture", 0.002 + i * 1e-5, 1e-5, 1e-5] for i in range(28)]
+    calls = summarise_steps(records)["decode"]["phase_calls_mean"]
+    assert calls["capture"] == 14.0  # two steps with an interval: 28 and 0
 
 
 def test_records_are_read_within_the_window(tmp_path):
@@ -108,6 +124,24 @@ def test_records_are_written_only_once_the_process_is_idle(tmp_path):
     wait_for_records(tmp_path)
     records = read_records(tmp_path, 0.0, float("inf"))
     assert len(records) > 100 and {r[0] for r in records} == {"rgb_to_hsv"}
+    # The process measured its timer's cost once, written with its records.
+    assert read_timer_overhead(tmp_path)["wall_us"] > 0
+
+
+def test_timer_overhead_is_measured_per_process_and_read_back(tmp_path):
+    sys.path.insert(0, str(STEP_TIMER_SITE))
+    try:
+        import sitecustomize
+    finally:
+        sys.path.remove(str(STEP_TIMER_SITE))
+    wall, cpu = sitecustomize.timer_overhead(calls=2000)
+    # Four clock reads and a list append: more than nothing, far less than a millisecond.
+    assert 0.0 < wall < 1e-3 and 0.0 <= cpu < 1e-3
+    assert read_timer_overhead(tmp_path) is None
+    for pid, seconds in ((1, 2e-6), (2, 5e-6)):
+        (tmp_path / f"overhead-{pid}.json").write_text(
+            json.dumps({"wall_s": seconds, "cpu_s": seconds / 2}))
+    assert read_timer_overhead(tmp_path) == pytest.approx({"wall_us": 5.0, "cpu_us": 2.5})
 
 
 @slow

@@ -16,7 +16,8 @@ the records to ``STEP_TIMER_DIR/steps-<pid>.jsonl`` once the process has made no
 quarter of a second (or when a quarter of a million are waiting): writing them while the
 server is under load would take the GIL from the engine core for milliseconds at a time, and
 more often in a server that makes more records, slowing every phase it is meant to measure.
-A wrapper costs about a microsecond per call (two clock reads each of wall and thread time).
+What a wrapper adds to the phases around it (two reads each of wall and thread time, a system
+call on some machines) is measured by every process when it starts: ``overhead-<pid>.json``.
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ class _Recorder:
     def __init__(self, directory: str) -> None:
         self.records: list[list[Any]] = []
         self.path = os.path.join(directory, f"steps-{os.getpid()}.jsonl")
+        # Measured at the first timed call (a server's warm-up), written with the first records.
+        wall, cpu = timer_overhead()
+        self.overhead = (os.path.join(directory, f"overhead-{os.getpid()}.json"),
+                         json.dumps({"wall_s": wall, "cpu_s": cpu}))
         threading.Thread(target=self._flush_when_idle, daemon=True).start()
 
     def _flush_when_idle(self) -> None:
@@ -54,6 +59,11 @@ class _Recorder:
             waiting = len(self.records)
             if waiting and (waiting == seen or waiting >= MAX_WAITING_RECORDS):
                 records, self.records = self.records, []
+                if self.overhead is not None:
+                    path, text = self.overhead
+                    with open(path, "w") as file:
+                        file.write(text)
+                    self.overhead = None
                 with open(self.path, "a") as file:
                     file.write("".join(json.dumps(r) + "\n" for r in records))
                 waiting = 0
@@ -75,7 +85,9 @@ def _recorder() -> _Recorder:
     return recorder
 
 
-def timed(name: str, call: Any, scheduling: bool = False) -> Any:
+def timed(name: str, call: Any, scheduling: bool = False,
+          sink: list[list[Any]] | None = None) -> Any:
+    """``call`` wrapped to record each call (into this process's recorder, or ``sink``)."""
     clock, cpu_clock = time.monotonic, time.thread_time
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -85,10 +97,36 @@ def timed(name: str, call: Any, scheduling: bool = False) -> Any:
         if scheduling:
             record += [len(getattr(result, "num_scheduled_tokens", ()) or ()),
                        getattr(result, "total_num_scheduled_tokens", 0)]
-        _recorder().records.append(record)
+        (_recorder().records if sink is None else sink).append(record)
         return result
 
     return wrapper
+
+
+def timer_overhead(calls: int = 5_000) -> tuple[float, float]:
+    """Wall and thread-CPU seconds that timing one call adds to the phases around it (a timed
+    no-op against the bare one, best of three): thread-time reads are system calls whose cost
+    differs between machines, so every process measures its own (``overhead-<pid>.json``)."""
+    def noop() -> None:
+        return None
+
+    sink: list[list[Any]] = []
+    probe = timed("probe", noop, sink=sink)
+
+    def seconds_per_call(call: Any) -> tuple[float, float]:
+        best = (float("inf"), float("inf"))
+        for _ in range(3):
+            sink.clear()
+            wall, cpu = time.perf_counter(), time.thread_time()
+            for _ in range(calls):
+                call()
+            best = min(best, ((time.perf_counter() - wall) / calls,
+                              (time.thread_time() - cpu) / calls))
+        return best
+
+    timed_wall, timed_cpu = seconds_per_call(probe)
+    bare_wall, bare_cpu = seconds_per_call(noop)
+    return max(0.0, timed_wall - bare_wall), max(0.0, timed_cpu - bare_cpu)
 
 
 class _TimedFuture:
