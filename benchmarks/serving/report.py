@@ -88,8 +88,10 @@ def _mixed_steps(run: dict[str, Any]) -> _MixedSteps | None:
             timer_us.append(phases["timer_overhead_per_call"]["wall_us"])
     if not steps:
         return None
-    return _MixedSteps(steps, *({name: total / steps for name, total in counter.items()}
-                                for counter in (wall, cpu, calls)),
+    def per_step(counter: collections.Counter[str]) -> dict[str, float]:
+        return {name: total / steps for name, total in counter.items()}
+
+    return _MixedSteps(steps, per_step(wall), per_step(cpu), per_step(calls),
                        max(timer_us) if timer_us else None)
 
 

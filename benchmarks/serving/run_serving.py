@@ -702,6 +702,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             quick=args.quick,
             wall_s=round(time.time() - started, 1), alt_config=args.alt_config)
 
+    def partial_writer(key: str) -> Callable[[dict[str, Any]], None]:
+        def write(so_far: dict[str, Any]) -> None:
+            write_partial(result_of({**models, key: so_far}), partial)
+        return write
+
     gpu_bytes = gpu_memory_bytes() if args.device == "cuda" else None
     for key in wanted:
         setup = smollm2_setup(args.device, args.quick) if key == "smollm2" \
@@ -745,8 +750,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                one_at_a_time=one_at_a_time,
                                restart_per_round=(not cpu if args.restart_servers is None
                                                   else args.restart_servers),
-                               on_session=lambda so_far, key=key: write_partial(
-                                   result_of({**models, key: so_far}), partial))
+                               on_session=partial_writer(key))
         if earlier is not None:
             earlier["workloads"].update(measured["workloads"])
             earlier["runs"].update(measured["runs"])

@@ -48,8 +48,9 @@ class _Recorder:
         self.path = os.path.join(directory, f"steps-{os.getpid()}.jsonl")
         # Measured at the first timed call (a server's warm-up), written with the first records.
         wall, cpu = timer_overhead()
-        self.overhead = (os.path.join(directory, f"overhead-{os.getpid()}.json"),
-                         json.dumps({"wall_s": wall, "cpu_s": cpu}))
+        self.overhead: tuple[str, str] | None = (
+            os.path.join(directory, f"overhead-{os.getpid()}.json"),
+            json.dumps({"wall_s": wall, "cpu_s": cpu}))
         threading.Thread(target=self._flush_when_idle, daemon=True).start()
 
     def _flush_when_idle(self) -> None:
