@@ -128,7 +128,7 @@ def time_churn_steps(scheduler, rule: str, steps: int, concurrency: int = 32,
     every prompt in the step after its prefill (layers 0-1 keep everything, the others keep the
     sinks and the last 30-70%), as the worker does; "t0" none. Times ``schedule()`` and
     ``update_from_output()`` of every step, decode-only and mixed steps apart."""
-    from refreekv_vllm.outputs import CutReport, attach_cut_reports
+    from refreekv_vllm.outputs import PAGE_ROWS_ATTR, CutReport, attach_cut_reports
 
     rng = random.Random(seed)
     counter = iter(range(10**9))
@@ -143,10 +143,12 @@ def time_churn_steps(scheduler, rule: str, steps: int, concurrency: int = 32,
     config = getattr(scheduler, "_refreekv_config", None)
     shortest = config.shortest_scored_prompt if config is not None else 0
 
-    def step() -> tuple[float, float, bool]:
+    def step() -> tuple[float, float, bool, int]:
         start = time.perf_counter()
         output = scheduler.schedule()
         scheduled = time.perf_counter()
+        # Blocks whose pages the workers must learn this step (ReFreeKV; plain vLLM has none).
+        page_rows = getattr(output, PAGE_ROWS_ATTR, None)
         req_ids, prefilling, model_output = runner_output(scheduler, output)
         mixed = output.total_num_scheduled_tokens > len(req_ids)
         due = {r: reports_due.pop(r) for r in req_ids if r in reports_due}
@@ -166,7 +168,8 @@ def time_churn_steps(scheduler, rule: str, steps: int, concurrency: int = 32,
         done = sum(out.finish_reason is not None for o in finished.values() for out in o.outputs)
         for _ in range(done if replacing else 0):
             add(rng.randrange(*prompt_lens), rng.randrange(*output_lens))
-        return (scheduled - start) * 1e3, (ended - before_update) * 1e3, mixed
+        return ((scheduled - start) * 1e3, (ended - before_update) * 1e3, mixed,
+                0 if page_rows is None else len(page_rows[0]))
 
     # Prefix-cache entries of finished requests hold pages, as after earlier workloads.
     replacing = False
@@ -179,13 +182,16 @@ def time_churn_steps(scheduler, rule: str, steps: int, concurrency: int = 32,
         add(rng.randrange(*prompt_lens), rng.randrange(*output_lens))
     for _ in range(64):
         step()
-    timed: dict[str, list[tuple[float, float]]] = {"decode": [], "mixed": []}
+    timed: dict[str, list[tuple[float, float, int]]] = {"decode": [], "mixed": []}
     for _ in range(steps):
-        schedule_ms, update_ms, mixed = step()
-        timed["mixed" if mixed else "decode"].append((schedule_ms, update_ms))
+        schedule_ms, update_ms, mixed, rows_sent = step()
+        timed["mixed" if mixed else "decode"].append((schedule_ms, update_ms, rows_sent))
     return {kind: {"steps": len(rows),
                    "schedule_ms": statistics.fmean(r[0] for r in rows) if rows else None,
-                   "update_ms": statistics.fmean(r[1] for r in rows) if rows else None}
+                   "update_ms": statistics.fmean(r[1] for r in rows) if rows else None,
+                   # Steps that send the workers page rows (each costs them an upload).
+                   "page_row_steps": sum(r[2] > 0 for r in rows),
+                   "page_rows": sum(r[2] for r in rows)}
             for kind, rows in timed.items()}
 
 
@@ -213,15 +219,19 @@ def churn(model_dir: Path, steps: int, rounds: int, out_dir: Path) -> None:
     # Per variant: each kind of step's medians, and the rounds themselves.
     results: dict[str, dict[str, Any]] = {
         key: {kind: {stat: median([r[kind][stat] for r in runs])
-                     for stat in ("schedule_ms", "update_ms")}
+                     for stat in ("schedule_ms", "update_ms", "page_row_steps", "page_rows")}
               for kind in ("decode", "mixed")} | {"rounds": runs}
         for key, runs in measured.items()}
-    print(f"{'variant':24} {'decode sched':>12} {'update':>8} {'mixed sched':>12} {'update':>8}")
+    print(f"{'variant':24} {'decode sched':>12} {'update':>8} {'mixed sched':>12} {'update':>8}"
+          f" {'page-row steps':>14} {'rows':>6}")
     for key, r in results.items():
         cells = [r[kind][stat] for kind in ("decode", "mixed")
                  for stat in ("schedule_ms", "update_ms")]
+        sent = [sum(r[kind][stat] for kind in ("decode", "mixed"))
+                for stat in ("page_row_steps", "page_rows")]
         print(f"{key:24} " + " ".join(f"{'-' if c is None else f'{c:.3f}':>{width}}"
-                                      for c, width in zip(cells, (12, 8, 12, 8), strict=True)))
+                                      for c, width in zip(cells, (12, 8, 12, 8), strict=True))
+              + f" {sent[0]:>14.0f} {sent[1]:>6.0f}")
     summary = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "workload": (f"Llama-3-8B KV layout (32 layers), block size {BLOCK_SIZE}, prefix caching; "
