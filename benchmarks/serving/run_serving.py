@@ -395,20 +395,30 @@ def servers_one_at_a_time(choice: str, setup: ModelSetup, num_engines: int,
     return num_engines * setup.gpu_bytes_per_server > gpu_bytes
 
 
-def gpu_memory_bytes() -> int | None:
-    """The first GPU's memory, asked of nvidia-smi, else of torch in a child process: this
-    process stays off the GPU (a CUDA context here would take memory from the servers)."""
-    queries = (["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
-               [sys.executable, "-c", "import torch; print(torch.cuda.get_device_properties(0)"
-                                      ".total_memory // 2**20)"])
+def _ask_gpu(smi_field: str, torch_expression: str) -> str | None:
+    """A property of the first GPU, asked of nvidia-smi, else of torch in a child process: this
+    process stays off the GPU (a CUDA context here would take memory from the servers, which
+    start again between rounds)."""
+    queries = (["nvidia-smi", f"--query-gpu={smi_field}", "--format=csv,noheader,nounits"],
+               [sys.executable, "-c", f"import torch; print({torch_expression})"])
     for query in queries:
         try:
             found = subprocess.run(query, check=True, capture_output=True, text=True,
-                                   timeout=120).stdout.split()
-            return int(found[0]) * 2**20
-        except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+                                   timeout=120).stdout.strip().splitlines()
+        except (OSError, subprocess.SubprocessError):
             continue
+        if found and found[0].strip():
+            return found[0].strip()
     return None
+
+
+def gpu_memory_bytes() -> int | None:
+    """The first GPU's memory (``_ask_gpu``)."""
+    mib = _ask_gpu("memory.total", "torch.cuda.get_device_properties(0).total_memory // 2**20")
+    try:
+        return int(mib) * 2**20 if mib is not None else None
+    except ValueError:
+        return None
 
 
 def pin_servers(servers: dict[str, RunningServer], plan: CpuPlan) -> dict[str, Any]:
@@ -537,11 +547,8 @@ def repeat_spread(repeats: dict[str, dict[str, dict[str, list[float]]]]) -> floa
 
 def device_name(device: str) -> str:
     if device == "cuda":
-        import torch
-
-        return torch.cuda.get_device_name()
-    import os
-
+        # Asked between rounds too (the results so far), while servers may be starting.
+        return _ask_gpu("name", "torch.cuda.get_device_name()") or "unknown GPU"
     import cpuinfo
 
     return f"{cpuinfo.get_cpu_info().get('brand_raw', platform.machine())}, {os.cpu_count()} cores"

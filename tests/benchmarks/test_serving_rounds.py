@@ -1,6 +1,8 @@
 """How the serving benchmark orders and combines its runs (no servers)."""
 
+import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -316,3 +318,18 @@ def test_results_so_far_are_written_only_when_their_rounds_are_complete(tmp_path
     written = json.loads((tmp_path / "serving_gpu_partial.json").read_text())
     assert written["summary"]["c8_throughput_ratio"] == 0.96
     assert list(tmp_path.iterdir()) == [tmp_path / "serving_gpu_partial.json"]
+
+
+def test_the_gpu_is_asked_of_nvidia_smi_so_that_this_process_stays_off_it(tmp_path, monkeypatch):
+    """The load generator names the GPU between rounds, while servers start: it must not open a
+    CUDA context itself (an nvidia-smi stand-in answers here; without one, a torch child)."""
+    from benchmarks.serving.run_serving import device_name, gpu_memory_bytes
+
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\ncase \"$1\" in\n  --query-gpu=name) echo 'NVIDIA H100 80GB HBM3';;\n"
+                   "  --query-gpu=memory.total) echo 81559;;\nesac\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    assert device_name("cuda") == "NVIDIA H100 80GB HBM3"
+    assert gpu_memory_bytes() == 81559 * 2**20
+    assert "torch" not in sys.modules or not sys.modules["torch"].cuda.is_initialized()
