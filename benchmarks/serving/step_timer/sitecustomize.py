@@ -17,7 +17,8 @@ quarter of a second (or when a quarter of a million are waiting): writing them w
 server is under load would take the GIL from the engine core for milliseconds at a time, and
 more often in a server that makes more records, slowing every phase it is meant to measure.
 What a wrapper adds to the phases around it (two reads each of wall and thread time, a system
-call on some machines) is measured by every process when it starts: ``overhead-<pid>.json``.
+call on some machines) is measured by every process at its first timed call, and written
+with its first records: ``overhead-<pid>.json``.
 """
 
 from __future__ import annotations
