@@ -17,6 +17,7 @@ per-run numbers and a ``summary`` of plugin / plain ratios, a markdown table and
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -691,23 +692,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     stem = f"serving_{'gpu' if args.device == 'cuda' else 'cpu'}"
     partial = args.out / f"{stem}_partial.json"
 
-    def result_of(measured_models: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    @functools.cache
+    def what_ran() -> dict[str, Any]:
+        """The run's machine and code, asked once (a GPU query and a hash of the package)
+        however often results are written."""
         import vllm
 
         import refreekv_vllm
 
-        return assemble_result(
-            measured_models,
-            command="python -m benchmarks.serving.run_serving " + " ".join(
-                sys.argv[1:] if argv is None else argv),
-            device=device_name(args.device),
-            vllm_version=vllm.__version__,
-            plugin_commit=args.commit or git_commit(),
-            # Of the copy the servers imported; a checkout's refreekv_vllm/ gives the same
-            # digest.
-            plugin_source_digest=source_digest(Path(refreekv_vllm.__file__).parent),
-            quick=args.quick,
-            wall_s=round(time.time() - started, 1), alt_config=args.alt_config)
+        return {"command": "python -m benchmarks.serving.run_serving " + " ".join(
+                    sys.argv[1:] if argv is None else argv),
+                "device": device_name(args.device),
+                "vllm_version": vllm.__version__,
+                "plugin_commit": args.commit or git_commit(),
+                # Of the copy the servers imported; a checkout's refreekv_vllm/ gives the same
+                # digest.
+                "plugin_source_digest": source_digest(Path(refreekv_vllm.__file__).parent)}
+
+    def result_of(measured_models: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        return assemble_result(measured_models, **what_ran(), quick=args.quick,
+                               wall_s=round(time.time() - started, 1),
+                               alt_config=args.alt_config)
 
     def partial_writer(key: str) -> Callable[[dict[str, Any]], None]:
         def write(so_far: dict[str, Any]) -> None:
