@@ -99,6 +99,25 @@ def scheduler_of(llm: Any) -> Any:
     return llm.llm_engine.engine_core.engine_core.scheduler
 
 
+@contextlib.contextmanager
+def recorded_steps(llm: Any) -> Iterator[list[tuple[int, int]]]:
+    """The shape of every step the engine's scheduler forms meanwhile: (requests, tokens)."""
+    scheduler = scheduler_of(llm)
+    steps: list[tuple[int, int]] = []
+    schedule = scheduler.schedule
+
+    def recording_schedule(*args: Any, **kwargs: Any) -> Any:
+        output = schedule(*args, **kwargs)
+        steps.append((len(output.num_scheduled_tokens), output.total_num_scheduled_tokens))
+        return output
+
+    scheduler.schedule = recording_schedule
+    try:
+        yield steps
+    finally:
+        del scheduler.schedule  # the class's method again
+
+
 def free_blocks(llm: Any) -> int:
     return scheduler_of(llm).kv_cache_manager.block_pool.get_num_free_blocks()
 

@@ -4,7 +4,13 @@ and the block pool's accounting."""
 import pytest
 
 from refreekv_vllm.workloads import mixed_prompts, passkey_prompt
-from tests.e2e.engines import abort_once_pruned, free_blocks, in_process_engine, scheduler_of
+from tests.e2e.engines import (
+    abort_once_pruned,
+    free_blocks,
+    in_process_engine,
+    recorded_steps,
+    scheduler_of,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -28,7 +34,7 @@ BATCHES = {"threshold_zero": mixed_prompts(12, seed=0), "opted_out": mixed_promp
 
 
 @pytest.fixture(scope="module")
-def plain_outputs(smollm2_dir) -> dict[str, list[list[int]]]:
+def plain_outputs(smollm2_dir) -> dict[str, list]:
     # In-process like the ReFreeKV engine below (vLLM's CPU worker threads differ between the
     # in-process and multiprocess executors, and with them the reduction order).
     with in_process_engine(smollm2_dir, refreekv=None) as llm:
@@ -36,8 +42,12 @@ def plain_outputs(smollm2_dir) -> dict[str, list[list[int]]]:
         assert type(scheduler_of(llm)).__module__.startswith("vllm.")
         assert llm.llm_engine.vllm_config.parallel_config.worker_cls.startswith("vllm.")
         assert attention_backends(llm) == {"CPUAttentionBackend"}
-        return {name: token_ids(llm.generate(batch, greedy()))
-                for name, batch in BATCHES.items()}
+        outputs: dict[str, list] = {}
+        for name, batch in BATCHES.items():
+            with recorded_steps(llm) as steps:
+                outputs[name] = token_ids(llm.generate(batch, greedy()))
+            outputs[f"{name}_steps"] = steps
+        return outputs
 
 
 @pytest.fixture(scope="module")
@@ -51,16 +61,23 @@ def refreekv_llm(smollm2_dir, plain_outputs):
 
 def test_threshold_zero_is_token_identical_to_plain_vllm(refreekv_llm, plain_outputs):
     start = free_blocks(refreekv_llm)
-    outputs = refreekv_llm.generate(BATCHES["threshold_zero"], greedy(refreekv_threshold=0.0))
+    with recorded_steps(refreekv_llm) as steps:
+        outputs = refreekv_llm.generate(BATCHES["threshold_zero"],
+                                        greedy(refreekv_threshold=0.0))
     assert token_ids(outputs) == plain_outputs["threshold_zero"]
+    # The same steps too: admission (free blocks counted from pages) and chunking as plain
+    # vLLM's, so that no request waits a step longer.
+    assert len(steps) >= MAX_TOKENS and steps == plain_outputs["threshold_zero_steps"]
     assert scheduler_of(refreekv_llm).refreekv_stats().blocks_released == 0
     assert free_blocks(refreekv_llm) == start
 
 
 def test_opted_out_requests_match_plain_vllm(refreekv_llm, plain_outputs):
-    outputs = token_ids(refreekv_llm.generate(BATCHES["opted_out"],
-                                              greedy(refreekv_enabled=False)))
+    with recorded_steps(refreekv_llm) as steps:
+        outputs = token_ids(refreekv_llm.generate(BATCHES["opted_out"],
+                                                  greedy(refreekv_enabled=False)))
     assert outputs == plain_outputs["opted_out"]
+    assert len(steps) >= MAX_TOKENS and steps == plain_outputs["opted_out_steps"]
     assert scheduler_of(refreekv_llm).refreekv_stats().blocks_released == 0
 
 
