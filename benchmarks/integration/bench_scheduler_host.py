@@ -247,11 +247,73 @@ def churn(model_dir: Path, steps: int, rounds: int, out_dir: Path) -> None:
     out.write_text(json.dumps(summary, indent=2))
 
 
+def pool_ops(rounds: int, out_dir: Path, reps: int = 200) -> None:
+    """``--pool-ops``: one request's blocks handed out (``get_new_blocks``) and freed
+    (``free_blocks``, no prefix-cache entries) at once, vLLM's ``BlockPool`` against ReFreeKV's
+    paged one (30 layers, 8,000 blocks' worth of pages); median µs per call, interleaved rounds."""
+    from vllm.v1.core.block_pool import BlockPool
+
+    from refreekv_vllm.core.kv_cache_layout import BLOCK_ID_FACTOR
+    from refreekv_vllm.core.paged_block_pool import PagedBlockPool
+
+    num_blocks, num_layers = 8000, 30
+
+    def make(kind: str) -> BlockPool:
+        if kind == "plain":
+            return BlockPool(num_blocks, True, hash_block_size=BLOCK_SIZE)
+        return PagedBlockPool.adopt(
+            BlockPool(num_blocks * BLOCK_ID_FACTOR, True, hash_block_size=BLOCK_SIZE),
+            num_blocks * num_layers + 1, num_layers)
+
+    def time_calls(pool: BlockPool, n: int) -> tuple[float, float]:
+        get_us, free_us = [], []
+        for _ in range(reps):
+            start = time.perf_counter()
+            blocks = pool.get_new_blocks(n)
+            got = time.perf_counter()
+            if isinstance(pool, PagedBlockPool):
+                pool.page_pool.take_updates()  # as schedule() does every step
+            freeing = time.perf_counter()
+            pool.free_blocks(blocks)
+            freed = time.perf_counter()
+            get_us.append((got - start) * 1e6)
+            free_us.append((freed - freeing) * 1e6)
+        return statistics.median(get_us), statistics.median(free_us)
+
+    sizes = (1, 64, 512)
+    measured: dict[str, list[tuple[float, float]]] = {}
+    for _ in range(rounds):
+        for n in sizes:
+            for kind in ("plain", "refreekv"):
+                measured.setdefault(f"{kind}/{n}", []).append(time_calls(make(kind), n))
+    results = {key: {"get_new_blocks_us": statistics.median(r[0] for r in runs),
+                     "free_blocks_us": statistics.median(r[1] for r in runs)}
+               for key, runs in measured.items()}
+    print(f"{'pool/blocks':16} {'get_new_blocks us':>18} {'free_blocks us':>15}")
+    for key, r in results.items():
+        print(f"{key:16} {r['get_new_blocks_us']:18.1f} {r['free_blocks_us']:15.1f}")
+    summary = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "workload": (f"one request's n blocks handed out and freed at once, {reps} times per "
+                     f"round, {rounds} interleaved rounds, {num_layers} layers, {num_blocks} "
+                     "blocks' worth of pages; medians"),
+        "results": results,
+        "command": f"python -m benchmarks.integration.bench_scheduler_host --pool-ops "
+                   f"--rounds {rounds}",
+    }
+    out = out_dir / "pool_ops_cpu.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--churn", action="store_true",
                         help="serving-like churn instead of steady decode "
                              "(scheduler_churn_cpu.json)")
+    parser.add_argument("--pool-ops", action="store_true",
+                        help="one request's blocks handed out and freed, vLLM's pool against "
+                             "the paged one (pool_ops_cpu.json)")
     parser.add_argument("--num-requests", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=8000)
     parser.add_argument("--steps", type=int, default=200)
@@ -268,6 +330,9 @@ def main() -> None:
     model_dir = prepare_tiny_llama()
     if args.churn:
         churn(model_dir, args.steps, args.rounds, Path(args.out_dir))
+        return
+    if args.pool_ops:
+        pool_ops(args.rounds, Path(args.out_dir))
         return
     kinds = ("plain", "refreekv")
     rounds: dict[str, list[dict]] = {kind: [] for kind in kinds}

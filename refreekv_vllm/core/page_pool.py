@@ -211,8 +211,11 @@ class PagePool:
         """:meth:`release` for many blocks at once; returns how many pages went back."""
         if not block_ids:
             return 0
-        if len(block_ids) == 1 and self._release_home_row(block_ids[0]):
-            return self.num_layers
+        if len(block_ids) == 1:
+            if self._release_home_row(block_ids[0]):
+                return self.num_layers
+        elif self._release_home_rows(block_ids):
+            return len(block_ids) * self.num_layers
         ids = np.asarray(block_ids, dtype=np.int64)
         rows = self.pages[ids]
         held = rows[rows != NO_PAGE]
@@ -234,9 +237,23 @@ class PagePool:
         self.pages[block_id] = NO_PAGE
         return True
 
-    def holds_all_of(self, block_ids: list[int]) -> np.ndarray:
-        """:meth:`holds_all` for many blocks at once."""
-        return (self.pages[np.asarray(block_ids, dtype=np.int64)] != NO_PAGE).all(axis=1)
+    def _release_home_rows(self, block_ids: list[int]) -> bool:
+        """:meth:`_release_home_row` for many blocks at once (a finished request's blocks, none
+        pruned): each layer's pages pushed in one go, the first block's on top, without the
+        sort :meth:`_push` needs for pages of any region. False, and nothing done, unless every
+        block holds a page of its own region in every layer."""
+        ids = np.asarray(block_ids, dtype=np.int64)
+        rows = self.pages[ids]
+        if not ((rows >= self._region_start) & (rows < self._region_end)).all():
+            return False
+        n = len(ids)
+        depth = self._top[:, None] + np.arange(n)
+        self._free[self._layers[:, None], depth] = rows[::-1].T
+        self._top += n
+        self._stage_free += n * self.stage_layers
+        self._update_free_counts()
+        self.pages[ids] = NO_PAGE
+        return True
 
     def release_page(self, block_id: int, layer: int) -> bool:
         """Return one layer's page of a block; False if it held none."""

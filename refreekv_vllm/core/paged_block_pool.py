@@ -138,16 +138,16 @@ class PagedBlockPool(BlockPool):
         if not unused:
             return
         # A free block keeps its pages only as a whole prefix-cache entry.
-        whole = self.page_pool.holds_all_of([block.block_id for block in unused])
-        released: list[int] = []
-        for block, keeps in zip(unused, whole.tolist(), strict=True):
-            if keeps and block.block_hash is not None:
-                self._holding[block.block_id] = None
-            else:
-                if block.block_hash is not None:
-                    self._maybe_evict_cached_block(block)
-                released.append(block.block_id)
-        self.page_pool.release_blocks(released)
+        ids = np.fromiter((block.block_id for block in unused), dtype=np.int64,
+                          count=len(unused))
+        hashed = np.fromiter((block.block_hash is not None for block in unused), dtype=bool,
+                             count=len(unused))
+        keeps = hashed & (self.page_pool.pages[ids] != NO_PAGE).all(axis=1)
+        if keeps.any():
+            self._holding.update(dict.fromkeys(ids[keeps].tolist()))
+        for index in np.flatnonzero(hashed & ~keeps).tolist():
+            self._maybe_evict_cached_block(unused[index])
+        self.page_pool.release_blocks(ids[~keeps].tolist())
 
     def get_num_free_blocks(self) -> int:
         # vLLM asks once per scheduled request and step: attribute reads only.

@@ -300,7 +300,7 @@ def test_release_where_keeps_the_accounting():
 @pytest.mark.parametrize("stages", [(4,), (2, 3)])
 def test_random_assign_and_release_keep_every_page_once(stages):
     """Random single- and multi-block assignments (the one-block fast path included),
-    releases of whole blocks and of single layers: every usable page stays held by
+    releases of one or several whole blocks and of single layers: every usable page stays held by
     one block or free, the free counts agree with the free lists, and a layer takes its own
     region's pages while it has some."""
     rng = np.random.default_rng(sum(stages))
@@ -324,9 +324,12 @@ def test_random_assign_and_release_keep_every_page_once(stages):
                     assert ((start <= pool.pages[blocks, layer])
                             & (pool.pages[blocks, layer] < end)).all()
         elif op == 1 and holding:
-            block = int(rng.choice(sorted(holding)))
-            pool.release_blocks([block])
-            holding.discard(block)
+            # One block, or several at once (whole home rows go back in one push per layer,
+            # rows with a borrowed or released page through the general path).
+            released = rng.choice(sorted(holding), size=min(len(holding), int(rng.integers(1, 4))),
+                                  replace=False).tolist()
+            pool.release_blocks(released)
+            holding.difference_update(released)
         elif op == 2 and holding:
             pool.release_page(int(rng.choice(sorted(holding))), int(rng.integers(layers)))
         held = pool.pages[1:][pool.pages[1:] != NO_PAGE]
