@@ -195,6 +195,15 @@ def time_churn_steps(scheduler, rule: str, steps: int, concurrency: int = 32,
             for kind, rows in timed.items()}
 
 
+def write_results(out: Path, workload: str, results: dict, command: str,
+                  **extra: Any) -> None:
+    """One benchmark's JSON: this machine, the workload, the results, the command."""
+    summary = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+               "workload": workload, "results": results, **extra, "command": command}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2))
+
+
 CHURN_SHAPES = {"long": {"prompt_lens": (1000, 6000), "output_lens": (64, 256)},
                 "chat": {"prompt_lens": (60, 200), "output_lens": (384, 512)}}
 
@@ -232,19 +241,14 @@ def churn(model_dir: Path, steps: int, rounds: int, out_dir: Path) -> None:
         print(f"{key:24} " + " ".join(f"{'-' if c is None else f'{c:.3f}':>{width}}"
                                       for c, width in zip(cells, (12, 8, 12, 8), strict=True))
               + f" {sent[0]:>14.0f} {sent[1]:>6.0f}")
-    summary = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "workload": (f"Llama-3-8B KV layout (32 layers), block size {BLOCK_SIZE}, prefix caching; "
-                     "the pool first filled with cached blocks of finished 1K-6K-token prompts, "
-                     f"then 32 requests kept running ({CHURN_SHAPES}); {steps} timed steps, "
-                     f"{rounds} interleaved rounds; ms per step, medians over rounds"),
-        "results": results,
-        "command": f"python -m benchmarks.integration.bench_scheduler_host --churn --steps {steps}"
-                   f" --rounds {rounds}",
-    }
-    out = out_dir / "scheduler_churn_cpu.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=2))
+    write_results(
+        out_dir / "scheduler_churn_cpu.json",
+        f"Llama-3-8B KV layout (32 layers), block size {BLOCK_SIZE}, prefix caching; the pool "
+        "first filled with cached blocks of finished 1K-6K-token prompts, then 32 requests kept "
+        f"running ({CHURN_SHAPES}); {steps} timed steps, {rounds} interleaved rounds; ms per "
+        "step, medians over rounds",
+        results, f"python -m benchmarks.integration.bench_scheduler_host --churn --steps {steps}"
+                 f" --rounds {rounds}")
 
 
 def pool_ops(rounds: int, out_dir: Path, reps: int = 200) -> None:
@@ -292,18 +296,12 @@ def pool_ops(rounds: int, out_dir: Path, reps: int = 200) -> None:
     print(f"{'pool/blocks':16} {'get_new_blocks us':>18} {'free_blocks us':>15}")
     for key, r in results.items():
         print(f"{key:16} {r['get_new_blocks_us']:18.1f} {r['free_blocks_us']:15.1f}")
-    summary = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "workload": (f"one request's n blocks handed out and freed at once, {reps} times per "
-                     f"round, {rounds} interleaved rounds, {num_layers} layers, {num_blocks} "
-                     "blocks' worth of pages; medians"),
-        "results": results,
-        "command": f"python -m benchmarks.integration.bench_scheduler_host --pool-ops "
-                   f"--rounds {rounds}",
-    }
-    out = out_dir / "pool_ops_cpu.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=2))
+    write_results(
+        out_dir / "pool_ops_cpu.json",
+        f"one request's n blocks handed out and freed at once, {reps} times per round, {rounds} "
+        f"interleaved rounds, {num_layers} layers, {num_blocks} blocks' worth of pages; medians",
+        results,
+        f"python -m benchmarks.integration.bench_scheduler_host --pool-ops --rounds {rounds}")
 
 
 def main() -> None:
@@ -346,23 +344,18 @@ def main() -> None:
                       for stat in ("mean_ms", "median_ms", "max_ms")}
                | {"rounds": rounds[kind]} for kind in kinds}
     plain = results["plain"]["mean_ms"]
-    summary = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "workload": (f"Llama-3-8B KV layout (32 layers), block size {BLOCK_SIZE}, prefix caching, "
-                     f"{args.num_requests} x {args.prompt_len}-token prompts at T=0, {args.steps} "
-                     f"decode steps (schedule + update_from_output), {args.rounds} interleaved "
-                     f"rounds; medians over rounds of each round's mean step time"),
-        "results": results,
-        "refreekv_vs_plain": results["refreekv"]["mean_ms"] / plain,
-        "command": "python -m benchmarks.integration.bench_scheduler_host",
-    }
     print(f"{'scheduler':10} {'mean ms':>8} {'median':>8} {'max':>8} {'x plain':>8}")
     for kind, r in results.items():
         print(f"{kind:10} {r['mean_ms']:8.2f} {r['median_ms']:8.2f} {r['max_ms']:8.2f} "
               f"{r['mean_ms'] / plain:8.2f}")
-    out = Path(args.out_dir) / "scheduler_host_cpu.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=2))
+    write_results(
+        Path(args.out_dir) / "scheduler_host_cpu.json",
+        f"Llama-3-8B KV layout (32 layers), block size {BLOCK_SIZE}, prefix caching, "
+        f"{args.num_requests} x {args.prompt_len}-token prompts at T=0, {args.steps} decode steps "
+        f"(schedule + update_from_output), {args.rounds} interleaved rounds; medians over rounds "
+        "of each round's mean step time",
+        results, "python -m benchmarks.integration.bench_scheduler_host",
+        refreekv_vs_plain=results["refreekv"]["mean_ms"] / plain)
 
 
 if __name__ == "__main__":
