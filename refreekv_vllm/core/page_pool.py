@@ -255,6 +255,10 @@ class PagePool:
         self.pages[ids] = NO_PAGE
         return True
 
+    def holds_all_of(self, block_ids: np.ndarray) -> np.ndarray:
+        """:meth:`holds_all` for many blocks at once."""
+        return (self.pages[block_ids] != NO_PAGE).all(axis=1)
+
     def release_page(self, block_id: int, layer: int) -> bool:
         """Return one layer's page of a block; False if it held none."""
         page = self.pages[block_id, layer]

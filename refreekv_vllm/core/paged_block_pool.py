@@ -142,7 +142,7 @@ class PagedBlockPool(BlockPool):
                           count=len(unused))
         hashed = np.fromiter((block.block_hash is not None for block in unused), dtype=bool,
                              count=len(unused))
-        keeps = hashed & (self.page_pool.pages[ids] != NO_PAGE).all(axis=1)
+        keeps = hashed & self.page_pool.holds_all_of(ids)
         if keeps.any():
             self._holding.update(dict.fromkeys(ids[keeps].tolist()))
         for index in np.flatnonzero(hashed & ~keeps).tolist():
