@@ -318,6 +318,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
+    if args.pool_ops:  # block pools alone: no model, no schedulers
+        pool_ops(args.rounds, Path(args.out_dir))
+        return
     os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")  # tiny model's config is reused
     from vllm.utils.hashing import sha256
     from vllm.v1.core.kv_cache_utils import init_none_hash
@@ -328,9 +331,6 @@ def main() -> None:
     model_dir = prepare_tiny_llama()
     if args.churn:
         churn(model_dir, args.steps, args.rounds, Path(args.out_dir))
-        return
-    if args.pool_ops:
-        pool_ops(args.rounds, Path(args.out_dir))
         return
     kinds = ("plain", "refreekv")
     rounds: dict[str, list[dict]] = {kind: [] for kind in kinds}
