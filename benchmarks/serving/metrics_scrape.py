@@ -7,7 +7,7 @@ requests whose prompts are long enough to be scored, so that ReFreeKV's ``refree
 and vLLM's histograms hold values; then ``/metrics`` is fetched ``--scrapes`` times over HTTP.
 Reported per server: median and p90 wall time of a scrape, and the size of the exposition.
 ReFreeKV's own series are read from its metrics directory at every scrape (they are counted
-in the engine processes); the serving benchmark scrapes ten times a second, Prometheus
+in the engine processes); the serving benchmark scrapes four times a second, Prometheus
 typically every 15-60 s. Writes ``benchmarks/results/metrics_scrape_<device>.json``.
 """
 
