@@ -247,8 +247,8 @@ class PagePool:
         if not ((rows >= self._region_start) & (rows < self._region_end)).all():
             return False
         n = len(ids)
-        depth = self._top[:, None] + np.arange(n)
-        self._free[self._layers[:, None], depth] = rows[::-1].T
+        # Into the flat stacks, as _release_home_row does: one index per (layer, depth).
+        self._free_flat[(self._stack_starts + self._top)[:, None] + np.arange(n)] = rows[::-1].T
         self._top += n
         self._stage_free += n * self.stage_layers
         self._update_free_counts()
